@@ -1,0 +1,1 @@
+"""Converters: a Hugging Face model directory in, deployable variants (GGUF, ONNX) out."""

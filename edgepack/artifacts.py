@@ -1,0 +1,50 @@
+"""The typed artifacts passed between pipeline stages. Each is frozen and serialises to JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def to_json_dict(artifact: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a dataclass artifact (paths become strings)."""
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, dict):
+            return {key: convert(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [convert(item) for item in value]
+        return value
+
+    return convert(dataclasses.asdict(artifact))
+
+
+@dataclass(frozen=True)
+class StudentModel:
+    """A Hugging Face model directory, as the converters understand it."""
+
+    path: Path
+    architecture: str  # our architecture name, e.g. "llama", "qwen3"
+    hf_model_type: str  # config.json's model_type
+    parameter_count: int
+    context_length: int
+    tokenizer_kind: str  # "bpe" (byte-level, GPT-2 style) or "spm" (SentencePiece)
+    has_chat_template: bool
+    dtype: str  # the dtype the weights are stored in, e.g. "bfloat16"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One converted build of a model: a file (GGUF) or a directory (ONNX) of a given kind."""
+
+    kind: str  # e.g. "gguf-q4_k_m"
+    path: Path
+    files: tuple[str, ...]  # relative to path's parent for a file, to path for a directory
+    bytes: int
+    sha256: str
+    converter: str  # what made it, e.g. "edgepack 0.1.0 hf->gguf + llama.cpp quantize"
+    library_versions: dict[str, str] = field(default_factory=dict)

@@ -1,0 +1,1 @@
+"""Runtimes: load one artifact and run it (llama.cpp over GGUF, transformers as the reference)."""
