@@ -12,6 +12,7 @@ from converters.hf_to_gguf import CONVERTER_NAME, FLOAT_OUTPUT_TYPES, convert_hf
 from edgepack.artifacts import Variant
 from edgepack.errors import EdgepackError
 from edgepack.fileio import refuse_existing, sha256_file
+from edgepack.inspect import inspect_gguf
 from edgepack.progress import say
 from edgepack.registry import ConvertOptions
 from edgepack.versions import library_versions
@@ -60,6 +61,9 @@ class GGUFConverter:
                     path = gguf_path(out_dir, kind)
                     say(f"quantizing {base.name} -> {path.name} with llama.cpp")
                     quantize_gguf(base, path, kind[len(PREFIX):], force=options.force, threads=options.threads)
+                    shares = inspect_gguf(path).quant_types
+                    say(f"{path.name}: tensor bytes by type: "
+                        + ", ".join(f"{name} {share:.0%}" for name, share in shares.items()))
                     self._check(path, model_path, logits=False)
                     variants.append(_variant(kind, path, f"{CONVERTER_NAME} + {quantizer_name()}"))
         return variants

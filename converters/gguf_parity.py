@@ -37,7 +37,9 @@ def probe_texts(hf_tokenizer) -> list[tuple[str, bool]]:
 
 def check_tokenizer_parity(gguf_path: Path, model_path: Path) -> TokenizerParity:
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.set_verbosity_error()  # the probe may be longer than a tiny model's context; we only tokenize
     hf_tokenizer = AutoTokenizer.from_pretrained(model_path)
     llm = llamacpp.open_gguf(gguf_path, vocab_only=True)
     checked = 0

@@ -11,6 +11,7 @@ from converters.gguf_files import copy_with_metadata
 from edgepack.errors import EdgepackError
 from edgepack.fileio import atomic_output_file, refuse_existing
 from edgepack.versions import package_version
+from runtimes.llamacpp import quiet_native_stderr
 
 _FTYPE_PREFIX = "LLAMA_FTYPE_MOSTLY_"
 
@@ -41,7 +42,8 @@ def quantize_gguf(src: Path, dst: Path, quant_type: str, *, force: bool = False,
     params.nthread = threads or (os.cpu_count() or 1)
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".quantize.") as scratch:
         raw = Path(scratch) / "raw.gguf"
-        status = llama_cpp.llama_model_quantize(str(src).encode(), str(raw).encode(), ctypes.byref(params))
+        with quiet_native_stderr():  # llama.cpp prints a line per tensor; we summarise the types instead
+            status = llama_cpp.llama_model_quantize(str(src).encode(), str(raw).encode(), ctypes.byref(params))
         if status != 0 or not raw.is_file():
             raise EdgepackError(f"llama.cpp failed to quantize {src} to {quant_type} (status {status})")
         with atomic_output_file(dst) as tmp:

@@ -67,7 +67,7 @@ def import_gguf(gguf_path: Path, out_dir: Path, *, dtype: str = "f32", force: bo
                                     "rope_scaling parameters cannot be recovered; import is not supported")
     meta = _read_meta(reader, arch)
     with atomic_output_dir(out_dir) as tmp:
-        _write_weights(reader, arch, meta, tmp, _DTYPES[dtype], show_progress)
+        _write_weights(reader, arch, meta, tmp, _DTYPES[dtype], show_progress, label=out_dir.name)
         config = _config(meta, arch, dtype, tied="output.weight" not in {t.name for t in reader.tensors})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         _write_tokenizer(reader, meta, tmp)
@@ -97,7 +97,7 @@ def _read_meta(reader: gguf.GGUFReader, arch: str) -> dict[str, Any]:
 
 
 def _write_weights(reader: gguf.GGUFReader, arch: str, meta: dict[str, Any], out_dir: Path,
-                   dtype: torch.dtype, show_progress: bool) -> None:
+                   dtype: torch.dtype, show_progress: bool, label: str) -> None:
     shard: dict[str, torch.Tensor] = {}
     shard_bytes = 0
     weight_map: dict[str, str] = {}
@@ -113,10 +113,10 @@ def _write_weights(reader: gguf.GGUFReader, arch: str, meta: dict[str, Any], out
             written.append(name)
             shard, shard_bytes = {}, 0
 
-    with progress_bar(f"{out_dir.name}: dequantizing tensors", len(reader.tensors), show_progress) as advance:
+    with progress_bar(f"{label}: dequantizing tensors", len(reader.tensors), show_progress) as advance:
         for tensor in reader.tensors:
             values = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type)
-            weight = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+            weight = torch.from_numpy(np.array(values, dtype=np.float32, copy=True))
             name = hf_tensor_name(tensor.name)
             if arch == "llama" and ".attn_q." in tensor.name:
                 weight = unpermute_from_interleaved_rope(weight, meta["num_attention_heads"])

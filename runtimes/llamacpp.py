@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -22,12 +25,27 @@ def open_gguf(path: Path, *, vocab_only: bool = False, n_ctx: int = 512, logits_
         if handle.read(4) != b"GGUF":
             raise EdgepackError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
     try:
-        return Llama(model_path=str(path), vocab_only=vocab_only, n_ctx=n_ctx, logits_all=logits_all,
-                     n_threads=n_threads or max(1, (os.cpu_count() or 2)), n_batch=max(n_ctx, 8),
-                     verbose=False)
+        with quiet_native_stderr():
+            return Llama(model_path=str(path), vocab_only=vocab_only, n_ctx=n_ctx, logits_all=logits_all,
+                         n_threads=n_threads or max(1, (os.cpu_count() or 2)), n_batch=max(n_ctx, 8),
+                         verbose=False)
     except (ValueError, RuntimeError) as exc:
         raise EdgepackError(f"llama.cpp could not load {path}: the file is truncated, corrupt or of an "
                             f"unsupported architecture ({exc})") from exc
+
+
+@contextlib.contextmanager
+def quiet_native_stderr() -> Iterator[None]:
+    """llama.cpp prints some load-time notes straight to file descriptor 2, past verbose=False; hide them."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def tokenize(llm, text: str, *, add_special: bool) -> list[int]:

@@ -10,8 +10,11 @@ import torch
 
 def load_reference(model_path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32)
+    hf_logging.set_verbosity_error()  # long probe texts trigger a harmless max-length note
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     model.eval()
     return model, AutoTokenizer.from_pretrained(model_path)
 

@@ -68,7 +68,7 @@ BASE_CONFIG = {
     "rms_norm_eps": 1e-6,
     "rope_theta": 10000.0,
     "initializer_range": 0.08,  # larger than usual so logits are decisive, not near-uniform
-    "torch_dtype": "float32",
+    "dtype": "float32",
 }
 
 
@@ -133,7 +133,7 @@ def build_tiny_model(name: str, out_dir: Path) -> Path:
                "pad_token_id": tokenizer.pad_token_id}
     config = AutoConfig.for_model(model_type, **settings, **special)
     torch.manual_seed(sum(map(ord, name)))
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # random norm weights too, so an offset or permutation mistake cannot hide
         for param_name, param in model.named_parameters():
             if "norm" in param_name:  # gemma stores norms as (w - 1), the others as w

@@ -1,0 +1,112 @@
+"""The `edgepack` command: parses options, calls a stage, prints. No logic lives here."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from edgepack.artifacts import to_json_dict
+from edgepack.errors import EdgepackError
+
+STDERR = Console(stderr=True)
+
+
+def _print_json(payload: Any) -> None:
+    click.echo(json.dumps(payload, indent=2))
+
+
+def handles_errors(command: Callable[..., None]) -> Callable[..., None]:
+    """Turn an EdgepackError into its message on stderr and its exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            command(*args, **kwargs)
+        except EdgepackError as exc:
+            STDERR.print(f"[bold red]error:[/] {exc}", highlight=False)
+            sys.exit(exc.exit_code)
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(package_name="edgepack")
+def main() -> None:
+    """Package a small language model for an edge device."""
+
+
+@main.command()
+@click.argument("model", required=False, type=click.Path(path_type=Path))
+@click.option("--to", "kinds", default="gguf-f16,gguf-q8_0,gguf-q4_k_m", show_default=True,
+              help="Comma-separated variant kinds: gguf-f32, gguf-f16, gguf-bf16, gguf-<llama.cpp type>.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@click.option("--force", is_flag=True, help="Overwrite outputs that exist.")
+@click.option("--allow-pickle", is_flag=True, help="Accept pytorch_model.bin (loaded with weights_only=True).")
+@click.option("--check-logits", is_flag=True, help="Compare llama.cpp's F32 logits with transformers' (needs gguf-f32).")
+@click.option("--threads", type=int, default=None, help="Threads for quantization (default: all cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print the variants as JSON on stdout.")
+@handles_errors
+def convert(model: Path | None, kinds: str, out_dir: Path, force: bool, allow_pickle: bool, check_logits: bool,
+            threads: int | None, as_json: bool) -> None:
+    """Convert a Hugging Face MODEL directory (default: the demo student) to deployable variants."""
+    from edgepack.convert import convert as run_convert, parse_kinds
+    from edgepack.demo import resolve_model
+    from edgepack.registry import ConvertOptions
+
+    options = ConvertOptions(force=force, allow_pickle=allow_pickle, check_logits=check_logits, threads=threads)
+    variants = run_convert(resolve_model(model), parse_kinds(kinds), out_dir, options)
+    if as_json:
+        _print_json({"variants": [{"kind": v.kind, "path": str(v.path), "bytes": v.bytes, "sha256": v.sha256}
+                                  for v in variants]})
+        return
+    table = Table(title="variants")
+    for column in ("kind", "path", "MiB", "sha256"):
+        table.add_column(column)
+    for v in variants:
+        table.add_row(v.kind, str(v.path), f"{v.bytes / 2**20:.1f}", v.sha256[:16])
+    Console().print(table)
+
+
+@main.command("import-gguf")
+@click.argument("gguf_file", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output HF directory.")
+@click.option("--dtype", type=click.Choice(["f32", "f16", "bf16"]), default="f32", show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite the output directory if it exists.")
+@handles_errors
+def import_gguf_command(gguf_file: Path, out_dir: Path, dtype: str, force: bool) -> None:
+    """Rebuild a Hugging Face model directory from a GGUF file (weights dequantized)."""
+    from converters.gguf_parity import check_tokenizer_parity
+    from converters.gguf_to_hf import import_gguf
+
+    import_gguf(gguf_file, out_dir, dtype=dtype, force=force)
+    parity = check_tokenizer_parity(gguf_file, out_dir)
+    STDERR.print(f"tokenizer parity with llama.cpp ok ({parity.tokens_checked} tokens)")
+    click.echo(str(out_dir))
+
+
+@main.command()
+@click.argument("model", required=False, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON on stdout.")
+@handles_errors
+def inspect(model: Path | None, as_json: bool) -> None:
+    """Describe a Hugging Face MODEL directory or a GGUF file (default: the demo student)."""
+    from edgepack.demo import resolve_model
+    from edgepack.inspect import inspect_path, summary_rows
+
+    summary = inspect_path(resolve_model(model))
+    if as_json:
+        _print_json(to_json_dict(summary))
+        return
+    table = Table(show_header=False, title=str(summary.path))
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in summary_rows(summary):
+        table.add_row(key, value)
+    Console().print(table)

@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny synthesised models (built once per test session) and the real stories260K model."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+
+from synth_models import TINY_MODELS, build_tiny_model
+
+SHARED_MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
+STORIES_DIR = SHARED_MODELS / "stories260K-hf"
+
+warnings.filterwarnings("ignore", message=".*torch_dtype.*")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory):
+    """tiny_model(name) -> the directory of a tiny random model (see synth_models.TINY_MODELS)."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            built[name] = build_tiny_model(name, root / name)
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def stories_dir() -> Path:
+    if not (STORIES_DIR / "config.json").is_file():
+        pytest.skip(f"real-weights model not present at {STORIES_DIR} (../shared is absent)")
+    return STORIES_DIR
+
+
+ALL_TINY_MODELS = sorted(TINY_MODELS)
