@@ -87,6 +87,8 @@ def _sentencepiece(reader, tokens, types, out_dir, special, add_bos, add_eos):
         piece.piece, piece.score, piece.type = token, float(score), int(kind)
     model_file = out_dir / "tokenizer.model"
     model_file.write_bytes(proto.SerializeToString())
-    return LlamaTokenizerFast(vocab_file=str(model_file), from_slow=True, legacy=False, add_bos_token=add_bos,
+    # legacy=True: like llama.cpp, text after a special token gets its own leading "▁"
+    return LlamaTokenizerFast(vocab_file=str(model_file), from_slow=True, legacy=True,
+                              add_prefix_space=proto.normalizer_spec.add_dummy_prefix, add_bos_token=add_bos,
                               add_eos_token=add_eos, bos_token=special["bos"], eos_token=special["eos"],
                               unk_token=special["unk"], pad_token=special["pad"])

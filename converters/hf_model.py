@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from edgepack.errors import EdgepackError, UnsupportedModelError
 
@@ -103,9 +103,7 @@ class HFModelDir:
                                 f"{file.name}: tensor {name} has dtype {tensor_slice.get_dtype()}; "
                                 f"supported: {', '.join(sorted(_SAFETENSORS_DTYPES))}")
                         records[name] = TensorRecord(name, tuple(tensor_slice.get_shape()), dtype, file)
-            except (OSError, RuntimeError, ValueError) as exc:  # safetensors raises these on bad headers
-                if isinstance(exc, UnsupportedModelError):
-                    raise
+            except (OSError, SafetensorError) as exc:
                 raise EdgepackError(f"{file} is not a readable safetensors file: {exc}") from exc
         return records
 
@@ -116,6 +114,15 @@ class HFModelDir:
             return self._pickle_cache[record.file][name]
         with safe_open(record.file, framework="pt") as handle:
             return handle.get_tensor(name)
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Read rows [start, stop) of one tensor. The file is mapped only while they are read, so the pages of a
+        large tensor do not stay resident while it is converted block by block."""
+        record = self.tensors[name]
+        if record.file in self._pickle_cache:
+            return self._pickle_cache[record.file][name][start:stop]
+        with safe_open(record.file, framework="pt") as handle:
+            return handle.get_slice(name)[start:stop].clone()
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.tensors:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import gguf
 import numpy as np
@@ -29,6 +29,9 @@ FLOAT_OUTPUT_TYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileTyp
     "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
     "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
 }
+# Large tensors are read and converted in row blocks of about this size, so peak memory stays well below one
+# tensor's size (the embedding is often the largest by far).
+BLOCK_BYTES = 16 << 20
 CONVERTER_NAME = f"edgepack {edgepack.__version__} hf->gguf (gguf-py {package_version('gguf')})"
 
 
@@ -37,7 +40,7 @@ class PlannedTensor:
     gguf_name: str
     shape: tuple[int, ...]  # numpy (row-major) shape of the data written
     ggml_type: gguf.GGMLQuantizationType
-    load: Callable[[], torch.Tensor]  # reads and transforms the tensor (float32 or source dtype)
+    blocks: Callable[[], Iterator[torch.Tensor]]  # the transformed tensor as consecutive row blocks
 
     @property
     def nbytes(self) -> int:
@@ -80,29 +83,43 @@ def plan_tensors(model: HFModelDir, arch: Architecture, hp: HParams, outtype: st
             continue
         ggml_type = target_type if len(record.shape) >= 2 else gguf.GGMLQuantizationType.F32
         planned.append(PlannedTensor(gguf_name, record.shape, ggml_type,
-                                     _loader(model, hf_name, gguf_name, arch, hp)))
+                                     _block_reader(model, hf_name, gguf_name, arch, hp)))
     if unknown:
         shown = ", ".join(unknown[:8]) + (" ..." if len(unknown) > 8 else "")
         raise UnsupportedModelError(f"{len(unknown)} tensor(s) have no GGUF name for {arch.name}: {shown}")
     for name, values in rope_tensors(model.config, hp).items():
         tensor = torch.from_numpy(values)
         planned.append(PlannedTensor(name, tuple(values.shape), gguf.GGMLQuantizationType.F32,
-                                     lambda tensor=tensor: tensor))
+                                     lambda tensor=tensor: iter([tensor])))
     return planned
 
 
-def _loader(model: HFModelDir, hf_name: str, gguf_name: str, arch: Architecture, hp: HParams
-            ) -> Callable[[], torch.Tensor]:
-    def load() -> torch.Tensor:
+def _block_reader(model: HFModelDir, hf_name: str, gguf_name: str, arch: Architecture, hp: HParams
+                  ) -> Callable[[], Iterator[torch.Tensor]]:
+    is_query = arch.permute_qk and ".attn_q." in gguf_name
+    is_key = arch.permute_qk and ".attn_k." in gguf_name
+    is_norm = bool(arch.norm_offset) and hf_name.endswith("norm.weight")
+
+    def whole() -> Iterator[torch.Tensor]:
         tensor = model.read_tensor(hf_name)
-        if arch.permute_qk and ".attn_q." in gguf_name:
+        if is_query:
             tensor = permute_for_interleaved_rope(tensor, hp.num_heads)
-        elif arch.permute_qk and ".attn_k." in gguf_name:
+        elif is_key:
             tensor = permute_for_interleaved_rope(tensor, hp.num_kv_heads)
-        if arch.norm_offset and hf_name.endswith("norm.weight"):
+        if is_norm:
             tensor = tensor.to(torch.float32) + arch.norm_offset
-        return tensor
-    return load
+        yield tensor
+
+    def in_row_blocks() -> Iterator[torch.Tensor]:
+        record = model.tensors[hf_name]
+        rows = record.shape[0]
+        row_bytes = max(1, int(np.prod(record.shape[1:])) * record.dtype.itemsize)
+        step = max(1, BLOCK_BYTES // row_bytes)
+        for start in range(0, rows, step):
+            yield model.read_rows(hf_name, start, min(rows, start + step))
+
+    needs_whole = is_query or is_key or is_norm or len(model.tensors[hf_name].shape) < 2
+    return whole if needs_whole else in_row_blocks
 
 
 def _as_output_array(tensor: torch.Tensor, ggml_type: gguf.GGMLQuantizationType) -> np.ndarray:
@@ -112,6 +129,20 @@ def _as_output_array(tensor: torch.Tensor, ggml_type: gguf.GGMLQuantizationType)
         return tensor.to(torch.float16).contiguous().numpy()
     # BF16 has no numpy dtype: write its raw bytes
     return tensor.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint8)
+
+
+def _write_tensor_blocks(writer: gguf.GGUFWriter, item: PlannedTensor) -> None:
+    """Write one tensor's data block by block, aligned and padded exactly as GGUFWriter.write_tensor_data does."""
+    out = writer.fout[0]
+    writer.write_padding(out, out.tell())
+    written = 0
+    for block in item.blocks():
+        array = _as_output_array(block, item.ggml_type)
+        array.tofile(out)
+        written += array.nbytes
+    if written != item.nbytes:
+        raise EdgepackError(f"{item.gguf_name}: wrote {written} bytes, expected {item.nbytes}")
+    writer.write_padding(out, written)
 
 
 def write_general_metadata(writer: gguf.GGUFWriter, model: HFModelDir, outtype: str,
@@ -159,7 +190,7 @@ def convert_hf_to_gguf(model_path: Path, out_path: Path, *, outtype: str = "f16"
         writer.write_ti_data_to_file()
         with progress_bar(f"{out_path.name}: writing tensors", len(planned), show_progress) as advance:
             for item in planned:
-                writer.write_tensor_data(_as_output_array(item.load(), item.ggml_type))
+                _write_tensor_blocks(writer, item)
                 advance(1)
         writer.close()
     return vocab

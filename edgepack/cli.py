@@ -15,7 +15,7 @@ from rich.table import Table
 from edgepack.artifacts import to_json_dict
 from edgepack.errors import EdgepackError
 
-STDERR = Console(stderr=True)
+STDERR = Console(stderr=True, soft_wrap=True)
 
 
 def _print_json(payload: Any) -> None:

@@ -8,7 +8,7 @@ from typing import Callable, Iterator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-STDERR = Console(stderr=True)
+STDERR = Console(stderr=True, soft_wrap=True)
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import sys
 from pathlib import Path
@@ -40,10 +41,11 @@ def quiet_native_stderr() -> Iterator[None]:
     sys.stderr.flush()
     saved = os.dup(2)
     try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(io.StringIO()):
+            os.dup2(devnull.fileno(), 2)  # C-level writes
+            yield  # Python-level writes (llama-cpp-python's log callback) go to the StringIO
     finally:
+        sys.stderr.flush()
         os.dup2(saved, 2)
         os.close(saved)
 

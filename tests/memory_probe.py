@@ -59,8 +59,19 @@ def measure(root: Path) -> None:
     weights = (model_dir / "model.safetensors").stat().st_size
     before = psutil.Process().memory_info().rss
     convert_hf_to_gguf(model_dir, root / "out.gguf", outtype="f16", show_progress=False)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"weights_mib": weights / 2**20, "growth_mib": (peak - before) / 2**20}))
+    peak = peak_rss_bytes()
+    print(json.dumps({"weights_mib": weights / 2**20, "growth_mib": (peak - before) / 2**20,
+                      "before_mib": before / 2**20, "peak_mib": peak / 2**20}))
+
+
+def peak_rss_bytes() -> int:
+    # VmHWM belongs to this process image; ru_maxrss survives fork+exec and so may be the parent's peak
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 if __name__ == "__main__":
