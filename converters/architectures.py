@@ -26,7 +26,6 @@ class Architecture:
     permute_qk: bool = False  # llama.cpp's LLAMA rope is interleaved; HF stores rotate-half rows
     norm_offset: float = 0.0  # gemma stores RMSNorm weights as (w - 1): add this to every norm weight
     writes_sliding_window: bool = False
-    writes_key_value_length: bool = False  # head_dim is its own hyper-parameter in this family
     extra_renames: dict[str, str] = field(default_factory=dict)
     skip_tensor_suffixes: tuple[str, ...] = ("rotary_emb.inv_freq",)
     notes: str = ""
@@ -52,7 +51,6 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         gguf_arch=gguf.MODEL_ARCH.QWEN3,
         hf_model_types=("qwen3",),
         hf_classes=("Qwen3ForCausalLM",),
-        writes_key_value_length=True,
     ),
     Architecture(
         name="gemma3",
@@ -61,7 +59,6 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         hf_classes=("Gemma3ForCausalLM",),
         norm_offset=1.0,
         writes_sliding_window=True,
-        writes_key_value_length=True,
         notes="text-only Gemma 3 (Gemma3ForCausalLM)",
     ),
     Architecture(

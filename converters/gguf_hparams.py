@@ -69,9 +69,8 @@ def write_hparams(writer: gguf.GGUFWriter, arch: Architecture, config: dict[str,
     writer.add_rope_freq_base(hp.rope_theta)
     writer.add_rope_dimension_count(hp.rope_dim)
     writer.add_vocab_size(hp.vocab_size)
-    if arch.writes_key_value_length or hp.head_dim != hp.hidden_size // hp.num_heads:
-        writer.add_key_length(hp.head_dim)
-        writer.add_value_length(hp.head_dim)
+    writer.add_key_length(hp.head_dim)
+    writer.add_value_length(hp.head_dim)
     if arch.writes_sliding_window and config.get("sliding_window"):
         writer.add_sliding_window(int(config["sliding_window"]))
     if arch.name == "gemma3":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from converters.gguf_parity import check_logit_parity, check_tokenizer_parity
@@ -51,8 +52,8 @@ class GGUFConverter:
             path = gguf_path(out_dir, kind)
             convert_hf_to_gguf(model_path, path, outtype=kind[len(PREFIX):], force=options.force,
                                allow_pickle=options.allow_pickle, show_progress=options.show_progress)
-            self._check(path, model_path, logits=options.check_logits and kind == "gguf-f32")
-            variants.append(_variant(kind, path, CONVERTER_NAME))
+            variants.append(self._checked_variant(kind, path, model_path, CONVERTER_NAME,
+                                                  logits=options.check_logits and kind == "gguf-f32"))
 
         if quant_kinds:
             with tempfile.TemporaryDirectory(dir=out_dir, prefix=".gguf-base.") as scratch:
@@ -64,8 +65,8 @@ class GGUFConverter:
                     shares = inspect_gguf(path).quant_types
                     say(f"{path.name}: tensor bytes by type: "
                         + ", ".join(f"{name} {share:.0%}" for name, share in shares.items()))
-                    self._check(path, model_path, logits=False)
-                    variants.append(_variant(kind, path, f"{CONVERTER_NAME} + {quantizer_name()}"))
+                    variants.append(self._checked_variant(kind, path, model_path,
+                                                          f"{CONVERTER_NAME} + {quantizer_name()}", logits=False))
         return variants
 
     def _quantization_base(self, model_path: Path, kinds: list[str], out_dir: Path, scratch: Path,
@@ -81,6 +82,18 @@ class GGUFConverter:
                            show_progress=options.show_progress)
         return base
 
+    def _checked_variant(self, kind: str, path: Path, model_path: Path, converter: str, logits: bool) -> Variant:
+        """Run the parity checks on `path` while its sha256 is computed on another thread (hashing releases
+        the GIL), then describe it as a Variant."""
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            digest = pool.submit(sha256_file, path)
+            try:
+                self._check(path, model_path, logits)
+            finally:
+                sha256 = digest.result()
+        return Variant(kind=kind, path=path, files=(path.name,), bytes=path.stat().st_size, sha256=sha256,
+                       converter=converter, library_versions=library_versions())
+
     @staticmethod
     def _check(path: Path, model_path: Path, logits: bool) -> None:
         try:
@@ -93,11 +106,6 @@ class GGUFConverter:
         except Exception:
             path.unlink(missing_ok=True)  # a file that failed its check must not look like a finished variant
             raise
-
-
-def _variant(kind: str, path: Path, converter: str) -> Variant:
-    return Variant(kind=kind, path=path, files=(path.name,), bytes=path.stat().st_size, sha256=sha256_file(path),
-                   converter=converter, library_versions=library_versions())
 
 
 GGUF_CONVERTER = GGUFConverter()

@@ -1,0 +1,1 @@
+"""Benchmarks: each measures edgepack against the anchor its issue names and prints a table (+ --json)."""

@@ -1,0 +1,37 @@
+"""Helpers shared by benchmarks: timing a command in a fresh process, with its own peak memory."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RunResult:
+    wall_s: float
+    peak_rss_mib: float
+
+
+def run_measured(command: list[str], env: dict[str, str] | None = None, cwd: str | None = None) -> RunResult:
+    """Run `command` to completion; its wall time and peak RSS (from wait4, so only that process counts).
+
+    The benchmark process itself stays small (no torch imported), since a child's peak RSS on Linux starts from
+    the size of the parent it was forked from."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert process.stderr is not None
+    stderr = process.stderr.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        tail = stderr.decode(errors="replace")[-3000:]
+        raise RuntimeError(f"{' '.join(command)} failed with exit {process.returncode}:\n{tail}")
+    return RunResult(wall_s=wall, peak_rss_mib=usage.ru_maxrss / 1024)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
