@@ -61,11 +61,12 @@ def compare_ggufs(ours: Path, theirs: Path) -> dict[str, Any]:
     for name in sorted(set(ta) & set(tb)):
         x, y = ta[name], tb[name]
         same_layout = x.tensor_type == y.tensor_type and list(x.shape) == list(y.shape)
-        diff = float(np.max(np.abs(np.asarray(x.data, dtype=np.float32) - np.asarray(y.data, dtype=np.float32)))) \
-            if same_layout else float("nan")
+        diff = float("nan")
+        if same_layout:
+            diff = float(np.max(np.abs(np.asarray(x.data, np.float32) - np.asarray(y.data, np.float32))))
+        identical = same_layout and np.asarray(x.data).tobytes() == np.asarray(y.data).tobytes()
         rows.append({"name": name, "shape": [int(s) for s in x.shape], "ours_type": x.tensor_type.name,
-                     "theirs_type": y.tensor_type.name, "max_abs_diff": diff,
-                     "identical": same_layout and bytes(np.asarray(x.data).tobytes()) == bytes(np.asarray(y.data).tobytes())})
+                     "theirs_type": y.tensor_type.name, "max_abs_diff": diff, "identical": identical})
 
     def values(reader: gguf.GGUFReader) -> dict[str, Any]:
         out = {}

@@ -11,6 +11,7 @@ import numpy as np
 
 from converters.architectures import Architecture
 from edgepack.errors import UnsupportedModelError
+from edgepack.progress import say
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,9 @@ def write_hparams(writer: gguf.GGUFWriter, arch: Architecture, config: dict[str,
     writer.add_value_length(hp.head_dim)
     if arch.writes_sliding_window and config.get("sliding_window"):
         writer.add_sliding_window(int(config["sliding_window"]))
+        if arch.name == "phi3" and int(config["sliding_window"]) < hp.context_length:
+            say(f"note: llama.cpp runs phi3 without its sliding window ({config['sliding_window']} tokens); "
+                "past that much context its outputs differ from transformers'")
     if arch.name == "gemma3":
         _check_gemma3_attention_scale(config, hp)
         if config.get("rope_local_base_freq"):

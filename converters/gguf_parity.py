@@ -48,7 +48,8 @@ def check_tokenizer_parity(gguf_path: Path, model_path: Path) -> TokenizerParity
         expected = hf_tokenizer(text, add_special_tokens=add_special)["input_ids"]
         got = llamacpp.tokenize(llm, text, add_special=add_special)
         if expected != got:
-            at = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), min(len(expected), len(got)))
+            pairs = zip(expected, got, strict=False)
+            at = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(expected), len(got)))
             context = hf_tokenizer.decode(expected[max(0, at - 3): at + 3])
             raise ParityError(
                 f"tokenizer parity failed for {gguf_path.name}: llama.cpp and the Hugging Face tokenizer differ at "

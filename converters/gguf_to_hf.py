@@ -19,7 +19,6 @@ from safetensors.torch import save_file
 
 from converters.gguf_files import metadata_value, open_reader
 from converters.hf_to_gguf import unpermute_from_interleaved_rope
-from converters.pretokenizers import build_pretokenizer
 from edgepack.errors import EdgepackError, UnsupportedModelError
 from edgepack.fileio import atomic_output_dir, refuse_existing
 from edgepack.progress import progress_bar

@@ -49,7 +49,8 @@ def main() -> None:
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output directory.")
 @click.option("--force", is_flag=True, help="Overwrite outputs that exist.")
 @click.option("--allow-pickle", is_flag=True, help="Accept pytorch_model.bin (loaded with weights_only=True).")
-@click.option("--check-logits", is_flag=True, help="Compare llama.cpp's F32 logits with transformers' (needs gguf-f32).")
+@click.option("--check-logits", is_flag=True,
+              help="Compare llama.cpp's F32 logits with transformers' (needs gguf-f32).")
 @click.option("--threads", type=int, default=None, help="Threads for quantization (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print the variants as JSON on stdout.")
 @handles_errors

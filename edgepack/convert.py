@@ -16,9 +16,10 @@ def parse_kinds(text: str) -> list[str]:
     return list(dict.fromkeys(kinds))
 
 
-def convert(model_path: Path, kinds: list[str], out_dir: Path, options: ConvertOptions = ConvertOptions()
+def convert(model_path: Path, kinds: list[str], out_dir: Path, options: ConvertOptions | None = None
             ) -> list[Variant]:
     """Convert `model_path` to every kind in `kinds`, grouped by the converter that makes each."""
+    options = options or ConvertOptions()
     groups: dict[int, tuple[object, list[str]]] = {}
     for kind in kinds:
         converter = converter_for(kind)

@@ -48,14 +48,18 @@ SPM_CHAT_TEMPLATE = (
 # name -> (tokenizer kind, config overrides). Every architecture the converter supports appears here.
 TINY_MODELS: dict[str, tuple[str, dict]] = {
     "llama-spm": ("spm", {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}),
-    "llama-bpe": ("bpe", {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "tie_word_embeddings": True}),
-    "qwen2-bpe": ("bpe", {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "tie_word_embeddings": True}),
+    "llama-bpe": ("bpe", {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+                          "tie_word_embeddings": True}),
+    "qwen2-bpe": ("bpe", {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"],
+                          "tie_word_embeddings": True}),
     "qwen3-bpe": ("bpe", {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "head_dim": 64,
                           "tie_word_embeddings": True}),
-    "gemma3-spm": ("spm-no-prefix", {"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], "head_dim": 64,
-                           "query_pre_attn_scalar": 64, "sliding_window": 512, "tie_word_embeddings": True,
-                           "hidden_activation": "gelu_pytorch_tanh"}),
-    "phi3-spm": ("spm-phi3", {"model_type": "phi3", "architectures": ["Phi3ForCausalLM"], "tie_word_embeddings": False}),
+    # a sliding window shorter than the 64-token logit check, so the windowed layers' masks are really compared
+    "gemma3-spm": ("spm-no-prefix", {"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"],
+                                     "head_dim": 64, "query_pre_attn_scalar": 64, "sliding_window": 16,
+                                     "tie_word_embeddings": True, "hidden_activation": "gelu_pytorch_tanh"}),
+    "phi3-spm": ("spm-phi3", {"model_type": "phi3", "architectures": ["Phi3ForCausalLM"],
+                              "tie_word_embeddings": False}),
 }
 
 BASE_CONFIG = {

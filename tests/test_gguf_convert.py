@@ -18,7 +18,7 @@ from edgepack.convert import convert
 from edgepack.fileio import sha256_file
 from edgepack.inspect import inspect_gguf
 from edgepack.registry import ConvertOptions
-from runtimes import llamacpp, torch_reference
+from runtimes import llamacpp
 
 QUIET = ConvertOptions(show_progress=False)
 
@@ -123,8 +123,9 @@ def test_sharded_bf16_checkpoint_converts(tiny_model, tmp_path):
     # bf16 weights are copied bit for bit
     reader = open_reader(variants[0].path)
     embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
-    got = torch.from_numpy(np.asarray(embd.data).copy()).view(torch.bfloat16).reshape(model.model.embed_tokens.weight.shape)
-    assert torch.equal(got, model.model.embed_tokens.weight.detach())
+    expected = model.model.embed_tokens.weight.detach()
+    got = torch.from_numpy(np.asarray(embd.data).copy()).view(torch.bfloat16).reshape(expected.shape)
+    assert torch.equal(got, expected)
 
 
 def test_logit_parity_catches_a_wrong_weight(tiny_model, tmp_path, monkeypatch):
