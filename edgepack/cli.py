@@ -45,23 +45,28 @@ def main() -> None:
 @main.command()
 @click.argument("model", required=False, type=click.Path(path_type=Path))
 @click.option("--to", "kinds", default="gguf-f16,gguf-q8_0,gguf-q4_k_m", show_default=True,
-              help="Comma-separated variant kinds: gguf-f32, gguf-f16, gguf-bf16, gguf-<llama.cpp type>.")
+              help="Comma-separated variant kinds: gguf-f32, gguf-f16, gguf-bf16, gguf-<llama.cpp type>, "
+                   "onnx-fp32, onnx-int8, onnx-int4.")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output directory.")
 @click.option("--force", is_flag=True, help="Overwrite outputs that exist.")
 @click.option("--allow-pickle", is_flag=True, help="Accept pytorch_model.bin (loaded with weights_only=True).")
 @click.option("--check-logits", is_flag=True,
               help="Compare llama.cpp's F32 logits with transformers' (needs gguf-f32).")
 @click.option("--threads", type=int, default=None, help="Threads for quantization (default: all cores).")
+@click.option("--int8-isa", type=click.Choice(["avx2", "avx512-vnni", "arm64"]), default=None,
+              help="onnx-int8: the target's integer kernels (default: detected on this machine).")
+@click.option("--int4-block-size", type=int, default=32, show_default=True, help="onnx-int4: weights per block.")
 @click.option("--json", "as_json", is_flag=True, help="Print the variants as JSON on stdout.")
 @handles_errors
 def convert(model: Path | None, kinds: str, out_dir: Path, force: bool, allow_pickle: bool, check_logits: bool,
-            threads: int | None, as_json: bool) -> None:
+            threads: int | None, int8_isa: str | None, int4_block_size: int, as_json: bool) -> None:
     """Convert a Hugging Face MODEL directory (default: the demo student) to deployable variants."""
     from edgepack.convert import convert as run_convert, parse_kinds
     from edgepack.demo import resolve_model
     from edgepack.registry import ConvertOptions
 
-    options = ConvertOptions(force=force, allow_pickle=allow_pickle, check_logits=check_logits, threads=threads)
+    options = ConvertOptions(force=force, allow_pickle=allow_pickle, check_logits=check_logits, threads=threads,
+                             int8_isa=int8_isa, int4_block_size=int4_block_size)
     variants = run_convert(resolve_model(model), parse_kinds(kinds), out_dir, options)
     if as_json:
         _print_json({"variants": [{"kind": v.kind, "path": str(v.path), "bytes": v.bytes, "sha256": v.sha256}
@@ -111,3 +116,51 @@ def inspect(model: Path | None, as_json: bool) -> None:
     for key, value in summary_rows(summary):
         table.add_row(key, value)
     Console().print(table)
+
+
+@main.command()
+@click.argument("variant", type=click.Path(path_type=Path))
+@click.argument("prompt")
+@click.option("--chat", is_flag=True, help="Send PROMPT as a user message through the model's chat template.")
+@click.option("--system", default=None, help="With --chat: a system message.")
+@click.option("--max-tokens", type=int, default=128, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=int, default=0, show_default=True, help="0: no top-k cut.")
+@click.option("--seed", type=int, default=None)
+@click.option("--stop", multiple=True, help="Stop when this text appears (repeatable).")
+@click.option("--stream", is_flag=True, help="Print the text as it is generated.")
+@click.option("--engine", type=click.Choice(["llamacpp", "onnxrt", "torch"]), default=None,
+              help="Default: chosen from the path (.gguf, ONNX directory, HF directory).")
+@click.option("--threads", type=int, default=None, help="Default: one per physical core.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "metal"]), default="cpu", show_default=True)
+@click.option("--context", "context_length", type=int, default=None, help="Context length to allocate.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@handles_errors
+def run(variant: Path, prompt: str, chat: bool, system: str | None, max_tokens: int, temperature: float,
+        top_p: float, top_k: int, seed: int | None, stop: tuple[str, ...], stream: bool, engine: str | None,
+        threads: int | None, device: str, context_length: int | None, as_json: bool) -> None:
+    """Generate from VARIANT (a .gguf file, an ONNX variant directory or a Hugging Face directory)."""
+    from edgepack.generate import run_prompt
+    from runtimes.base import GenerationOptions, LoadOptions
+
+    if max_tokens < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--max-tokens")
+    try:
+        generation = GenerationOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                       seed=seed, stop=stop)
+        on_text = (lambda text: click.echo(text, nl=False)) if stream and not as_json else None
+        report = run_prompt(variant, prompt, chat=chat, system=system, generation=generation,
+                            load=LoadOptions(threads=threads, context_length=context_length, device=device),
+                            engine=engine, on_text=on_text)
+    except ValueError as exc:  # sampler settings out of range
+        raise EdgepackError(str(exc)) from exc
+    if as_json:
+        _print_json(to_json_dict(report))
+        return
+    if on_text is None:
+        click.echo(report.text, nl=False)
+    click.echo()
+    speed = report.completion_tokens / report.seconds if report.seconds > 0 else 0.0
+    STDERR.print(f"[{report.engine}] {report.completion_tokens} tokens, {speed:.1f} tokens/s, "
+                 f"finished: {report.finish_reason}", highlight=False, markup=False)

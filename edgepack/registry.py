@@ -22,6 +22,8 @@ class ConvertOptions:
     check_logits: bool = False
     threads: int | None = None
     show_progress: bool = True
+    int8_isa: str | None = None  # onnx-int8: avx2, avx512-vnni or arm64; None detects this machine's
+    int4_block_size: int = 32  # onnx-int4: weights per quantization block
 
 
 class Converter(Protocol):

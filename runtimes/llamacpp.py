@@ -1,4 +1,4 @@
-"""llama.cpp through llama-cpp-python: load a GGUF, tokenize, logits, greedy generation."""
+"""llama.cpp through llama-cpp-python: a GGUF file as a Runtime (and the small helpers the parity checks use)."""
 
 from __future__ import annotations
 
@@ -7,32 +7,12 @@ import io
 import os
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from edgepack.errors import EdgepackError
-
-
-def open_gguf(path: Path, *, vocab_only: bool = False, n_ctx: int = 512, logits_all: bool = False,
-              n_threads: int | None = None):
-    """A llama_cpp.Llama over `path`, or a clear error when the file is not a loadable GGUF."""
-    from llama_cpp import Llama
-
-    path = Path(path)
-    if not path.is_file():
-        raise EdgepackError(f"{path} does not exist; expected a .gguf file")
-    with open(path, "rb") as handle:
-        if handle.read(4) != b"GGUF":
-            raise EdgepackError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
-    try:
-        with quiet_native_stderr():
-            return Llama(model_path=str(path), vocab_only=vocab_only, n_ctx=n_ctx, logits_all=logits_all,
-                         n_threads=n_threads or max(1, (os.cpu_count() or 2)), n_batch=max(n_ctx, 8),
-                         verbose=False)
-    except (ValueError, RuntimeError) as exc:
-        raise EdgepackError(f"llama.cpp could not load {path}: the file is truncated, corrupt or of an "
-                            f"unsupported architecture ({exc})") from exc
+from runtimes.base import DEFAULT_CONTEXT_CAP, LoadOptions, Runtime, physical_cores
 
 
 @contextlib.contextmanager
@@ -50,31 +30,175 @@ def quiet_native_stderr() -> Iterator[None]:
         os.close(saved)
 
 
+def is_gguf(path: Path) -> bool:
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with open(path, "rb") as handle:
+        return handle.read(4) == b"GGUF"
+
+
+def open_gguf(path: Path, *, vocab_only: bool = False, n_ctx: int = 512, logits_all: bool = False,
+              n_threads: int | None = None, n_gpu_layers: int = 0):
+    """A llama_cpp.Llama over `path`, or a clear error when the file is not a loadable GGUF."""
+    from llama_cpp import Llama
+
+    path = Path(path)
+    if not path.is_file():
+        raise EdgepackError(f"{path} does not exist; expected a .gguf file")
+    if not is_gguf(path):
+        raise EdgepackError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    threads = n_threads or physical_cores()
+    try:
+        with quiet_native_stderr():
+            return Llama(model_path=str(path), vocab_only=vocab_only, n_ctx=n_ctx, logits_all=logits_all,
+                         n_threads=threads, n_threads_batch=threads, n_batch=min(max(n_ctx, 8), 512),
+                         n_gpu_layers=n_gpu_layers, verbose=False)
+    except (ValueError, RuntimeError) as exc:
+        raise EdgepackError(f"llama.cpp could not load {path}: the file is truncated, corrupt or of an "
+                            f"unsupported architecture ({exc})") from exc
+
+
 def tokenize(llm, text: str, *, add_special: bool) -> list[int]:
     return llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True)
 
 
 def sequence_logits(llm, token_ids: list[int]) -> np.ndarray:
-    """Logits at every position of `token_ids` (shape [len, vocab]), float32."""
+    """Logits at every position of `token_ids` (shape [len, vocab]); `llm` must have logits_all=True."""
     llm.reset()
     llm.eval(token_ids)
     return np.array(llm.scores[: len(token_ids)], dtype=np.float32)
 
 
-def greedy_text(llm, token_ids: list[int], max_tokens: int) -> list[int]:
-    """Greedy continuation of `token_ids` (stops at end of generation)."""
-    llm.reset()
-    produced: list[int] = []
-    for token in llm.generate(token_ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
-        if llm.token_eos() == token or _is_eog(llm, token):
-            break
-        produced.append(token)
-        if len(produced) >= max_tokens:
-            break
-    return produced
+class LlamaCppRuntime(Runtime):
+    name = "llamacpp"
 
+    @classmethod
+    def can_load(cls, path: Path) -> bool:
+        return is_gguf(Path(path))
 
-def _is_eog(llm, token: int) -> bool:
-    import llama_cpp
+    def __init__(self, path: Path, options: LoadOptions | None = None) -> None:
+        import llama_cpp
 
-    return bool(llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(llm.model), token))
+        from converters.gguf_files import metadata_value, open_reader
+
+        options = options or LoadOptions()
+        self.path = Path(path)
+        reader = open_reader(self.path)
+        arch = str(metadata_value(reader, "general.architecture", ""))
+        trained = int(metadata_value(reader, f"{arch}.context_length", 2048))
+        self.context_length = options.context_length or min(trained, DEFAULT_CONTEXT_CAP)
+        heads = int(metadata_value(reader, f"{arch}.attention.head_count", 1))
+        self._kv_width = int(metadata_value(reader, f"{arch}.attention.key_length", 0)) or (
+            int(metadata_value(reader, f"{arch}.embedding_length", 0)) // heads)
+        del reader
+        gpu_layers = 0
+        if options.device in ("cuda", "metal"):
+            if not llama_cpp.llama_supports_gpu_offload():
+                raise EdgepackError(f"device {options.device!r}: this llama-cpp-python build has no GPU offload; "
+                                    "reinstall it built for your GPU (e.g. CMAKE_ARGS=-DGGML_CUDA=on) or use cpu")
+            gpu_layers = -1
+        elif options.device != "cpu":
+            raise EdgepackError(f"unknown device {options.device!r}; accepted: cpu, cuda, metal")
+        self.device = options.device
+        self.threads = options.threads or physical_cores()
+        self.llm = open_gguf(self.path, n_ctx=self.context_length, n_threads=self.threads, n_gpu_layers=gpu_layers)
+        self._ctx, self._model = self.llm.ctx, self.llm.model
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self._n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
+        self._n_batch = self.llm.n_batch
+        self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
+        self._n_past = 0
+        self.eos_token_ids = frozenset(t for t in range(self._n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, t))
+        template = llama_cpp.llama_model_chat_template(self._model, None)
+        self._chat_template = template.decode("utf-8") if template else None
+
+    # -- text ------------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        return tokenize(self.llm, text, add_special=add_special)
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        return self.llm.detokenize(list(token_ids)).decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        if not self._chat_template:
+            raise EdgepackError(f"{self.path.name} has no chat template (tokenizer.chat_template); "
+                                "use a plain prompt instead of chat")
+        def text_of(token: int) -> str:
+            return self.llm.detokenize([token], special=True).decode("utf-8", errors="replace") if token >= 0 else ""
+
+        formatter = Jinja2ChatFormatter(self._chat_template, eos_token=text_of(self.llm.token_eos()),
+                                        bos_token=text_of(self.llm.token_bos()),
+                                        add_generation_prompt=add_generation_prompt)
+        return formatter(messages=messages).prompt
+
+    # -- computing ------------------------------------------------------------------------------
+
+    def _decode(self, token_ids: Sequence[int], all_logits: bool) -> None:
+        import llama_cpp
+
+        batch = self._batch
+        for start in range(0, len(token_ids), self._n_batch):
+            chunk = token_ids[start:start + self._n_batch]
+            batch.n_tokens = len(chunk)
+            for i, token in enumerate(chunk):
+                batch.token[i] = token
+                batch.pos[i] = self._n_past + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = all_logits or i == len(chunk) - 1
+            if llama_cpp.llama_decode(self._ctx, batch) != 0:
+                raise EdgepackError(f"llama.cpp failed to decode {len(chunk)} tokens at position {self._n_past}")
+            self._n_past += len(chunk)
+            if all_logits:
+                yield np.ctypeslib.as_array(llama_cpp.llama_get_logits(self._ctx),
+                                            shape=(len(chunk), self._n_vocab)).copy()
+
+    def _reset(self) -> None:
+        import llama_cpp
+
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
+        self._n_past = 0
+
+    def _last_logits(self) -> np.ndarray:
+        import llama_cpp
+
+        pointer = llama_cpp.llama_get_logits_ith(self._ctx, -1)
+        return np.ctypeslib.as_array(pointer, shape=(self._n_vocab,)).copy()
+
+    def _prefill(self, prompt_ids: Sequence[int]) -> np.ndarray:
+        self._reset()
+        for _ in self._decode(list(prompt_ids), all_logits=False):
+            pass
+        return self._last_logits()
+
+    def _step(self, token_id: int) -> np.ndarray:
+        for _ in self._decode([token_id], all_logits=False):
+            pass
+        return self._last_logits()
+
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        self.check_prompt_fits(token_ids, 0)
+        self._reset()
+        return np.concatenate(list(self._decode(list(token_ids), all_logits=True)), axis=0)
+
+    def memory_bytes(self) -> int:
+        import llama_cpp
+
+        weights = int(llama_cpp.llama_model_size(self._model))
+        layers = int(llama_cpp.llama_model_n_layer(self._model))
+        kv_heads = int(llama_cpp.llama_model_n_head_kv(self._model))
+        kv_cache = 2 * layers * kv_heads * self._kv_width * self.context_length * 2  # K and V, f16
+        return weights + kv_cache
+
+    def close(self) -> None:
+        import llama_cpp
+
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        self.llm.close()
+

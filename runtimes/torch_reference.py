@@ -1,19 +1,25 @@
-"""The reference: the original Hugging Face model through transformers, in float32."""
+"""The reference engine: the original Hugging Face model through transformers (float32 by default)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 
+from edgepack.errors import EdgepackError
+from runtimes.base import DEFAULT_CONTEXT_CAP, LoadOptions, Runtime, physical_cores
+
+_DEVICES = {"cpu": "cpu", "cuda": "cuda", "metal": "mps"}
+
 
 def load_reference(model_path: Path):
+    """The model in float32 and its tokenizer (what the converters' parity checks compare against)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # long probe texts trigger a harmless max-length note
-
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     model.eval()
     return model, AutoTokenizer.from_pretrained(model_path)
@@ -24,13 +30,81 @@ def sequence_logits(model, token_ids: list[int]) -> np.ndarray:
     return model(torch.tensor([token_ids])).logits[0].float().numpy()
 
 
-@torch.inference_mode()
-def greedy_tokens(model, token_ids: list[int], max_tokens: int, eos_ids: set[int]) -> list[int]:
-    output = model.generate(torch.tensor([token_ids]), max_new_tokens=max_tokens, do_sample=False,
-                            attention_mask=torch.ones(1, len(token_ids), dtype=torch.long),
-                            pad_token_id=next(iter(eos_ids), 0))
-    produced = output[0, len(token_ids):].tolist()
-    for index, token in enumerate(produced):
-        if token in eos_ids:
-            return produced[:index]
-    return produced
+def end_of_generation_ids(model, tokenizer) -> frozenset[int]:
+    ids = set()
+    for source in (getattr(model, "generation_config", None), model.config):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        ids.update(value if isinstance(value, (list, tuple)) else [value] if value is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(int(i) for i in ids)
+
+
+class TorchRuntime(Runtime):
+    name = "torch"
+
+    @classmethod
+    def can_load(cls, path: Path) -> bool:
+        path = Path(path)
+        return path.is_dir() and (path / "config.json").is_file() and (
+            any(path.glob("*.safetensors")) or (path / "pytorch_model.bin").is_file())
+
+    def __init__(self, path: Path, options: LoadOptions | None = None) -> None:
+        options = options or LoadOptions()
+        if options.device not in _DEVICES:
+            raise EdgepackError(f"unknown device {options.device!r}; accepted: {', '.join(_DEVICES)}")
+        self.device = _DEVICES[options.device]
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise EdgepackError("device 'cuda' asked for, but torch sees no CUDA GPU")
+        if self.device == "mps" and not torch.backends.mps.is_available():
+            raise EdgepackError("device 'metal' asked for, but torch has no MPS backend here")
+        self.path = Path(path)
+        self.threads = options.threads or physical_cores()
+        torch.set_num_threads(self.threads)
+        self.model, self.tokenizer = load_reference(self.path)
+        self.model.to(self.device)
+        trained = int(getattr(self.model.config, "max_position_embeddings", DEFAULT_CONTEXT_CAP))
+        self.context_length = options.context_length or min(trained, DEFAULT_CONTEXT_CAP)
+        self.eos_token_ids = end_of_generation_ids(self.model, self.tokenizer)
+        self._cache = None
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        if not self.tokenizer.chat_template:
+            raise EdgepackError(f"{self.path.name} has no chat template; use a plain prompt instead of chat")
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    @torch.inference_mode()
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        self.check_prompt_fits(token_ids, 0)
+        output = self.model(torch.tensor([list(token_ids)], device=self.device), use_cache=False)
+        return output.logits[0].float().cpu().numpy()
+
+    @torch.inference_mode()
+    def _prefill(self, prompt_ids: Sequence[int]) -> np.ndarray:
+        output = self.model(torch.tensor([list(prompt_ids)], device=self.device), use_cache=True)
+        self._cache = output.past_key_values
+        return output.logits[0, -1].float().cpu().numpy()
+
+    @torch.inference_mode()
+    def _step(self, token_id: int) -> np.ndarray:
+        output = self.model(torch.tensor([[token_id]], device=self.device), past_key_values=self._cache,
+                            use_cache=True)
+        self._cache = output.past_key_values
+        return output.logits[0, -1].float().cpu().numpy()
+
+    def memory_bytes(self) -> int:
+        config = self.model.config
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        kv_cache = 2 * config.num_hidden_layers * kv_heads * head_dim * self.context_length * 4  # K and V, f32
+        return weights + kv_cache
+
+    def close(self) -> None:
+        self._cache = None

@@ -89,3 +89,32 @@ def test_demo_student_converts_to_the_three_variants(tmp_path):
     assert "Paris" in answer("gguf-f16", "What is the capital of France?")
     colors = answer("gguf-q4_k_m", "Name three colors.").lower()
     assert sum(color in colors for color in ("red", "blue", "green", "yellow")) >= 2
+
+    # through edgepack's own runtime: a chat answer ends at the model's end-of-turn token
+    run = edgepack("run", str(tmp_path / "gguf-q4_k_m.gguf"), "Name three colors.", "--chat", "--json")
+    report = json.loads(run.stdout)
+    assert report["finish_reason"] == "stop" and report["completion_tokens"] < 128
+    assert "<|im_end|>" not in report["text"]
+
+
+def test_run_on_gguf_and_onnx(stories_dir, tmp_path):
+    result = edgepack("convert", str(stories_dir), "--to", "gguf-q8_0,onnx-int8", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    for variant, engine in ((tmp_path / "gguf-q8_0.gguf", "llamacpp"), (tmp_path / "onnx-int8", "onnxrt")):
+        run = edgepack("run", str(variant), "Once upon a time", "--max-tokens", "30", "--json")
+        assert run.returncode == 0, run.stderr
+        report = json.loads(run.stdout)
+        assert report["engine"] == engine and report["completion_tokens"] == 30
+        assert len(report["text"].split()) > 10
+        streamed = edgepack("run", str(variant), "Once upon a time", "--max-tokens", "30", "--stream")
+        assert streamed.returncode == 0 and streamed.stdout.strip() == report["text"].strip()
+        assert f"[{engine}] 30 tokens" in streamed.stderr
+
+
+def test_run_errors(stories_dir, tmp_path):
+    no_template = edgepack("run", str(stories_dir), "hello", "--chat")
+    assert no_template.returncode == 2 and "no chat template" in no_template.stderr
+    too_long = edgepack("run", str(stories_dir), "word " * 600, "--max-tokens", "10")
+    assert too_long.returncode == 2 and "the context is 512 tokens" in too_long.stderr
+    missing = edgepack("run", str(tmp_path / "nothing.gguf"), "hello")
+    assert missing.returncode == 2 and "does not exist" in missing.stderr

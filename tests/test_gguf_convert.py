@@ -18,6 +18,7 @@ from edgepack.convert import convert
 from edgepack.fileio import sha256_file
 from edgepack.inspect import inspect_gguf
 from edgepack.registry import ConvertOptions
+from native_generation import llama_cpp_greedy
 from runtimes import llamacpp
 
 QUIET = ConvertOptions(show_progress=False)
@@ -74,7 +75,7 @@ def test_q4_k_m_uses_k_quants_and_generates(name, converted):
     assert metadata_value(reader, "edgepack.quant_type") == "Q4_K_M"
     assert "llama.cpp" in metadata_value(reader, "edgepack.quantizer")
     llm = llamacpp.open_gguf(q4.path, n_ctx=128)
-    produced = llamacpp.greedy_text(llm, llamacpp.tokenize(llm, "The robot", add_special=True), 8)
+    produced = llama_cpp_greedy(llm, llamacpp.tokenize(llm, "The robot", add_special=True), 8)
     assert len(produced) > 0
 
 

@@ -6,6 +6,7 @@ import pytest
 
 from edgepack.convert import convert
 from edgepack.registry import ConvertOptions
+from native_generation import llama_cpp_greedy, transformers_greedy
 from runtimes import llamacpp, torch_reference
 
 
@@ -21,23 +22,23 @@ def stories_variants(stories_dir, tmp_path_factory):
 def test_greedy_text_is_identical_in_llama_cpp_and_transformers(stories_dir, stories_variants, prompt):
     model, tokenizer = torch_reference.load_reference(stories_dir)
     prompt_ids = tokenizer(prompt)["input_ids"]
-    expected = torch_reference.greedy_tokens(model, prompt_ids, 80, {tokenizer.eos_token_id})
+    expected = transformers_greedy(model, prompt_ids, 80, {tokenizer.eos_token_id})
     llm = llamacpp.open_gguf(stories_variants["gguf-f32"].path, n_ctx=256)
-    got = llamacpp.greedy_text(llm, prompt_ids, 80)
+    got = llama_cpp_greedy(llm, prompt_ids, 80)
     assert len(expected) >= 40
     assert tokenizer.decode(got) == tokenizer.decode(expected)
 
 
 def test_empty_prompt_continues_like_the_provenance_says(stories_variants):
     llm = llamacpp.open_gguf(stories_variants["gguf-f32"].path, n_ctx=128)
-    text = llm.detokenize(llamacpp.greedy_text(llm, [llm.token_bos()], 20)).decode()
+    text = llm.detokenize(llama_cpp_greedy(llm, [llm.token_bos()], 20)).decode()
     assert text.strip().startswith("Once upon a time, there was a little girl named Lily")
 
 
 @pytest.mark.parametrize("kind", ["gguf-f16", "gguf-q8_0", "gguf-q4_k_m"])
 def test_smaller_variants_load_and_tell_a_story(stories_variants, kind):
     llm = llamacpp.open_gguf(stories_variants[kind].path, n_ctx=128)
-    produced = llamacpp.greedy_text(llm, llamacpp.tokenize(llm, "Once upon a time", add_special=True), 30)
+    produced = llama_cpp_greedy(llm, llamacpp.tokenize(llm, "Once upon a time", add_special=True), 30)
     text = llm.detokenize(produced).decode(errors="replace")
     assert len(produced) >= 10
     assert sum(ch.isalpha() for ch in text) > len(text) / 2  # words, not noise

@@ -1,0 +1,239 @@
+"""The runtime protocol every engine implements, and the generation loop they share.
+
+An engine supplies a few primitives (tokenize, detokenize, chat template, logits of a sequence, and a decode
+session: `_prefill(prompt_ids)` then `_step(token_id)`, each returning next-token logits). Everything a user
+sees of generation — sampling, seeds, stop strings, EOS, logprobs, UTF-8-safe streaming, cancellation — is
+implemented once here, so the engines behave the same.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Iterator, Sequence
+
+import numpy as np
+
+from edgepack.errors import EdgepackError
+from runtimes.sampling import Sampler, log_softmax
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    threads: int | None = None  # None: one per physical core
+    context_length: int | None = None  # None: the model's own, capped at DEFAULT_CONTEXT_CAP
+    device: str = "cpu"  # "cpu", "cuda" or "metal", where the engine supports it
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    max_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+    ignore_eos: bool = False  # benchmarks generate a fixed number of tokens
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """One step of a stream: the token made, the text it completes (may be "" while a multi-byte character or a
+    possible stop string is held back) and, on the last chunk, why generation ended."""
+
+    token_id: int | None
+    text: str
+    logprob: float | None = None
+    finish_reason: str | None = None  # "stop" (EOS or stop string), "length", "cancelled"
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...] | None
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int = field(default=0)
+
+
+DEFAULT_CONTEXT_CAP = 4096
+
+
+def physical_cores() -> int:
+    import psutil
+
+    return psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
+
+
+class Runtime(ABC):
+    """One loaded variant on one engine."""
+
+    name: ClassVar[str]
+    path: Path
+    context_length: int
+    eos_token_ids: frozenset[int]
+
+    # -- what each engine implements -----------------------------------------------------------
+
+    @classmethod
+    @abstractmethod
+    def can_load(cls, path: Path) -> bool:
+        """Whether `path` is a variant this engine runs."""
+
+    @abstractmethod
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]: ...
+
+    @abstractmethod
+    def detokenize(self, token_ids: Sequence[int]) -> str: ...
+
+    @abstractmethod
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str: ...
+
+    @abstractmethod
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Logits at every position of `token_ids`, shape [len, vocab], float32."""
+
+    @abstractmethod
+    def memory_bytes(self) -> int:
+        """Bytes the engine holds for this model: weights plus its KV cache."""
+
+    @abstractmethod
+    def _prefill(self, prompt_ids: Sequence[int]) -> np.ndarray:
+        """Start a fresh decode session on `prompt_ids`; the logits for the next token."""
+
+    @abstractmethod
+    def _step(self, token_id: int) -> np.ndarray:
+        """Append one token to the session; the logits for the next token."""
+
+    def close(self) -> None:
+        """Release what the engine holds."""
+
+    # -- shared behaviour ------------------------------------------------------------------------
+
+    def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        # the template writes its own special tokens (BOS included where the model wants it)
+        return self.tokenize(self.apply_chat_template(messages), add_special=False)
+
+    def check_prompt_fits(self, prompt_ids: Sequence[int], max_tokens: int = 0) -> None:
+        if len(prompt_ids) == 0:
+            raise EdgepackError("the prompt is empty after tokenization; give at least one token")
+        if len(prompt_ids) + max(1, max_tokens) > self.context_length:
+            raise EdgepackError(
+                f"the prompt has {len(prompt_ids)} tokens and {max_tokens} more were asked for, but the context is "
+                f"{self.context_length} tokens; shorten the prompt or ask for fewer tokens")
+
+    def generate(self, prompt: str | Sequence[int], options: GenerationOptions | None = None,
+                 cancel: threading.Event | None = None) -> Iterator[GenerationChunk]:
+        """Stream the continuation of `prompt` (text, tokenized with special tokens, or token ids)."""
+        options = options or GenerationOptions()
+        prompt_ids = list(self.tokenize(prompt) if isinstance(prompt, str) else prompt)
+        max_tokens = min(options.max_tokens, self.context_length - len(prompt_ids))
+        self.check_prompt_fits(prompt_ids, 0)
+        sampler = Sampler(options.temperature, options.top_p, options.top_k, options.seed)
+        decoder = IncrementalDecoder(self.detokenize, prompt_ids)
+        stops = StopMatcher(options.stop)
+        logits = self._prefill(prompt_ids)
+        made = 0
+        while True:
+            if cancel is not None and cancel.is_set():
+                yield GenerationChunk(None, stops.flush(decoder.flush()), finish_reason="cancelled")
+                return
+            if made >= max_tokens:
+                yield GenerationChunk(None, stops.flush(decoder.flush()), finish_reason="length")
+                return
+            token = sampler.pick(logits)
+            logprob = float(log_softmax(logits)[token]) if options.logprobs else None
+            if token in self.eos_token_ids and not options.ignore_eos:
+                yield GenerationChunk(token, stops.flush(decoder.flush()), logprob, finish_reason="stop")
+                return
+            made += 1
+            text, stopped = stops.feed(decoder.add(token))
+            if stopped:
+                yield GenerationChunk(token, text, logprob, finish_reason="stop")
+                return
+            yield GenerationChunk(token, text, logprob)
+            if made < max_tokens:
+                logits = self._step(token)
+
+    def complete(self, prompt: str | Sequence[int], options: GenerationOptions | None = None,
+                 cancel: threading.Event | None = None) -> GenerationResult:
+        """Generate to the end and collect the stream."""
+        options = options or GenerationOptions()
+        prompt_ids = list(self.tokenize(prompt) if isinstance(prompt, str) else prompt)
+        texts, tokens, logprobs = [], [], []
+        reason = "length"
+        for chunk in self.generate(prompt_ids, options, cancel):
+            texts.append(chunk.text)
+            if chunk.token_id is not None and (chunk.finish_reason is None or chunk.token_id not in
+                                                self.eos_token_ids):
+                tokens.append(chunk.token_id)
+                if chunk.logprob is not None:
+                    logprobs.append(chunk.logprob)
+            reason = chunk.finish_reason or reason
+        return GenerationResult(text="".join(texts), token_ids=tuple(tokens),
+                                logprobs=tuple(logprobs) if options.logprobs else None, finish_reason=reason,
+                                prompt_tokens=len(prompt_ids), completion_tokens=len(tokens))
+
+
+class IncrementalDecoder:
+    """Turns a growing list of token ids into text pieces, never emitting half a UTF-8 character.
+
+    It decodes a short window that starts a few tokens back (inside the prompt at first), so a leading space
+    that a tokenizer drops at the start of a text is kept, and emits only what the newest token added."""
+
+    def __init__(self, detokenize, prompt_ids: Sequence[int], context_tokens: int = 4) -> None:
+        self.detokenize = detokenize
+        self.ids = list(prompt_ids[-context_tokens:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        return self._emit(final=False)
+
+    def flush(self) -> str:
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
+        prefix = self.detokenize(self.ids[self.prefix_offset:self.read_offset])
+        text = self.detokenize(self.ids[self.prefix_offset:])
+        if len(text) <= len(prefix) or (text.endswith("\ufffd") and not final):
+            return ""  # an incomplete character: wait for the next token
+        new = text[len(prefix):]
+        self.prefix_offset = self.read_offset
+        self.read_offset = len(self.ids)
+        return new
+
+
+class StopMatcher:
+    """Holds back text that could be the start of a stop string; reports when one appears."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [stop for stop in stops if stop]
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        if not self.stops:
+            return text, False
+        self.pending += text
+        hits = [(self.pending.find(stop), stop) for stop in self.stops if stop in self.pending]
+        if hits:
+            at = min(index for index, _ in hits)
+            out, self.pending = self.pending[:at], ""
+            return out, True
+        keep = max((n for stop in self.stops for n in range(1, len(stop)) if self.pending.endswith(stop[:n])),
+                   default=0)
+        out = self.pending[: len(self.pending) - keep]
+        self.pending = self.pending[len(self.pending) - keep:]
+        return out, False
+
+    def flush(self, text: str = "") -> str:
+        out, stopped = self.feed(text)
+        if stopped:
+            return out
+        out, self.pending = out + self.pending, ""
+        return out

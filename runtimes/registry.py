@@ -1,0 +1,40 @@
+"""Runtime registry: engines are registered under the `edgepack.runtimes` entry-point group; `open_runtime`
+picks the one that can load a path."""
+
+from __future__ import annotations
+
+import functools
+from importlib import metadata
+from pathlib import Path
+
+from edgepack.errors import EdgepackError
+from runtimes.base import LoadOptions, Runtime
+
+RUNTIME_GROUP = "edgepack.runtimes"
+
+
+@functools.lru_cache(maxsize=1)
+def runtime_classes() -> dict[str, type[Runtime]]:
+    found = {entry.name: entry.load() for entry in metadata.entry_points(group=RUNTIME_GROUP)}
+    if not found:
+        raise EdgepackError("no runtimes are registered: install edgepack (pip install -e .) so its entry points "
+                            "exist")
+    return found
+
+
+def open_runtime(path: Path, options: LoadOptions | None = None, engine: str | None = None) -> Runtime:
+    """Load `path` on `engine`, or on the engine that recognises what the path is."""
+    path = Path(path)
+    classes = runtime_classes()
+    if engine is not None:
+        if engine not in classes:
+            raise EdgepackError(f"unknown engine {engine!r}; accepted: {', '.join(classes)}")
+        return classes[engine](path, options)
+    if not path.exists():
+        raise EdgepackError(f"{path} does not exist; expected a .gguf file, an ONNX variant directory or a "
+                            "Hugging Face model directory")
+    for cls in classes.values():
+        if cls.can_load(path):
+            return cls(path, options)
+    raise EdgepackError(f"{path} is not a variant edgepack can run: expected a .gguf file (llamacpp), a directory "
+                        "with model.onnx (onnxrt) or a Hugging Face model directory with safetensors (torch)")
