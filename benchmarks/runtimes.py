@@ -39,7 +39,7 @@ def ensure_variants(model: Path, root: Path) -> None:
     missing = [kind for kind, _ in VARIANTS if kind != "hf" and not variant_path(root, model, kind).exists()]
     if missing:
         subprocess.run([sys.executable, "-m", "edgepack", "convert", str(model), "--to", ",".join(missing),
-                        "--out", str(root)], check=True)
+                        "--out", str(root)], check=True, stdout=sys.stderr)  # stdout is for --json
 
 
 def measure_ours(path: Path, engine: str, prompt_tokens: int, new_tokens: int, runs: int, threads: int) -> dict:
