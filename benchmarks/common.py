@@ -15,13 +15,14 @@ class RunResult:
     peak_rss_mib: float
 
 
-def run_measured(command: list[str], env: dict[str, str] | None = None, cwd: str | None = None) -> RunResult:
+def run_measured(command: list[str], env: dict[str, str] | None = None, cwd: str | None = None,
+                 stdout=subprocess.DEVNULL) -> RunResult:
     """Run `command` to completion; its wall time and peak RSS (from wait4, so only that process counts).
 
     The benchmark process itself stays small (no torch imported), since a child's peak RSS on Linux starts from
     the size of the parent it was forked from."""
     start = time.perf_counter()
-    process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, env=env, cwd=cwd, stdout=stdout, stderr=subprocess.PIPE)
     assert process.stderr is not None
     stderr = process.stderr.read()
     _, status, usage = os.wait4(process.pid, 0)

@@ -68,6 +68,13 @@ def untie_transposed_weights(model) -> int:
     return untied
 
 
+def activation_outlier_matmuls(model) -> list[str]:
+    """The feed-forward down projections: their input (the gated FFN activation) carries a few channels far
+    larger than the rest, and dynamic quantization gives a whole activation tensor one uint8 scale. Quantizing
+    them raised the demo student's mean KL divergence from 0.06 to 0.44, so they stay FP32 in onnx-int8."""
+    return [node.name for node in model.graph.node if node.op_type == "MatMul" and "down_proj" in node.name]
+
+
 def _copy_side_files(src: Path, dst: Path) -> None:
     """Config, tokenizer and generation files travel with the model."""
     for path in src.iterdir():
@@ -94,6 +101,7 @@ def quantize_int8(src: Path, dst: Path, isa: str, *, force: bool = False) -> Int
         quantize_dynamic(model, tmp / MODEL_FILE, weight_type=QuantType.QInt8,
                          per_channel=setting.per_channel, reduce_range=setting.reduce_range,
                          op_types_to_quantize=["MatMul", "Gather"],
+                         nodes_to_exclude=activation_outlier_matmuls(model),
                          use_external_data_format=_model_bytes(src) > TWO_GB)
         _copy_side_files(src, tmp)
     return setting

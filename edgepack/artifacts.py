@@ -48,3 +48,41 @@ class Variant:
     sha256: str
     converter: str  # what made it, e.g. "edgepack 0.1.0 hf->gguf + llama.cpp quantize"
     library_versions: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class VariantQuality:
+    """One variant measured against the reference logits of the original model."""
+
+    name: str
+    path: Path
+    engine: str
+    perplexity: float
+    ppl_ratio: float  # perplexity / the reference's
+    kld_mean: float
+    kld_p99: float
+    same_top1: float  # share of positions whose most likely token is the reference's
+    rms_delta_p: float  # RMS of (reference - variant) probability of the actual next token
+    task_accuracy: float | None
+    passed: bool
+    reasons: tuple[str, ...]  # why it failed the gate (empty when it passed)
+    seconds: float
+
+
+@dataclass(frozen=True)
+class QualityReport:
+    model: Path
+    eval_text_sha256: str
+    eval_tokens: int
+    positions_scored: int
+    window: int
+    top_k_stored: int
+    reference_perplexity: float
+    reference_task_accuracy: float | None
+    tasks: int
+    gate: dict[str, float | None]
+    variants: tuple[VariantQuality, ...]
+
+    @property
+    def passing(self) -> tuple[VariantQuality, ...]:
+        return tuple(v for v in self.variants if v.passed)

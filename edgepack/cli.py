@@ -18,6 +18,12 @@ from edgepack.errors import EdgepackError
 STDERR = Console(stderr=True, soft_wrap=True)
 
 
+def stdout_console() -> Console:
+    """Tables on stdout; wide enough to stay readable when stdout is not a terminal."""
+    console = Console(soft_wrap=True)
+    return console if console.is_terminal else Console(soft_wrap=True, width=160)
+
+
 def _print_json(payload: Any) -> None:
     click.echo(json.dumps(payload, indent=2))
 
@@ -77,7 +83,7 @@ def convert(model: Path | None, kinds: str, out_dir: Path, force: bool, allow_pi
         table.add_column(column)
     for v in variants:
         table.add_row(v.kind, str(v.path), f"{v.bytes / 2**20:.1f}", v.sha256[:16])
-    Console().print(table)
+    stdout_console().print(table)
 
 
 @main.command("import-gguf")
@@ -115,7 +121,7 @@ def inspect(model: Path | None, as_json: bool) -> None:
     table.add_column()
     for key, value in summary_rows(summary):
         table.add_row(key, value)
-    Console().print(table)
+    stdout_console().print(table)
 
 
 @main.command()
@@ -164,3 +170,67 @@ def run(variant: Path, prompt: str, chat: bool, system: str | None, max_tokens: 
     speed = report.completion_tokens / report.seconds if report.seconds > 0 else 0.0
     STDERR.print(f"[{report.engine}] {report.completion_tokens} tokens, {speed:.1f} tokens/s, "
                  f"finished: {report.finish_reason}", highlight=False, markup=False)
+
+
+@main.command("eval")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--eval-text", type=click.Path(path_type=Path), default=None,
+              help="Evaluation text (default: edgepack's built-in text of ~2,400 words).")
+@click.option("--tasks", "tasks_file", type=click.Path(path_type=Path), default=None,
+              help="JSONL of {prompt|messages, expected, match: exact|contains|json}.")
+@click.option("--max-ppl-increase", default="5%", show_default=True, help="Gate: perplexity rise allowed.")
+@click.option("--max-kld", type=float, default=0.05, show_default=True, help="Gate: mean KL divergence allowed.")
+@click.option("--min-task-accuracy", default=None, help="Gate: share of tasks right (e.g. 80% or 0.8).")
+@click.option("--context", "window", type=int, default=None, help="Evaluation window in tokens (default 512).")
+@click.option("--threads", type=int, default=None)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@handles_errors
+def eval_command(paths: tuple[Path, ...], eval_text: Path | None, tasks_file: Path | None, max_ppl_increase: str,
+                 max_kld: float, min_task_accuracy: str | None, window: int | None, threads: int | None,
+                 as_json: bool) -> None:
+    """Measure VARIANTs against [MODEL] (a Hugging Face directory; default: the demo student).
+
+    Usage: edgepack eval [MODEL] VARIANT... Exit 5 when no variant passes the gate."""
+    from edgepack.demo import resolve_model
+    from edgepack.errors import NOTHING_PASSED_EXIT_CODE
+    from edgepack.quality.evaluate import evaluate
+    from edgepack.quality.gate import Gate, parse_fraction
+    from edgepack.quality.tasks import load_tasks
+    from runtimes.torch_reference import TorchRuntime
+
+    model = None
+    variants = list(paths)
+    if len(variants) >= 2 and TorchRuntime.can_load(variants[0]):
+        model = variants.pop(0)
+    gate = Gate(max_ppl_increase=parse_fraction(max_ppl_increase, "--max-ppl-increase"), max_kld=max_kld,
+                min_task_accuracy=parse_fraction(min_task_accuracy, "--min-task-accuracy")
+                if min_task_accuracy is not None else None)
+    text = None
+    if eval_text is not None:
+        if not eval_text.is_file():
+            raise EdgepackError(f"evaluation text {eval_text} does not exist")
+        text = eval_text.read_text(encoding="utf-8")
+    tasks = load_tasks(tasks_file) if tasks_file is not None else None
+    report = evaluate(resolve_model(model), variants, eval_text=text, tasks=tasks, gate=gate, window=window,
+                      threads=threads)
+    if as_json:
+        _print_json(to_json_dict(report))
+    else:
+        table = Table(title=f"quality vs {report.model.name} (reference perplexity {report.reference_perplexity:.3f},"
+                            f" {report.positions_scored} positions, window {report.window})")
+        for column in ("variant", "engine", "PPL", "PPL ratio", "KLD mean", "KLD p99", "same top-1", "RMS Δp",
+                       "tasks", "gate"):
+            table.add_column(column)
+        for v in report.variants:
+            table.add_row(v.name, v.engine, f"{v.perplexity:.3f}", f"{v.ppl_ratio:.4f}", f"{v.kld_mean:.5f}",
+                          f"{v.kld_p99:.4f}", f"{v.same_top1:.1%}", f"{v.rms_delta_p:.4f}",
+                          "-" if v.task_accuracy is None else f"{v.task_accuracy:.0%}",
+                          "pass" if v.passed else "FAIL")
+        console = stdout_console()
+        console.print(table)
+        for v in report.variants:
+            if v.reasons:
+                console.print(f"{v.name} fails the gate: {'; '.join(v.reasons)}", highlight=False)
+    if not report.passing:
+        STDERR.print("no variant passes the quality gate", highlight=False)
+        sys.exit(NOTHING_PASSED_EXIT_CODE)

@@ -17,3 +17,7 @@ class ParityError(EdgepackError):
     """A converted file does not behave like the original (tokens or logits differ)."""
 
     exit_code = 4
+
+
+# `edgepack eval` exits with this when no variant passes the quality gate (the report is still printed).
+NOTHING_PASSED_EXIT_CODE = 5

@@ -119,9 +119,10 @@ class Runtime(ABC):
         return self.tokenize(self.apply_chat_template(messages), add_special=False)
 
     def check_prompt_fits(self, prompt_ids: Sequence[int], max_tokens: int = 0) -> None:
+        """Refuse an empty prompt, or one that with `max_tokens` more would not fit the context."""
         if len(prompt_ids) == 0:
             raise EdgepackError("the prompt is empty after tokenization; give at least one token")
-        if len(prompt_ids) + max(1, max_tokens) > self.context_length:
+        if len(prompt_ids) + max_tokens > self.context_length:
             raise EdgepackError(
                 f"the prompt has {len(prompt_ids)} tokens and {max_tokens} more were asked for, but the context is "
                 f"{self.context_length} tokens; shorten the prompt or ask for fewer tokens")
@@ -131,8 +132,8 @@ class Runtime(ABC):
         """Stream the continuation of `prompt` (text, tokenized with special tokens, or token ids)."""
         options = options or GenerationOptions()
         prompt_ids = list(self.tokenize(prompt) if isinstance(prompt, str) else prompt)
+        self.check_prompt_fits(prompt_ids, 1)  # room for at least one new token
         max_tokens = min(options.max_tokens, self.context_length - len(prompt_ids))
-        self.check_prompt_fits(prompt_ids, 0)
         sampler = Sampler(options.temperature, options.top_p, options.top_k, options.seed)
         decoder = IncrementalDecoder(self.detokenize, prompt_ids)
         stops = StopMatcher(options.stop)

@@ -1,0 +1,72 @@
+"""The quality stage's entry point: evaluate(model, variants) -> QualityReport."""
+
+from __future__ import annotations
+
+import gc
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgepack.artifacts import QualityReport, VariantQuality
+from edgepack.progress import progress_bar, say
+from edgepack.quality.gate import Gate
+from edgepack.quality.metrics import perplexity, score_positions, summarise
+from edgepack.quality.reference import DEFAULT_EVAL_TEXT, DEFAULT_TOP_K, make_windows, reference_for, text_sha256
+from edgepack.quality.tasks import Task, task_accuracy
+from runtimes.base import LoadOptions
+from runtimes.registry import open_runtime
+from runtimes.torch_reference import TorchRuntime
+
+DEFAULT_WINDOW = 512
+
+
+def variant_name(path: Path) -> str:
+    return path.stem if path.is_file() else path.name
+
+
+def evaluate(model_path: Path, variant_paths: list[Path], *, eval_text: str | None = None,
+             tasks: list[Task] | None = None, gate: Gate | None = None, window: int | None = None,
+             threads: int | None = None, top_k: int = DEFAULT_TOP_K, show_progress: bool = True) -> QualityReport:
+    gate = gate or Gate()
+    text = eval_text if eval_text is not None else DEFAULT_EVAL_TEXT.read_text(encoding="utf-8")
+    reference = TorchRuntime(Path(model_path), LoadOptions(threads=threads))
+    window = min(window or DEFAULT_WINDOW, reference.context_length)
+    count = len(make_windows(reference, text, window).windows)
+    with progress_bar("reference logits", count, show_progress) as advance:
+        windows, ref_positions = reference_for(reference, Path(model_path), text, window, top_k,
+                                               on_window=lambda: advance(1))
+    reference_ppl = perplexity(np.concatenate([p.target_logprobs for p in ref_positions]))
+    reference_accuracy = task_accuracy(reference, tasks) if tasks else None
+    reference.close()
+    del reference
+    gc.collect()
+
+    results = []
+    for path in map(Path, variant_paths):
+        started = time.perf_counter()
+        runtime = open_runtime(path, LoadOptions(threads=threads, context_length=window))
+        scores = []
+        with progress_bar(f"{variant_name(path)} ({runtime.name})", len(windows.windows), show_progress) as advance:
+            for tokens, positions in zip(windows.windows, ref_positions, strict=True):
+                scores.append(score_positions(positions, runtime.logits(tokens)[:-1]))
+                advance(1)
+        summary = summarise(scores)
+        accuracy = task_accuracy(runtime, tasks) if tasks else None
+        ratio = summary.perplexity / reference_ppl
+        reasons = gate.reasons(ratio, summary.kld_mean, accuracy)
+        results.append(VariantQuality(
+            name=variant_name(path), path=path, engine=runtime.name, perplexity=summary.perplexity,
+            ppl_ratio=ratio, kld_mean=summary.kld_mean, kld_p99=summary.kld_p99, same_top1=summary.same_top1,
+            rms_delta_p=summary.rms_delta_p, task_accuracy=accuracy, passed=not reasons, reasons=reasons,
+            seconds=time.perf_counter() - started))
+        runtime.close()
+        del runtime
+        gc.collect()
+        if show_progress:
+            say(f"{results[-1].name}: {'pass' if results[-1].passed else 'FAIL: ' + '; '.join(reasons)}")
+    return QualityReport(
+        model=Path(model_path), eval_text_sha256=text_sha256(text),
+        eval_tokens=sum(len(w) for w in windows.windows), positions_scored=windows.positions, window=window,
+        top_k_stored=top_k, reference_perplexity=reference_ppl, reference_task_accuracy=reference_accuracy,
+        tasks=len(tasks or []), gate=gate.as_dict(), variants=tuple(results))

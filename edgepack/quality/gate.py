@@ -1,0 +1,38 @@
+"""The pass/fail gate a variant must clear to be shipped."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from edgepack.errors import EdgepackError
+
+
+@dataclass(frozen=True)
+class Gate:
+    max_ppl_increase: float = 0.05  # perplexity may rise by at most this fraction over the reference's
+    max_kld: float = 0.05  # mean KL divergence (nats per token) from the reference
+    min_task_accuracy: float | None = None  # absolute share of tasks answered right, when tasks are given
+
+    def as_dict(self) -> dict[str, float | None]:
+        return asdict(self)
+
+    def reasons(self, ppl_ratio: float, kld_mean: float, task_accuracy: float | None) -> tuple[str, ...]:
+        """Why a variant fails (empty: it passes)."""
+        failed = []
+        if ppl_ratio - 1.0 > self.max_ppl_increase:
+            failed.append(f"perplexity +{(ppl_ratio - 1) * 100:.2f}% > +{self.max_ppl_increase * 100:.2f}% allowed")
+        if kld_mean > self.max_kld:
+            failed.append(f"mean KL divergence {kld_mean:.4f} > {self.max_kld:.4f} allowed")
+        if self.min_task_accuracy is not None and task_accuracy is not None \
+                and task_accuracy < self.min_task_accuracy:
+            failed.append(f"task accuracy {task_accuracy:.1%} < {self.min_task_accuracy:.1%} required")
+        return tuple(failed)
+
+
+def parse_fraction(text: str, what: str) -> float:
+    """"5%" -> 0.05, "0.05" -> 0.05."""
+    raw = text.strip()
+    try:
+        return float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+    except ValueError as exc:
+        raise EdgepackError(f"{what}: {text!r} is not a number or a percentage (e.g. 5% or 0.05)") from exc

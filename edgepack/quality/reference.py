@@ -1,0 +1,93 @@
+"""Reference logits of the original model over the evaluation text, computed once and cached.
+
+The text is tokenized once by the reference tokenizer and cut into windows of the context length (each begins
+with the tokens the tokenizer puts at the start of a text, e.g. BOS). Every position of a window predicts the
+next token of that window. Per position the cache keeps the top-k log-probabilities, the remaining mass and the
+log-probability of the actual next token: a few hundred bytes per position instead of the whole vocabulary.
+The cache key covers the weights (sha256 of every weight file), the text, the window and k.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from edgepack.cache import cache_root
+from edgepack.fileio import atomic_output_file, sha256_file
+from edgepack.quality.metrics import ReferencePositions, reference_positions
+
+CACHE_FORMAT = 1
+DEFAULT_TOP_K = 32
+DEFAULT_EVAL_TEXT = Path(__file__).with_name("eval_text.txt")
+
+
+@dataclass(frozen=True)
+class EvalWindows:
+    windows: tuple[tuple[int, ...], ...]  # token ids of each window, start tokens included
+
+    @property
+    def positions(self) -> int:
+        return sum(len(w) - 1 for w in self.windows)
+
+
+def make_windows(runtime, text: str, window: int) -> EvalWindows:
+    """Cut `text` into windows of at most `window` tokens, each starting like a fresh text (BOS if any)."""
+    start = runtime.tokenize("", add_special=True)
+    body = runtime.tokenize(text, add_special=False)
+    step = window - len(start)
+    windows = tuple(tuple(start + body[i:i + step]) for i in range(0, len(body), step))
+    return EvalWindows(tuple(w for w in windows if len(w) >= 2))
+
+
+def model_fingerprint(model_path: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(model_path.iterdir()):
+        if path.suffix in (".safetensors", ".bin", ".json", ".model") and path.is_file():
+            digest.update(path.name.encode())
+            digest.update(sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def cache_path(model_path: Path, text: str, window: int, top_k: int) -> Path:
+    key = json.dumps([CACHE_FORMAT, model_fingerprint(model_path), text_sha256(text), window, top_k])
+    return cache_root() / "reference" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"
+
+
+def reference_for(runtime, model_path: Path, text: str, window: int, top_k: int = DEFAULT_TOP_K,
+                  on_window: Callable[[], None] | None = None) -> tuple[EvalWindows, list[ReferencePositions]]:
+    """The reference positions per window, from the cache or computed (and cached) with `runtime`."""
+    windows = make_windows(runtime, text, window)
+    path = cache_path(model_path, text, window, top_k)
+    if path.is_file():
+        with np.load(path) as data:
+            stored = [tuple(int(t) for t in data[f"window{i}"]) for i in range(int(data["count"]))]
+            if tuple(stored) == windows.windows:
+                return windows, [ReferencePositions(*(data[f"{name}{i}"] for name in _FIELDS))
+                                 for i in range(len(stored))]
+    computed = []
+    for tokens in windows.windows:
+        logits = runtime.logits(tokens)[:-1]
+        computed.append(reference_positions(logits, np.asarray(tokens[1:]), top_k))
+        if on_window is not None:
+            on_window()
+    arrays = {"count": np.asarray(len(computed))}
+    for i, (tokens, positions) in enumerate(zip(windows.windows, computed, strict=True)):
+        arrays[f"window{i}"] = np.asarray(tokens, dtype=np.int32)
+        for name in _FIELDS:
+            arrays[f"{name}{i}"] = getattr(positions, name)
+    with atomic_output_file(path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez_compressed(handle, **arrays)
+    return windows, computed
+
+
+_FIELDS = ("top_ids", "top_logprobs", "rest_logmass", "targets", "target_logprobs")
