@@ -47,8 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     ensure_variants(model, root)
     with_cache_dir = root / "quality-cache"  # a cache of our own, so the first run really computes the reference
     report_file = root / "quality.json"
-    command = [sys.executable, "-m", "edgepack", "eval", str(model), *(str(variant_path(root, model, k)) for k in KINDS),
-               "--context", str(args.context), "--json"]
+    variants = [str(variant_path(root, model, kind)) for kind in KINDS]
+    command = [sys.executable, "-m", "edgepack", "eval", str(model), *variants, "--context", str(args.context),
+               "--json"]
     env = {**os.environ, "EDGEPACK_CACHE": str(with_cache_dir)}
     if with_cache_dir.exists():
         shutil.rmtree(with_cache_dir)

@@ -60,7 +60,7 @@ def _byte_level_bpe(reader, tokens, types, special, add_bos, add_eos):
             special_tokens=[(token, vocab[token]) for token in dict.fromkeys(prefix + suffix)]))
     tokenizer.post_processor = processors.Sequence(steps)
     added = [AddedToken(tok, special=(kind == T.CONTROL), normalized=False)
-             for tok, kind in zip(tokens, types) if kind in (T.CONTROL, T.USER_DEFINED)]
+             for tok, kind in zip(tokens, types, strict=True) if kind in (T.CONTROL, T.USER_DEFINED)]
     tokenizer.add_tokens(added)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=bos, eos_token=eos,
                                    unk_token=special["unk"], pad_token=special["pad"])
@@ -82,7 +82,7 @@ def _sentencepiece(reader, tokens, types, out_dir, special, add_bos, add_eos):
     proto.normalizer_spec.add_dummy_prefix = bool(metadata_value(reader, "tokenizer.ggml.add_space_prefix", True))
     proto.normalizer_spec.remove_extra_whitespaces = False
     proto.normalizer_spec.escape_whitespaces = True
-    for token, score, kind in zip(tokens, scores, types):
+    for token, score, kind in zip(tokens, scores, types, strict=True):
         piece = proto.pieces.add()
         piece.piece, piece.score, piece.type = token, float(score), int(kind)
     model_file = out_dir / "tokenizer.model"

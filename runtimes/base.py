@@ -109,7 +109,7 @@ class Runtime(ABC):
     def _step(self, token_id: int) -> np.ndarray:
         """Append one token to the session; the logits for the next token."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional hook: most engines free on garbage collection)
         """Release what the engine holds."""
 
     # -- shared behaviour ------------------------------------------------------------------------

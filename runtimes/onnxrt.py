@@ -16,6 +16,7 @@ import numpy as np
 
 from edgepack.errors import EdgepackError
 from runtimes.base import DEFAULT_CONTEXT_CAP, LoadOptions, Runtime, physical_cores
+from runtimes.hf_text import HFTokenizerText
 from runtimes.torch_reference import end_of_generation_ids
 
 MODEL_FILE = "model.onnx"
@@ -57,7 +58,7 @@ def open_session(model_file: Path, threads: int, device: str = "cpu"):
                             f"model ({type(exc).__name__}: {str(exc)[:300]})") from exc
 
 
-class OnnxRuntime(Runtime):
+class OnnxRuntime(HFTokenizerText, Runtime):
     name = "onnxrt"
 
     @classmethod
@@ -106,19 +107,6 @@ class OnnxRuntime(Runtime):
         self._step_logits = np.zeros((1, 1, self._vocab), dtype=np.float32)
         self._present: list = []
         self._past_length = 0
-
-    # -- text ------------------------------------------------------------------------------------
-
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
-
-    def detokenize(self, token_ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
-
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        if not self.tokenizer.chat_template:
-            raise EdgepackError(f"{self.path.name} has no chat template; use a plain prompt instead of chat")
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     # -- computing ------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ import torch
 
 from edgepack.errors import EdgepackError
 from runtimes.base import DEFAULT_CONTEXT_CAP, LoadOptions, Runtime, physical_cores
+from runtimes.hf_text import HFTokenizerText
 
 _DEVICES = {"cpu": "cpu", "cuda": "cuda", "metal": "mps"}
 
@@ -40,7 +41,7 @@ def end_of_generation_ids(model, tokenizer) -> frozenset[int]:
     return frozenset(int(i) for i in ids)
 
 
-class TorchRuntime(Runtime):
+class TorchRuntime(HFTokenizerText, Runtime):
     name = "torch"
 
     @classmethod
@@ -67,17 +68,6 @@ class TorchRuntime(Runtime):
         self.context_length = options.context_length or min(trained, DEFAULT_CONTEXT_CAP)
         self.eos_token_ids = end_of_generation_ids(self.model, self.tokenizer)
         self._cache = None
-
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
-
-    def detokenize(self, token_ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
-
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        if not self.tokenizer.chat_template:
-            raise EdgepackError(f"{self.path.name} has no chat template; use a plain prompt instead of chat")
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     @torch.inference_mode()
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:

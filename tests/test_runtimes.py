@@ -62,7 +62,8 @@ def test_greedy_tokens_are_the_same_on_all_engines(runtimes, name):
     outputs = {}
     for engine in ENGINES:
         runtime = runtimes(name, engine)
-        result = runtime.complete(runtime.tokenize("The robot rolled"), GenerationOptions(max_tokens=24, ignore_eos=True))
+        options = GenerationOptions(max_tokens=24, ignore_eos=True)
+        result = runtime.complete(runtime.tokenize("The robot rolled"), options)
         outputs[engine] = result.token_ids
     assert len(outputs["torch"]) == 24
     assert outputs["onnxrt"] == outputs["torch"]

@@ -45,7 +45,9 @@ def reference_positions(logits: np.ndarray, targets: np.ndarray, top_k: int) -> 
     """Compress the reference's full logits [P, V] for positions whose next tokens are `targets`."""
     logprobs = log_softmax_rows(logits)
     k = min(top_k, logprobs.shape[1])
-    top_ids = np.argsort(-logprobs, axis=1, kind="stable")[:, :k]
+    candidates = np.argpartition(-logprobs, k - 1, axis=1)[:, :k]  # the k largest, unordered
+    order = np.argsort(-np.take_along_axis(logprobs, candidates, axis=1), axis=1, kind="stable")
+    top_ids = np.take_along_axis(candidates, order, axis=1)
     top = np.take_along_axis(logprobs, top_ids, axis=1)
     rest = 1.0 - np.exp(top).sum(axis=1)
     with np.errstate(divide="ignore"):

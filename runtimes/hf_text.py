@@ -1,0 +1,26 @@
+"""Text handling for engines that run beside a Hugging Face tokenizer (transformers and ONNX Runtime)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from edgepack.errors import EdgepackError
+
+
+class HFTokenizerText:
+    """tokenize / detokenize / apply_chat_template over `self.tokenizer` (a transformers tokenizer)."""
+
+    tokenizer: object
+    path: Path
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        if not self.tokenizer.chat_template:
+            raise EdgepackError(f"{self.path.name} has no chat template; use a plain prompt instead of chat")
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
