@@ -234,3 +234,27 @@ def eval_command(paths: tuple[Path, ...], eval_text: Path | None, tasks_file: Pa
     if not report.passing:
         STDERR.print("no variant passes the quality gate", highlight=False)
         sys.exit(NOTHING_PASSED_EXIT_CODE)
+
+
+@main.command()
+@click.option("--profile", "profile_file", type=click.Path(path_type=Path), default=None,
+              help="Validate and show a profile file of your own instead of listing.")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON on stdout.")
+@handles_errors
+def targets(profile_file: Path | None, as_json: bool) -> None:
+    """List the target device profiles (profiles/*.toml and host, detected from this machine)."""
+    from edgepack.targets import all_targets, load_profile
+
+    profiles = [load_profile(profile_file)] if profile_file is not None else all_targets()
+    if as_json:
+        _print_json({"targets": [to_json_dict(p) for p in profiles]})
+        return
+    table = Table(title="targets")
+    for column in ("name", "arch", "accelerator", "cores", "memory GiB", "budget GiB", "bandwidth GB/s",
+                   "engines", "wheel platform"):
+        table.add_column(column)
+    for p in profiles:
+        bandwidth = f"{p.memory_bandwidth_gbps:g}" if p.memory_bandwidth_gbps else "to measure"
+        table.add_row(p.name, p.arch, p.accelerator, str(p.cpu_cores), f"{p.memory_total_gib:g}",
+                      f"{p.memory_budget_gib:g}", bandwidth, ", ".join(p.engines), p.python_platform)
+    stdout_console().print(table)
