@@ -258,3 +258,37 @@ def targets(profile_file: Path | None, as_json: bool) -> None:
         table.add_row(p.name, p.arch, p.accelerator, str(p.cpu_cores), f"{p.memory_total_gib:g}",
                       f"{p.memory_budget_gib:g}", bandwidth, ", ".join(p.engines), p.python_platform)
     stdout_console().print(table)
+
+
+@main.command()
+@click.argument("variants", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--threads", type=int, default=None, help="Default: one per physical core.")
+@click.option("--prompt-tokens", type=int, default=128, show_default=True)
+@click.option("--new-tokens", type=int, default=64, show_default=True)
+@click.option("--runs", type=int, default=3, show_default=True, help="Measured runs after one warm-up.")
+@click.option("--json", "as_json", is_flag=True, help="Print the measurements as JSON on stdout.")
+@handles_errors
+def profile(variants: tuple[Path, ...], threads: int | None, prompt_tokens: int, new_tokens: int, runs: int,
+            as_json: bool) -> None:
+    """Measure VARIANTs on this machine, each in a fresh process: load, memory, TTFT, prefill and decode t/s."""
+    from edgepack.profiler import profile as run_profile
+
+    for path in variants:
+        if not path.exists():
+            raise EdgepackError(f"{path} does not exist")
+    result = run_profile(list(variants), threads, prompt_tokens, new_tokens, runs)
+    if as_json:
+        _print_json(to_json_dict(result))
+        return
+    table = Table(title=f"this machine: memory bandwidth {result.memory_bandwidth_gbps:.1f} GB/s (measured)")
+    for column in ("variant", "engine", "threads", "load s", "peak RSS MiB", "model MiB", "TTFT ms", "prefill t/s",
+                   "decode t/s", "decode min-max"):
+        table.add_column(column)
+    for m in result.variants:
+        table.add_row(m.name, m.engine, str(m.threads), f"{m.load_s:.2f}", f"{m.peak_rss_mib:.0f}",
+                      f"{m.model_rss_mib:.0f}", f"{m.ttft_s * 1000:.0f}", f"{m.prefill_tps:.1f}",
+                      f"{m.decode_tps:.1f}", f"{m.decode_tps_min:.1f}-{m.decode_tps_max:.1f}")
+    console = stdout_console()
+    console.print(table)
+    for note in result.notes:
+        console.print(f"note: {note}", highlight=False)
