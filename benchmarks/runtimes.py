@@ -19,11 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-BENCH_TEXT = (
-    "The harbour town woke slowly. Fishing boats came in one after another, their decks stacked with crates, "
-    "and the gulls followed them in long noisy circles. At the market, a woman sold bread from a cart, a boy "
-    "counted coins on an upturned barrel, and an old man repaired a net with quick, sure fingers. "
-) * 20
+from edgepack.profiler import PROMPT_TEXT
 
 VARIANTS = [("gguf-f16", "llamacpp"), ("gguf-q8_0", "llamacpp"), ("gguf-q4_k_m", "llamacpp"),
             ("onnx-fp32", "onnxrt"), ("onnx-int8", "onnxrt"), ("onnx-int4", "onnxrt"), ("hf", "torch")]
@@ -42,27 +38,13 @@ def ensure_variants(model: Path, root: Path) -> None:
                         "--out", str(root)], check=True, stdout=sys.stderr)  # stdout is for --json
 
 
-def measure_ours(path: Path, engine: str, prompt_tokens: int, new_tokens: int, runs: int, threads: int) -> dict:
-    from runtimes.base import GenerationOptions, LoadOptions
-    from runtimes.registry import open_runtime
+def measure_ours(path: Path, prompt_tokens: int, new_tokens: int, runs: int, threads: int) -> dict:
+    """Our runtimes, measured the way `edgepack profile` measures (warm-up, then the median of `runs`)."""
+    from edgepack.profiler import measure_in_this_process
 
-    runtime = open_runtime(path, LoadOptions(threads=threads, context_length=prompt_tokens + new_tokens + 8),
-                           engine)
-    prompt = runtime.tokenize(BENCH_TEXT)[:prompt_tokens]
-    options = GenerationOptions(max_tokens=new_tokens, ignore_eos=True)
-
-    def one_run() -> tuple[float, float]:
-        start = time.perf_counter()
-        first = None
-        for chunk in runtime.generate(prompt, options):
-            if first is None and chunk.token_id is not None:
-                first = time.perf_counter()
-        end = time.perf_counter()
-        return prompt_tokens / (first - start), (new_tokens - 1) / (end - first)
-
-    one_run()  # warm-up
-    results = [one_run() for _ in range(runs)]
-    return summarize(results) | {"memory_mib": runtime.memory_bytes() / 2**20}
+    m = measure_in_this_process(path, threads, prompt_tokens, new_tokens, runs, prompt_tokens + new_tokens + 8)
+    return {"prefill_tps": m.prefill_tps, "decode_tps": m.decode_tps, "decode_min": m.decode_tps_min,
+            "decode_max": m.decode_tps_max, "memory_mib": m.engine_memory_mib}
 
 
 def measure_optimum(path: Path, prompt_tokens: int, new_tokens: int, runs: int, threads: int) -> dict:
@@ -79,7 +61,7 @@ def measure_optimum(path: Path, prompt_tokens: int, new_tokens: int, runs: int, 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     model = ORTModelForCausalLM.from_pretrained(path, use_cache=True, session_options=options)
-    prompt = AutoTokenizer.from_pretrained(path)(BENCH_TEXT)["input_ids"][:prompt_tokens]
+    prompt = AutoTokenizer.from_pretrained(path)(PROMPT_TEXT)["input_ids"][:prompt_tokens]
     inputs = torch.tensor([prompt])
     mask = torch.ones_like(inputs)
 
@@ -108,7 +90,7 @@ def child(args: argparse.Namespace) -> None:
     if engine == "optimum":
         result = measure_optimum(path, args.prompt_tokens, args.new_tokens, args.runs, args.threads)
     else:
-        result = measure_ours(path, engine, args.prompt_tokens, args.new_tokens, args.runs, args.threads)
+        result = measure_ours(path, args.prompt_tokens, args.new_tokens, args.runs, args.threads)
     print(json.dumps(result))
 
 
