@@ -56,7 +56,7 @@ class DeviceMeasurements:
     notes: tuple[str, ...]
 
 
-def _peak_rss_bytes() -> int:
+def peak_rss_bytes() -> int:
     status = Path("/proc/self/status")
     if status.is_file():
         for line in status.read_text().splitlines():
@@ -102,7 +102,7 @@ def measure_in_this_process(path: Path, threads: int, prompt_tokens: int, new_to
     results = [one_run() for _ in range(runs)]
     ttft = statistics.median(r[0] for r in results)
     decode = [r[1] for r in results]
-    peak = _peak_rss_bytes()
+    peak = peak_rss_bytes()
     return Measurement(
         name=path.stem if path.is_file() else path.name, path=path, engine=runtime.name, threads=threads,
         context=runtime.context_length, prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=runs,

@@ -8,7 +8,6 @@ before conversion began.
 from __future__ import annotations
 
 import json
-import resource
 import sys
 from pathlib import Path
 
@@ -52,6 +51,7 @@ def build(root: Path) -> None:
 
 def measure(root: Path) -> None:
     from converters.hf_to_gguf import convert_hf_to_gguf
+    from edgepack.profiler import peak_rss_bytes  # VmHWM: ru_maxrss survives fork+exec (the parent's peak)
     from transformers import AutoTokenizer
 
     model_dir = root / "model"
@@ -62,16 +62,6 @@ def measure(root: Path) -> None:
     peak = peak_rss_bytes()
     print(json.dumps({"weights_mib": weights / 2**20, "growth_mib": (peak - before) / 2**20,
                       "before_mib": before / 2**20, "peak_mib": peak / 2**20}))
-
-
-def peak_rss_bytes() -> int:
-    # VmHWM belongs to this process image; ru_maxrss survives fork+exec and so may be the parent's peak
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 if __name__ == "__main__":
