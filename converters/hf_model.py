@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -123,10 +123,6 @@ class HFModelDir:
             return self._pickle_cache[record.file][name][start:stop]
         with safe_open(record.file, framework="pt") as handle:
             return handle.get_slice(name)[start:stop].clone()
-
-    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name in self.tensors:
-            yield name, self.read_tensor(name)
 
     @property
     def stored_dtype(self) -> str:

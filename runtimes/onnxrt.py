@@ -82,8 +82,7 @@ class OnnxRuntime(HFTokenizerText, Runtime):
             generation = GenerationConfig.from_pretrained(self.path)
         except OSError:
             generation = None
-        holder = type("Holder", (), {"generation_config": generation, "config": config})
-        self.eos_token_ids = end_of_generation_ids(holder, self.tokenizer)
+        self.eos_token_ids = end_of_generation_ids(generation, config, self.tokenizer)
 
         inputs = {i.name: i for i in self.session.get_inputs()}
         self._past_names = sorted((name for name in inputs if _PAST.fullmatch(name)),

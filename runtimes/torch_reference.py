@@ -31,9 +31,10 @@ def sequence_logits(model, token_ids: list[int]) -> np.ndarray:
     return model(torch.tensor([token_ids])).logits[0].float().numpy()
 
 
-def end_of_generation_ids(model, tokenizer) -> frozenset[int]:
+def end_of_generation_ids(generation_config, config, tokenizer) -> frozenset[int]:
+    """Every token that ends generation: generation_config's and config's eos ids, and the tokenizer's."""
     ids = set()
-    for source in (getattr(model, "generation_config", None), model.config):
+    for source in (generation_config, config):
         value = getattr(source, "eos_token_id", None) if source is not None else None
         ids.update(value if isinstance(value, (list, tuple)) else [value] if value is not None else [])
     if tokenizer.eos_token_id is not None:
@@ -66,7 +67,8 @@ class TorchRuntime(HFTokenizerText, Runtime):
         self.model.to(self.device)
         trained = int(getattr(self.model.config, "max_position_embeddings", DEFAULT_CONTEXT_CAP))
         self.context_length = options.context_length or min(trained, DEFAULT_CONTEXT_CAP)
-        self.eos_token_ids = end_of_generation_ids(self.model, self.tokenizer)
+        self.eos_token_ids = end_of_generation_ids(getattr(self.model, "generation_config", None),
+                                                   self.model.config, self.tokenizer)
         self._cache = None
 
     @torch.inference_mode()

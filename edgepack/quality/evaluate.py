@@ -32,10 +32,10 @@ def evaluate(model_path: Path, variant_paths: list[Path], *, eval_text: str | No
     text = eval_text if eval_text is not None else DEFAULT_EVAL_TEXT.read_text(encoding="utf-8")
     reference = TorchRuntime(Path(model_path), LoadOptions(threads=threads))
     window = min(window or DEFAULT_WINDOW, reference.context_length)
-    count = len(make_windows(reference, text, window).windows)
-    with progress_bar("reference logits", count, show_progress) as advance:
-        windows, ref_positions = reference_for(reference, Path(model_path), text, window, top_k,
-                                               on_window=lambda: advance(1))
+    windows = make_windows(reference, text, window)
+    with progress_bar("reference logits", len(windows.windows), show_progress) as advance:
+        ref_positions = reference_for(reference, Path(model_path), text, windows, window, top_k,
+                                      on_window=lambda: advance(1))
     reference_ppl = perplexity(np.concatenate([p.target_logprobs for p in ref_positions]))
     reference_accuracy = task_accuracy(reference, tasks) if tasks else None
     reference.close()

@@ -62,17 +62,16 @@ def cache_path(model_path: Path, text: str, window: int, top_k: int) -> Path:
     return cache_root() / "reference" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"
 
 
-def reference_for(runtime, model_path: Path, text: str, window: int, top_k: int = DEFAULT_TOP_K,
-                  on_window: Callable[[], None] | None = None) -> tuple[EvalWindows, list[ReferencePositions]]:
-    """The reference positions per window, from the cache or computed (and cached) with `runtime`."""
-    windows = make_windows(runtime, text, window)
+def reference_for(runtime, model_path: Path, text: str, windows: EvalWindows, window: int,
+                  top_k: int = DEFAULT_TOP_K, on_window: Callable[[], None] | None = None) -> list[ReferencePositions]:
+    """The reference positions per window (`windows` from make_windows), from the cache or computed (and
+    cached) with `runtime`."""
     path = cache_path(model_path, text, window, top_k)
     if path.is_file():
         with np.load(path) as data:
             stored = [tuple(int(t) for t in data[f"window{i}"]) for i in range(int(data["count"]))]
             if tuple(stored) == windows.windows:
-                return windows, [ReferencePositions(*(data[f"{name}{i}"] for name in _FIELDS))
-                                 for i in range(len(stored))]
+                return [ReferencePositions(*(data[f"{name}{i}"] for name in _FIELDS)) for i in range(len(stored))]
     computed = []
     for tokens in windows.windows:
         logits = runtime.logits(tokens)[:-1]
@@ -87,7 +86,7 @@ def reference_for(runtime, model_path: Path, text: str, window: int, top_k: int 
     with atomic_output_file(path) as tmp:
         with open(tmp, "wb") as handle:
             np.savez_compressed(handle, **arrays)
-    return windows, computed
+    return computed
 
 
 _FIELDS = ("top_ids", "top_logprobs", "rest_logmass", "targets", "target_logprobs")
