@@ -86,3 +86,34 @@ class QualityReport:
     @property
     def passing(self) -> tuple[VariantQuality, ...]:
         return tuple(v for v in self.variants if v.passed)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One variant as selection sees it: its quality verdict, what it needs, how fast it decodes there."""
+
+    name: str
+    bytes: int  # size on disk
+    passed_gate: bool
+    gate_reasons: tuple[str, ...]
+    kld_mean: float
+    ppl_ratio: float
+    memory_bytes: int  # needed on the target (measured or predicted)
+    decode_tps: float | None  # on the target (measured or predicted); None when unknown
+    measured: bool  # True: measured on the target itself; False: predicted
+
+
+@dataclass(frozen=True)
+class Rejection:
+    name: str
+    reason: str  # "gate", "does not fit", "slower", "larger", "lower quality"
+    detail: str  # the numbers behind it
+
+
+@dataclass(frozen=True)
+class Decision:
+    chosen: str
+    prefer: str
+    budget_bytes: int
+    why: str
+    rejected: tuple[Rejection, ...]
