@@ -1,14 +1,16 @@
-"""Parity checks run on every conversion: the GGUF must tokenize (and, in F32, compute) like the original."""
+"""Parity checks run on every conversion: the GGUF must tokenize (and, in F32, compute) like the original.
+
+The logit check is the one every format shares (converters.logit_parity.check_logit_parity)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from converters.logit_parity import LogitParity, compare_logits
+from converters.logit_parity import LogitParity, check_logit_parity
 from converters.probe_text import PROBE_MESSAGES, PROBE_TEXT
 from edgepack.errors import ParityError
-from runtimes import llamacpp, torch_reference
+from runtimes import llamacpp
 
 
 @dataclass(frozen=True)
@@ -50,13 +52,4 @@ def check_tokenizer_parity(gguf_path: Path, model_path: Path) -> TokenizerParity
     return TokenizerParity(texts_checked=len(texts), tokens_checked=checked)
 
 
-def check_logit_parity(gguf_path: Path, model_path: Path, max_positions: int = 64) -> LogitParity:
-    """llama.cpp's logits on an F32 GGUF against transformers' on the same tokens."""
-    model, hf_tokenizer = torch_reference.load_reference(model_path)
-    token_ids = hf_tokenizer(PROBE_TEXT)["input_ids"]
-    limit = min(max_positions, int(getattr(model.config, "max_position_embeddings", max_positions)))
-    token_ids = token_ids[:limit]
-    expected = torch_reference.sequence_logits(model, token_ids)
-    llm = llamacpp.open_gguf(gguf_path, n_ctx=max(len(token_ids), 32), logits_all=True)
-    got = llamacpp.sequence_logits(llm, token_ids)
-    return compare_logits(expected, got, label=gguf_path.name)
+__all__ = ["LogitParity", "TokenizerParity", "check_logit_parity", "check_tokenizer_parity", "probe_texts"]

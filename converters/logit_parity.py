@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -33,3 +34,23 @@ def compare_logits(expected: np.ndarray, got: np.ndarray, label: str,
                           f"(tolerance {tolerance:.3g}); argmax differs at positions {bad[:10]}")
     return LogitParity(positions=int(expected.shape[0]), max_abs_diff=max_diff, tolerance=tolerance,
                        argmax_agreement=float(same_argmax.mean()))
+
+
+def check_logit_parity(variant_path: Path, model_path: Path, max_positions: int = 64) -> LogitParity:
+    """A full-precision variant (GGUF F32, ONNX FP32) against transformers on the first tokens of the probe text,
+    each through its own runtime."""
+    from converters.probe_text import PROBE_TEXT
+    from runtimes.base import LoadOptions
+    from runtimes.registry import open_runtime
+    from runtimes.torch_reference import TorchRuntime
+
+    reference = TorchRuntime(Path(model_path))
+    token_ids = reference.tokenize(PROBE_TEXT)[: min(max_positions, reference.context_length)]
+    expected = reference.logits(token_ids)
+    reference.close()
+    variant = open_runtime(Path(variant_path), LoadOptions(context_length=max(len(token_ids), 32)))
+    try:
+        got = variant.logits(token_ids)
+    finally:
+        variant.close()
+    return compare_logits(expected, got, label=f"{Path(variant_path).name} ({variant.name} vs transformers)")

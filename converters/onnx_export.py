@@ -8,8 +8,7 @@ from pathlib import Path
 
 from converters.architectures import architecture_for_config
 from converters.hf_model import HFModelDir
-from converters.logit_parity import LogitParity, compare_logits
-from converters.probe_text import PROBE_TEXT
+from converters.logit_parity import LogitParity, check_logit_parity
 from edgepack.errors import UnsupportedModelError
 from edgepack.fileio import atomic_output_dir, refuse_existing
 
@@ -44,15 +43,4 @@ def export_onnx_fp32(model_path: Path, out_dir: Path, *, force: bool = False) ->
             logging.getLogger(name).setLevel(logging.ERROR)
         # optimum writes the weights as external data by itself once the model passes protobuf's 2 GB limit
         main_export(str(model_path), output=tmp, task=EXPORT_TASK, device="cpu", do_validation=False)
-        return check_onnx_logit_parity(tmp, Path(model_path))
-
-
-def check_onnx_logit_parity(onnx_dir: Path, model_path: Path, max_positions: int = 64) -> LogitParity:
-    from runtimes.onnxrt import OnnxRuntime
-    from runtimes.torch_reference import TorchRuntime
-
-    reference = TorchRuntime(model_path)
-    token_ids = reference.tokenize(PROBE_TEXT)[: min(max_positions, reference.context_length - 1)]
-    expected = reference.logits(token_ids)
-    got = OnnxRuntime(onnx_dir).logits(token_ids)
-    return compare_logits(expected, got, label=f"{onnx_dir.name} (ONNX Runtime vs transformers)")
+        return check_logit_parity(tmp, Path(model_path))

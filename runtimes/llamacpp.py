@@ -38,8 +38,8 @@ def is_gguf(path: Path) -> bool:
         return handle.read(4) == b"GGUF"
 
 
-def open_gguf(path: Path, *, vocab_only: bool = False, n_ctx: int = 512, logits_all: bool = False,
-              n_threads: int | None = None, n_gpu_layers: int = 0):
+def open_gguf(path: Path, *, vocab_only: bool = False, n_ctx: int = 512, n_threads: int | None = None,
+              n_gpu_layers: int = 0):
     """A llama_cpp.Llama over `path`, or a clear error when the file is not a loadable GGUF."""
     from llama_cpp import Llama
 
@@ -51,7 +51,7 @@ def open_gguf(path: Path, *, vocab_only: bool = False, n_ctx: int = 512, logits_
     threads = n_threads or physical_cores()
     try:
         with quiet_native_stderr():
-            return Llama(model_path=str(path), vocab_only=vocab_only, n_ctx=n_ctx, logits_all=logits_all,
+            return Llama(model_path=str(path), vocab_only=vocab_only, n_ctx=n_ctx,
                          n_threads=threads, n_threads_batch=threads, n_batch=min(max(n_ctx, 8), 512),
                          n_gpu_layers=n_gpu_layers, verbose=False)
     except (ValueError, RuntimeError) as exc:
@@ -61,13 +61,6 @@ def open_gguf(path: Path, *, vocab_only: bool = False, n_ctx: int = 512, logits_
 
 def tokenize(llm, text: str, *, add_special: bool) -> list[int]:
     return llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True)
-
-
-def sequence_logits(llm, token_ids: list[int]) -> np.ndarray:
-    """Logits at every position of `token_ids` (shape [len, vocab]); `llm` must have logits_all=True."""
-    llm.reset()
-    llm.eval(token_ids)
-    return np.array(llm.scores[: len(token_ids)], dtype=np.float32)
 
 
 class LlamaCppRuntime(Runtime):

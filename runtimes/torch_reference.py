@@ -26,11 +26,6 @@ def load_reference(model_path: Path):
     return model, AutoTokenizer.from_pretrained(model_path)
 
 
-@torch.inference_mode()
-def sequence_logits(model, token_ids: list[int]) -> np.ndarray:
-    return model(torch.tensor([token_ids])).logits[0].float().numpy()
-
-
 def end_of_generation_ids(generation_config, config, tokenizer) -> frozenset[int]:
     """Every token that ends generation: generation_config's and config's eos ids, and the tokenizer's."""
     ids = set()
