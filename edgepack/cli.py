@@ -108,10 +108,14 @@ def import_gguf_command(gguf_file: Path, out_dir: Path, dtype: str, force: bool)
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON on stdout.")
 @handles_errors
 def inspect(model: Path | None, as_json: bool) -> None:
-    """Describe a Hugging Face MODEL directory or a GGUF file (default: the demo student)."""
+    """Describe a Hugging Face MODEL directory, a GGUF file or a bundle (default: the demo student)."""
+    from edgepack.bundle_inspect import is_bundle
     from edgepack.demo import resolve_model
     from edgepack.inspect import inspect_path, summary_rows
 
+    if model is not None and is_bundle(model):
+        _inspect_bundle(model, as_json)
+        return
     summary = inspect_path(resolve_model(model))
     if as_json:
         _print_json(to_json_dict(summary))
@@ -122,6 +126,36 @@ def inspect(model: Path | None, as_json: bool) -> None:
     for key, value in summary_rows(summary):
         table.add_row(key, value)
     stdout_console().print(table)
+
+
+def _inspect_bundle(path: Path, as_json: bool) -> None:
+    from edgepack.bundle_inspect import inspect_bundle
+
+    summary = inspect_bundle(path)
+    if as_json:
+        _print_json(to_json_dict(summary))
+        return
+    console = stdout_console()
+    model = summary.model
+    console.print(f"bundle {summary.path}: {model.get('name')} ({model.get('architecture')}, "
+                  f"{model.get('parameter_count', 0):,} parameters) for {summary.target}", highlight=False)
+    status = "verified: every file matches the manifest" if summary.verified else f"DOES NOT VERIFY: {summary.problem}"
+    console.print(status, highlight=False)
+    console.print(f"chosen: {summary.why}", highlight=False)
+    for r in summary.rejected:
+        console.print(f"  not {r['name']}: {r['reason']} ({r['detail']})", highlight=False)
+    server = summary.server
+    console.print(f"server: {server.get('engine')} on {server.get('model_path')}, context {server.get('context')}, "
+                  f"{server.get('threads')} threads, {server.get('host')}:{server.get('port')}", highlight=False)
+    table = Table(title="files")
+    table.add_column("path")
+    table.add_column("MiB", justify="right")
+    table.add_column("sha256")
+    for f in summary.files:
+        table.add_row(f["path"], f"{f['bytes'] / 2**20:.2f}", f["sha256"][:16])
+    console.print(table)
+    if not summary.verified:
+        sys.exit(7)
 
 
 @main.command()
@@ -292,3 +326,94 @@ def profile(variants: tuple[Path, ...], threads: int | None, prompt_tokens: int,
     console.print(table)
     for note in result.notes:
         console.print(f"note: {note}", highlight=False)
+
+
+@main.command()
+@click.argument("model", required=False, type=click.Path(path_type=Path))
+@click.option("--target", "target_name", default=None,
+              help="A shipped target (see `edgepack targets`) or host (this machine). Default: host.")
+@click.option("--profile", "profile_file", type=click.Path(path_type=Path), default=None,
+              help="A target profile file of your own instead of --target.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("dist"), show_default=True)
+@click.option("--formats", default="gguf,onnx", show_default=True,
+              help="Formats (gguf, onnx: their default kinds) and/or variant kinds such as gguf-q8_0.")
+@click.option("--context", type=int, default=None, help="Context the server allocates (default: model's, max 4096).")
+@click.option("--max-ppl-increase", default="5%", show_default=True, help="Gate: perplexity rise allowed.")
+@click.option("--max-kld", type=float, default=0.05, show_default=True, help="Gate: mean KL divergence allowed.")
+@click.option("--min-task-accuracy", default=None, help="Gate: share of tasks right (e.g. 80% or 0.8).")
+@click.option("--tasks", "tasks_file", type=click.Path(path_type=Path), default=None,
+              help="JSONL of {prompt|messages, expected, match} for the gate's task accuracy.")
+@click.option("--eval-text", type=click.Path(path_type=Path), default=None, help="Evaluation text for the gate.")
+@click.option("--prefer", type=click.Choice(["speed", "quality", "size"]), default="speed", show_default=True)
+@click.option("--offline-wheels", is_flag=True, help="Carry the target's wheels and an install.sh in the bundle.")
+@click.option("--threads", type=int, default=None, help="Threads for measuring here (default: physical cores).")
+@click.option("--force", is_flag=True, help="Recompute every stage instead of using the cache.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@handles_errors
+def build(model: Path | None, target_name: str | None, profile_file: Path | None, out_dir: Path, formats: str,
+          context: int | None, max_ppl_increase: str, max_kld: float, min_task_accuracy: str | None,
+          tasks_file: Path | None, eval_text: Path | None, prefer: str, offline_wheels: bool, threads: int | None,
+          force: bool, as_json: bool) -> None:
+    """Build the best bundle of MODEL (default: the demo student) for a target: convert, check quality, measure
+    or predict, select, bundle. Exit 5: no variant passes the gate; exit 6: none fits the memory budget."""
+    from edgepack.build import BuildOptions, build as run_build
+    from edgepack.demo import resolve_model
+    from edgepack.quality.gate import Gate, parse_fraction
+    from edgepack.quality.tasks import load_tasks
+    from edgepack.targets import resolve_target
+
+    if target_name is not None and profile_file is not None:
+        raise EdgepackError("give --target or --profile, not both")
+    target = resolve_target(target_name, profile_file)
+    gate = Gate(max_ppl_increase=parse_fraction(max_ppl_increase, "--max-ppl-increase"), max_kld=max_kld,
+                min_task_accuracy=parse_fraction(min_task_accuracy, "--min-task-accuracy")
+                if min_task_accuracy is not None else None)
+    text = None
+    if eval_text is not None:
+        if not eval_text.is_file():
+            raise EdgepackError(f"evaluation text {eval_text} does not exist")
+        text = eval_text.read_text(encoding="utf-8")
+    options = BuildOptions(out_dir=out_dir, formats=tuple(f for f in formats.split(",") if f.strip()),
+                           context=context, gate=gate, tasks=tuple(load_tasks(tasks_file)) if tasks_file else (),
+                           eval_text=text, prefer=prefer, offline_wheels=offline_wheels, force=force,
+                           threads=threads)
+    result = run_build(resolve_model(model), target, options)
+    if as_json:
+        _print_json({"bundle": str(result.bundle.directory), "archive": str(result.bundle.archive),
+                     "chosen": result.decision.chosen, "decision": to_json_dict(result.decision),
+                     "stages": [to_json_dict(s) for s in result.stages], "seconds": result.seconds})
+        return
+    console = stdout_console()
+    table = Table(title=f"{result.target.name}: chosen {result.decision.chosen}")
+    for column in ("variant", "gate", "KLD", "PPL ratio", "memory MiB", "decode t/s", "", "verdict"):
+        table.add_column(column)
+    rejected = {r.name: r for r in result.decision.rejected}
+    by_name = {p.variant: p for p in result.performance}
+    for q in result.quality.variants:
+        p = by_name[q.name]
+        verdict = "chosen" if q.name == result.decision.chosen else \
+            f"{rejected[q.name].reason}: {rejected[q.name].detail}"
+        table.add_row(q.name, "pass" if q.passed else "FAIL", f"{q.kld_mean:.4f}", f"{q.ppl_ratio:.3f}",
+                      f"{p.memory_bytes / 2**20:.0f}", "-" if p.decode_tps is None else f"{p.decode_tps:.1f}",
+                      "predicted" if p.is_prediction else "measured", verdict)
+    console.print(table)
+    stages = ", ".join(f"{s.name} {s.seconds:.1f}s ({s.ran} run, {s.cached} cached)" for s in result.stages)
+    console.print(f"stages: {stages}; total {result.seconds:.1f}s", highlight=False)
+    console.print(f"bundle: {result.bundle.directory}\narchive: {result.bundle.archive}", highlight=False)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@handles_errors
+def verify(bundle: Path, as_json: bool) -> None:
+    """Check a BUNDLE (directory or .tar.gz): the manifest's schema and every file's size and sha256.
+    Exit 7 when it does not check out."""
+    from edgepack.verify import verify_bundle
+
+    report = verify_bundle(bundle)
+    if as_json:
+        _print_json(to_json_dict(report))
+        return
+    click.echo(f"ok: {report.bundle} ({report.chosen_variant} for {report.target}): {report.files_checked} files, "
+               f"{report.bytes_checked / 2**20:.1f} MiB, every sha256 matches the manifest")

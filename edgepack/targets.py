@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -23,6 +24,8 @@ ACCELERATORS = ("none", "cuda", "metal", "jetson-gpu")
 FORMATS = ("gguf", "onnx")
 ENGINES = ("llamacpp", "onnxrt", "torch")
 HOST_HEADROOM_GIB = 1.0
+# in steps, so that a repeated build on this machine sees the same budget while its free memory wobbles
+BUDGET_STEP_GIB = 0.25
 
 
 @dataclass(frozen=True)
@@ -130,8 +133,9 @@ def host_profile(device: DeviceInfo | None = None) -> TargetProfile:
         arch="arm64" if device.machine == "arm64" else device.machine,
         os={"macOS": "macos"}.get(device.os, device.os.lower()), accelerator=accelerator,
         cpu_cores=device.physical_cores or 1, memory_total_gib=round(total, 2),
-        memory_budget_gib=round(max(0.0, available - HOST_HEADROOM_GIB), 2),
-        memory_budget_reason=f"memory available now less {HOST_HEADROOM_GIB:g} GiB headroom",
+        memory_budget_gib=math.floor(max(0.0, available - HOST_HEADROOM_GIB) / BUDGET_STEP_GIB) * BUDGET_STEP_GIB,
+        memory_budget_reason=f"memory available now less {HOST_HEADROOM_GIB:g} GiB headroom, rounded down to "
+                             f"{BUDGET_STEP_GIB:g} GiB",
         memory_bandwidth_gbps=None, formats=FORMATS, engines=("llamacpp", "onnxrt"),
         python_platform=_wheel_platform(device), python_version=f"{sys.version_info.major}.{sys.version_info.minor}",
         int8_isa=device.int8_isa, notes="memory bandwidth is measured by the profiler", source="detected")

@@ -38,3 +38,11 @@ def open_runtime(path: Path, options: LoadOptions | None = None, engine: str | N
             return cls(path, options)
     raise EdgepackError(f"{path} is not a variant edgepack can run: expected a .gguf file (llamacpp), a directory "
                         "with model.onnx (onnxrt) or a Hugging Face model directory with safetensors (torch)")
+
+
+def engine_name_for(path: Path) -> str:
+    """The name of the engine that would load `path` (without loading it)."""
+    for name, cls in runtime_classes().items():
+        if cls.can_load(Path(path)):
+            return name
+    raise EdgepackError(f"{path} is not a variant any registered engine can run")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -27,7 +28,9 @@ def variant_name(path: Path) -> str:
 
 def evaluate(model_path: Path, variant_paths: list[Path], *, eval_text: str | None = None,
              tasks: list[Task] | None = None, gate: Gate | None = None, window: int | None = None,
-             threads: int | None = None, top_k: int = DEFAULT_TOP_K, show_progress: bool = True) -> QualityReport:
+             threads: int | None = None, top_k: int = DEFAULT_TOP_K, show_progress: bool = True,
+             on_variant: Callable[[VariantQuality], None] | None = None) -> QualityReport:
+    """`on_variant` is called with each variant's result as soon as it is measured (the build caches it)."""
     gate = gate or Gate()
     text = eval_text if eval_text is not None else DEFAULT_EVAL_TEXT.read_text(encoding="utf-8")
     reference = TorchRuntime(Path(model_path), LoadOptions(threads=threads))
@@ -63,6 +66,8 @@ def evaluate(model_path: Path, variant_paths: list[Path], *, eval_text: str | No
         runtime.close()
         del runtime
         gc.collect()
+        if on_variant is not None:
+            on_variant(results[-1])
         if show_progress:
             say(f"{results[-1].name}: {'pass' if results[-1].passed else 'FAIL: ' + '; '.join(reasons)}")
     return QualityReport(

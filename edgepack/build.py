@@ -1,0 +1,168 @@
+"""`edgepack build`: convert -> quality -> measure here (and predict for the target) -> select -> bundle.
+
+Every stage's output is cached by content hash (edgepack/stage_cache.py), so a build that was interrupted resumes
+where it stopped and a repeated build only re-checks the bundle.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from edgepack.artifacts import Decision, QualityReport, StudentModel, Variant, to_json_dict
+from edgepack.build_stages import StageRun, convert_stage, measure_stage, quality_stage
+from edgepack.bundle import Bundle, BundleRequest, write_bundle
+from edgepack.cache import cache_root
+from edgepack.errors import EdgepackError
+from edgepack.on_target import candidates, performance_on_target
+from edgepack.predict import Prediction
+from edgepack.profiler import DeviceMeasurements
+from edgepack.progress import say
+from edgepack.quality.gate import Gate
+from edgepack.quality.tasks import Task
+from edgepack.registry import ConvertOptions
+from edgepack.select import select
+from edgepack.stage_cache import StageCache, digest_of, directory_fingerprint
+from edgepack.targets import TargetProfile
+from runtimes.base import DEFAULT_CONTEXT_CAP
+
+DEFAULT_KINDS = {"gguf": ("gguf-f16", "gguf-q8_0", "gguf-q4_k_m"), "onnx": ("onnx-fp32", "onnx-int8", "onnx-int4")}
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    out_dir: Path = Path("dist")
+    formats: tuple[str, ...] = ("gguf", "onnx")  # formats and/or variant kinds
+    context: int | None = None  # the context the server allocates; default min(model's, 4096)
+    gate: Gate = field(default_factory=Gate)
+    tasks: tuple[Task, ...] = ()
+    eval_text: str | None = None
+    prefer: str = "speed"
+    offline_wheels: bool = False
+    force: bool = False
+    threads: int | None = None  # for measuring here; default: one per physical core
+    allow_pickle: bool = False
+    show_progress: bool = True
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    bundle: Bundle
+    decision: Decision
+    quality: QualityReport
+    performance: tuple[Prediction, ...]
+    measurements: DeviceMeasurements
+    variants: tuple[Variant, ...]
+    target: TargetProfile
+    stages: tuple[StageRun, ...]
+    seconds: float
+
+
+def variant_kinds(formats: tuple[str, ...], target: TargetProfile) -> list[str]:
+    """`--formats` items are formats (gguf, onnx: their default kinds) or kinds; only the target's formats stay."""
+    kinds: list[str] = []
+    for item in formats:
+        item = item.strip().lower()
+        kinds += DEFAULT_KINDS.get(item, (item,))
+    if not kinds:
+        raise EdgepackError("--formats is empty; accepted: gguf, onnx, or variant kinds such as gguf-q8_0")
+    for kind in kinds:
+        fmt = kind.split("-", 1)[0]
+        if fmt not in DEFAULT_KINDS:
+            raise EdgepackError(f"--formats: {kind!r} is not a format or variant kind; accepted: gguf, onnx, "
+                                "or kinds such as gguf-q8_0, onnx-int8")
+        if fmt not in target.formats:
+            raise EdgepackError(f"--formats: {kind} is a {fmt} variant, and target {target.name} runs "
+                                f"{', '.join(target.formats)} only")
+    return list(dict.fromkeys(kinds))
+
+
+def _host_description() -> str:
+    from edgepack.hardware import detect
+
+    device = detect()
+    return f"{device.cpu_model or 'unknown CPU'}, {device.physical_cores} cores, " \
+           f"{(device.ram_total_bytes or 0) / 2**30:.0f} GiB"
+
+
+def build(model: Path, target: TargetProfile, options: BuildOptions | None = None) -> BuildResult:
+    from edgepack.student import load_student
+    from runtimes.base import physical_cores
+
+    options = options or BuildOptions()
+    started = time.perf_counter()
+    student = load_student(model, allow_pickle=options.allow_pickle)
+    context = options.context or min(student.context_length, DEFAULT_CONTEXT_CAP)
+    if context < 16 or context > student.context_length:
+        raise EdgepackError(f"--context {context}: must be between 16 and the model's context length "
+                            f"({student.context_length})")
+    kinds = variant_kinds(options.formats, target)
+    threads = options.threads or physical_cores()
+    cache = StageCache(cache_root() / "build")
+    say(f"[1/5] fingerprinting {student.path.name}")
+    fingerprint = directory_fingerprint(student.path)
+
+    say(f"[2/5] convert: {', '.join(kinds)}")
+    convert_options = ConvertOptions(allow_pickle=options.allow_pickle, show_progress=options.show_progress,
+                                     int8_isa=target.int8_isa)
+    variants, convert_run = convert_stage(cache, student.path, fingerprint, kinds, convert_options, options.force)
+
+    say("[3/5] quality against the original model")
+    quality, quality_run = quality_stage(cache, student.path, fingerprint, variants, options.gate,
+                                         options.eval_text, list(options.tasks) or None, None, options.threads,
+                                         options.force)
+
+    where = "measure here" if target.source == "detected" else f"measure here, predict for {target.name}"
+    say(f"[4/5] {where}")
+    measurements, measure_run = measure_stage(cache, variants, threads, options.force)
+    performance = performance_on_target(variants, measurements, target, context)
+    decision = select(candidates(variants, quality, performance), int(target.memory_budget_gib * 2**30),
+                      options.prefer)
+
+    say(f"[5/5] bundle: {decision.chosen}")
+    bundle_started = time.perf_counter()
+    chosen = next(v for v in variants if v.kind == decision.chosen)
+    engine = next(p.engine for p in performance if p.variant == chosen.kind)
+    name = f"{student.path.name}-{target.name}"
+    report = _report(student, fingerprint, target, context, quality, performance, measurements, decision,
+                     variants)
+    request = BundleRequest(
+        out_dir=options.out_dir, name=name, build_key=digest_of({"report": report, "variant": chosen.sha256,
+                                                                 "threads": target.cpu_cores}),
+        model=report["model"], variant=chosen, engine=engine, target=target, report=report, context=context,
+        threads=target.cpu_cores, offline_wheels=options.offline_wheels)
+    bundle = write_bundle(request)
+    bundle_run = StageRun("bundle", time.perf_counter() - bundle_started, 0 if bundle.reused else 1,
+                          1 if bundle.reused else 0)
+    return BuildResult(bundle=bundle, decision=decision, quality=quality, performance=tuple(performance),
+                       measurements=measurements, variants=tuple(variants), target=target,
+                       stages=(convert_run, quality_run, measure_run, bundle_run),
+                       seconds=time.perf_counter() - started)
+
+
+def _without_paths(data: dict[str, Any]) -> dict[str, Any]:
+    """This machine's paths stay out of a bundle: a variant is named by its kind."""
+    return {key: value for key, value in data.items() if key != "path"}
+
+
+def _report(student: StudentModel, fingerprint: str, target: TargetProfile, context: int, quality: QualityReport,
+            performance: list[Prediction], measurements: DeviceMeasurements, decision: Decision,
+            variants: list[Variant]) -> dict[str, Any]:
+    quality_data = to_json_dict(replace(quality, model=Path(student.path.name)))
+    quality_data["model"] = student.path.name
+    quality_data["variants"] = [_without_paths(v) for v in quality_data["variants"]]
+    host = to_json_dict(measurements)
+    host["variants"] = [_without_paths(m) for m in host["variants"]]
+    return {
+        "model": {"name": student.path.name, "architecture": student.architecture,
+                  "hf_model_type": student.hf_model_type, "parameter_count": student.parameter_count,
+                  "context_length": student.context_length, "tokenizer_kind": student.tokenizer_kind,
+                  "dtype": student.dtype, "fingerprint": fingerprint},
+        "target": to_json_dict(replace(target, source=target.source if target.source == "detected"
+                                       else Path(target.source).name)),
+        "context": context, "build_host": _host_description(), "quality": quality_data,
+        "performance": [to_json_dict(p) for p in performance], "host_measurements": host,
+        "decision": to_json_dict(decision), "variant_bytes": {v.kind: v.bytes for v in variants},
+    }

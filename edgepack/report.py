@@ -1,0 +1,83 @@
+"""report.json and report.md: every variant's numbers and the decision, for a program and for a person."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _mib(value: float) -> str:
+    return f"{value / 2**20:.1f}" if value < 10 * 2**20 else f"{value / 2**20:.0f}"
+
+
+def _tps(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    model, target, decision = report["model"], report["target"], report["decision"]
+    quality, performance = report["quality"], {p["variant"]: p for p in report["performance"]}
+    chosen = decision["chosen"]
+    measured = target["source"] == "detected"
+    lines = [
+        f"# {model['name']} for {target['name']}",
+        "",
+        f"**Chosen: `{chosen}`** — {decision['why']}.",
+        "",
+        f"- Model: {model['name']} ({model['architecture']}, {model['parameter_count']:,} parameters, context "
+        f"{model['context_length']}); served with a context of {report['context']} tokens.",
+        f"- Target: {target['name']} — {target['description']}. Memory budget {target['memory_budget_gib']:g} GiB "
+        f"of {target['memory_total_gib']:g} GiB ({target['memory_budget_reason']}).",
+        f"- Speeds and memory are **{'measured on this machine' if measured else 'predicted'}**"
+        + ("" if measured else f" for {target['name']} from measurements on the build machine "
+                               f"({report['build_host']}); each row's basis is below") + ".",
+        f"- Quality gate: perplexity may rise at most {quality['gate']['max_ppl_increase']:.1%}, mean KL divergence at "
+        f"most {quality['gate']['max_kld']:g}"
+        + (f", task accuracy at least {quality['gate']['min_task_accuracy']:.0%}"
+           if quality['gate'].get('min_task_accuracy') is not None else "")
+        + f"; reference perplexity {quality['reference_perplexity']:.3f} over {quality['positions_scored']} "
+          f"positions (window {quality['window']}).",
+        "",
+        "## Variants",
+        "",
+        "| variant | engine | MiB on disk | PPL ratio | KLD mean | same top-1 | gate | memory MiB | decode t/s | "
+        "verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    rejected = {r["name"]: r for r in decision["rejected"]}
+    for q in quality["variants"]:
+        p = performance[q["name"]]
+        verdict = "**chosen**" if q["name"] == chosen else \
+            f"{rejected[q['name']]['reason']}: {rejected[q['name']]['detail']}"
+        lines.append(f"| {q['name']} | {p['engine']} | {_mib(report['variant_bytes'][q['name']])} | "
+                     f"{q['ppl_ratio']:.4f} | {q['kld_mean']:.4f} | {q['same_top1']:.1%} | "
+                     f"{'pass' if q['passed'] else 'FAIL'} | {_mib(p['memory_bytes'])} | {_tps(p['decode_tps'])} | "
+                     f"{verdict} |")
+    lines += ["", "## How the memory and speed figures were obtained", ""]
+    for q in quality["variants"]:
+        lines.append(f"- `{q['name']}`: {performance[q['name']]['basis']}.")
+    host = report["host_measurements"]
+    lines += ["", f"## Measured on the build machine ({report['build_host']})", "",
+              f"Memory bandwidth {host['memory_bandwidth_gbps']:.1f} GB/s (measured).", "",
+              "| variant | threads | load s | model RSS MiB | TTFT ms | prefill t/s | decode t/s |",
+              "|---|---|---|---|---|---|---|"]
+    for m in host["variants"]:
+        lines.append(f"| {m['name']} | {m['threads']} | {m['load_s']:.2f} | {m['model_rss_mib']:.0f} | "
+                     f"{m['ttft_s'] * 1000:.0f} | {m['prefill_tps']:.0f} | {m['decode_tps']:.1f} |")
+    for note in host.get("notes", []):
+        lines.append(f"\nNote: {note}")
+    lines += ["", "## Running it", "",
+              f"`./run.sh` (or `run.bat`) starts the OpenAI-compatible server on 127.0.0.1:{report['server']['port']} "
+              f"with `{report['server']['engine']}` and {report['server']['threads']} threads; `deploy/` has a systemd "
+              "unit, a launchd plist, a Dockerfile" + (" and an Ollama Modelfile" if chosen.startswith("gguf-") else "")
+              + ". `edgepack verify .` checks every file against `edgepack.json`."]
+    wheels = report.get("wheels")
+    if wheels:
+        lines += ["", "## Offline install (`wheels/`)", "",
+                  f"`sh install.sh` installs into `.venv/` with no network: {len(wheels['files'])} files for "
+                  f"{wheels['platform']}, Python {wheels['python_version']}."]
+        for source in wheels["sources"]:
+            lines.append(f"- `{source['file']}` has no wheel for {wheels['platform']}: install.sh builds it from "
+                         f"source with `{source['build_command']}` (needs a C/C++ compiler and CMake on the device).")
+    if target.get("notes"):
+        lines += ["", f"Target notes: {target['notes']}"]
+    return "\n".join(lines) + "\n"
