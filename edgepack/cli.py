@@ -417,3 +417,36 @@ def verify(bundle: Path, as_json: bool) -> None:
         return
     click.echo(f"ok: {report.bundle} ({report.chosen_variant} for {report.target}): {report.files_checked} files, "
                f"{report.bytes_checked / 2**20:.1f} MiB, every sha256 matches the manifest")
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--host", default=None, help="Address to listen on (default: the bundle's, else 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Port (default: the bundle's, else 8080).")
+@click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on every /v1 route.")
+@click.option("--api-key-file", type=click.Path(path_type=Path), default=None, help="Read the API key from a file.")
+@click.option("--max-queue", type=int, default=16, show_default=True,
+              help="Requests that may wait for the engine; past this the answer is 503 with Retry-After.")
+@click.option("--threads", type=int, default=None, help="Engine threads (default: the bundle's or physical cores).")
+@click.option("--context", type=int, default=None, help="Context to allocate (default: the bundle's).")
+@handles_errors
+def serve(path: Path, host: str | None, port: int | None, api_key: str | None, api_key_file: Path | None,
+          max_queue: int, threads: int | None, context: int | None) -> None:
+    """Serve a bundle (verified first; one that fails is refused) or a variant over the OpenAI API."""
+    from edgepack.local_model import defaults_for
+    from edgepack.server import ServerConfig, serve_path
+
+    if api_key_file is not None:
+        if not api_key_file.is_file():
+            raise EdgepackError(f"API key file {api_key_file} does not exist")
+        api_key = api_key_file.read_text().strip()
+        if not api_key:
+            raise EdgepackError(f"API key file {api_key_file} is empty")
+    if max_queue < 0:
+        raise click.BadParameter("must be 0 or more", param_hint="--max-queue")
+    defaults = defaults_for(path)
+    config = ServerConfig(host=host or defaults.host, port=port if port is not None else defaults.port,
+                          api_key=api_key, max_queue=max_queue)
+    STDERR.print(f"serving {defaults.model_id} on http://{config.host}:{config.port}/v1 (loading the model; "
+                 "GET /health answers 200 once it is ready)", highlight=False)
+    serve_path(path, config, threads=threads, context=context)

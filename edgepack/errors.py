@@ -21,3 +21,9 @@ class ParityError(EdgepackError):
 
 # `edgepack eval` exits with this when no variant passes the quality gate (the report is still printed).
 NOTHING_PASSED_EXIT_CODE = 5
+
+
+class NothingPassedError(EdgepackError):
+    """No variant passes the quality gate."""
+
+    exit_code = NOTHING_PASSED_EXIT_CODE

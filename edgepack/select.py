@@ -7,7 +7,7 @@ prefer "quality": the lowest mean KL divergence; ties by speed. prefer "size": t
 from __future__ import annotations
 
 from edgepack.artifacts import Candidate, Decision, Rejection
-from edgepack.errors import EdgepackError
+from edgepack.errors import EdgepackError, NothingPassedError
 
 PREFERENCES = ("speed", "quality", "size")
 TIE_SHARE = 0.02  # decode speeds within 2% of each other count as a tie (run-to-run noise is about that)
@@ -48,6 +48,12 @@ def select(candidates: list[Candidate], budget_bytes: int, prefer: str = "speed"
             rejected.append(Rejection(c.name, "gate", "; ".join(c.gate_reasons) or "failed the quality gate"))
         else:
             passing.append(c)
+    if not passing:
+        closest = min(candidates, key=lambda c: c.kld_mean)
+        raise NothingPassedError(
+            f"no variant passes the quality gate; the closest is {closest.name} "
+            f"({'; '.join(closest.gate_reasons) or 'failed'}); loosen --max-ppl-increase/--max-kld or add a "
+            "higher-precision format")
     fitting = []
     for c in passing:
         if c.memory_bytes > budget_bytes:
@@ -57,11 +63,10 @@ def select(candidates: list[Candidate], budget_bytes: int, prefer: str = "speed"
         else:
             fitting.append(c)
     if not fitting:
-        pool = passing or candidates
-        smallest = min(pool, key=lambda c: c.memory_bytes)
-        which = "that passes the quality gate" if passing else "(none passes the quality gate)"
+        smallest = min(passing, key=lambda c: c.memory_bytes)
         raise NothingFitsError(
-            f"no variant fits: the smallest {which} is {smallest.name}, needing {_mib(smallest.memory_bytes)}, "
+            f"no variant fits: the smallest that passes the quality gate is {smallest.name}, needing "
+            f"{_mib(smallest.memory_bytes)}, "
             f"and the target's budget is {_mib(budget_bytes)}; try a smaller quantization, a shorter --context, "
             "or a target with more memory")
     fastest = max(_speed(c) for c in fitting)

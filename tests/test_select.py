@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from edgepack.artifacts import Candidate
-from edgepack.errors import EdgepackError
+from edgepack.errors import EdgepackError, NothingPassedError
 from edgepack.select import NothingFitsError, select
 
 MIB = 2**20
@@ -63,8 +63,10 @@ def test_nothing_fits_says_the_smallest_need_and_the_budget():
     assert info.value.exit_code == 6
     message = str(info.value)
     assert "gguf-q8_0, needing 190 MiB" in message and "budget is 100 MiB" in message
-    with pytest.raises(NothingFitsError, match="none passes the quality gate"):
+    with pytest.raises(NothingPassedError, match="no variant passes the quality gate; the closest is gguf-q4_k_m") \
+            as info:
         select([Q4], budget_bytes=10_000 * MIB)
+    assert info.value.exit_code == 5
 
 
 def test_predicted_needs_are_labelled():

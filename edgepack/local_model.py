@@ -1,0 +1,120 @@
+"""A model loaded for serving or embedding: a verified bundle, or a variant path directly.
+
+`edgepack.load(BUNDLE)` returns a LocalModel: `chat(messages)`, `complete(prompt)` (both can stream) and
+`serve(port=...)`, so a desktop app embeds the model without a second process. One generation runs at a time
+on the engine; callers wait on a lock.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from edgepack.errors import EdgepackError
+from runtimes.base import GenerationChunk, GenerationOptions, LoadOptions, Runtime
+
+
+@dataclass(frozen=True)
+class ServeDefaults:
+    model_id: str
+    model_path: Path
+    engine: str | None
+    context: int | None
+    threads: int | None
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+def defaults_for(path: Path) -> ServeDefaults:
+    """A bundle (verified first; one that fails is refused) gives its manifest's server settings; a variant path
+    gives the engine's own defaults."""
+    from edgepack.bundle_inspect import is_bundle
+
+    path = Path(path)
+    if not path.exists():
+        raise EdgepackError(f"{path} does not exist; expected a bundle directory or a variant (.gguf file, ONNX "
+                            "directory)")
+    if path.is_dir() and is_bundle(path):
+        from edgepack.verify import read_manifest, verify_directory
+
+        verify_directory(path)  # raises BundleInvalidError (exit 7) with what is wrong
+        server = read_manifest(path)["server"]
+        return ServeDefaults(model_id=server["model_id"], model_path=path / server["model_path"],
+                             engine=server["engine"], context=server["context"], threads=server["threads"],
+                             host=server["host"], port=server["port"])
+    if path.is_file() and path.name.endswith((".tar.gz", ".tgz")):
+        raise EdgepackError(f"{path} is a bundle archive: extract it first (tar xzf) and serve the folder")
+    return ServeDefaults(model_id=path.stem if path.is_file() else path.name, model_path=path, engine=None,
+                         context=None, threads=None)
+
+
+class LocalModel:
+    def __init__(self, runtime: Runtime, model_id: str, defaults: ServeDefaults | None = None) -> None:
+        self.runtime = runtime
+        self.model_id = model_id
+        self.defaults = defaults
+        self._lock = threading.Lock()
+
+    @property
+    def context_length(self) -> int:
+        return self.runtime.context_length
+
+    def prompt_ids(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None) -> list[int]:
+        if messages is not None:
+            return self.runtime.chat_prompt_ids(messages)
+        return self.runtime.tokenize(prompt or "")
+
+    def stream_ids(self, prompt_ids: list[int], options: GenerationOptions,
+                   cancel: threading.Event | None = None) -> Iterator[GenerationChunk]:
+        """Stream from token ids, holding the engine for the whole generation."""
+        self.runtime.check_prompt_fits(prompt_ids, 1)
+        with self._lock:
+            yield from self.runtime.generate(prompt_ids, options, cancel)
+
+    def _run(self, prompt_ids: list[int], stream: bool, options: GenerationOptions) -> Any:
+        if stream:
+            return (chunk.text for chunk in self.stream_ids(prompt_ids, options) if chunk.text)
+        self.runtime.check_prompt_fits(prompt_ids, 1)
+        with self._lock:
+            return self.runtime.complete(prompt_ids, options)
+
+    def chat(self, messages: list[dict[str, str]], stream: bool = False, **generation: Any) -> Any:
+        """The assistant's reply: a GenerationResult, or an iterator of text pieces with stream=True."""
+        return self._run(self.prompt_ids(messages=messages), stream, GenerationOptions(**_options(generation)))
+
+    def complete(self, prompt: str, stream: bool = False, **generation: Any) -> Any:
+        return self._run(self.prompt_ids(prompt=prompt), stream, GenerationOptions(**_options(generation)))
+
+    def serve(self, host: str = "127.0.0.1", port: int = 8080, in_thread: bool = True, **server_options: Any):
+        """Serve this model over the OpenAI API; in_thread=True returns a handle with .url and .stop()."""
+        from edgepack.server import ServerConfig, run_server, start_server_thread
+
+        config = ServerConfig(host=host, port=port, **server_options)
+        if in_thread:
+            return start_server_thread(self, config)
+        run_server(self, config)
+        return None
+
+    def close(self) -> None:
+        self.runtime.close()
+
+
+def _options(generation: dict[str, Any]) -> dict[str, Any]:
+    if "stop" in generation and isinstance(generation["stop"], str):
+        generation = {**generation, "stop": (generation["stop"],)}
+    elif "stop" in generation:
+        generation = {**generation, "stop": tuple(generation["stop"] or ())}
+    return generation
+
+
+def load(path: str | Path, threads: int | None = None, context: int | None = None) -> LocalModel:
+    """Load a bundle (verified) or a variant for chat/complete/serve in this process."""
+    from runtimes.registry import open_runtime
+
+    defaults = defaults_for(Path(path))
+    runtime = open_runtime(defaults.model_path, LoadOptions(threads=threads or defaults.threads,
+                                                            context_length=context or defaults.context),
+                           defaults.engine)
+    return LocalModel(runtime, defaults.model_id, defaults)

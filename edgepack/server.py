@@ -1,0 +1,389 @@
+"""The local OpenAI-compatible server (FastAPI + uvicorn) over any variant or verified bundle.
+
+One generation runs on the engine at a time; further requests wait in a bounded queue, and past its bound the
+answer is 503 with Retry-After. A streaming client that disconnects cancels its generation. Errors use OpenAI's
+JSON error shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from edgepack.api_schema import ChatRequest, CompletionRequest, error_body
+from edgepack.errors import EdgepackError
+from edgepack.local_model import LocalModel
+from edgepack.server_metrics import Metrics
+from runtimes.base import GenerationChunk, GenerationOptions
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_key: str | None = None
+    max_queue: int = 16  # requests waiting for the engine beyond the one it runs
+    retry_after_s: int = 2
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.body, self.headers = status, error_body(message, kind, param, code), headers or {}
+
+
+@dataclass
+class GenerationPlan:
+    """A validated request, ready for the engine."""
+
+    prompt_ids: list[int]
+    options: GenerationOptions
+    kind: str  # "chat" or "completion"
+    include_usage: bool
+
+
+class ServerState:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.model: LocalModel | None = None
+        self.load_error: str | None = None
+        self.engine = asyncio.Lock()
+        self.in_flight = 0  # running + waiting
+        self.metrics = Metrics()
+
+    def require_model(self) -> LocalModel:
+        if self.model is None:
+            raise ApiError(503, self.load_error or "the model is still loading; GET /health says when it is ready",
+                           "server_error", code="model_not_ready", headers={"Retry-After": "1"})
+        return self.model
+
+
+def _plan(model: LocalModel, request: ChatRequest | CompletionRequest) -> GenerationPlan:
+    problem = request.unsupported()
+    if problem is not None:
+        raise ApiError(400, f"unsupported value: {problem}", param=problem.split(":")[0])
+    if request.model != model.model_id:
+        raise ApiError(404, f"The model '{request.model}' does not exist; this server serves '{model.model_id}' "
+                            "(GET /v1/models)", param="model", code="model_not_found")
+    if isinstance(request, ChatRequest):
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in request.messages]
+        prompt_ids, kind, logprobs = model.prompt_ids(messages=messages), "chat", request.logprobs
+    else:
+        prompt_ids, kind, logprobs = model.prompt_ids(prompt=request.text()), "completion", request.logprobs is not None
+    limit = request.limit()
+    context = model.context_length
+    if len(prompt_ids) + (limit or 1) > context:
+        asked = f" plus max_tokens {limit}" if limit else ""
+        raise ApiError(400, f"This model's maximum context length is {context} tokens; the request has "
+                            f"{len(prompt_ids)} prompt tokens{asked}. Shorten the prompt or lower max_tokens.",
+                       param="messages" if kind == "chat" else "prompt", code="context_length_exceeded")
+    options = GenerationOptions(max_tokens=limit or context - len(prompt_ids), temperature=request.temperature,
+                                top_p=request.top_p, seed=request.seed, stop=request.stops(), logprobs=logprobs)
+    include_usage = bool(request.stream_options and request.stream_options.include_usage)
+    return GenerationPlan(prompt_ids, options, kind, include_usage)
+
+
+def _logprob_entry(model: LocalModel, token_id: int, logprob: float) -> dict[str, Any]:
+    text = model.runtime.detokenize([token_id])
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8")), "top_logprobs": []}
+
+
+def create_app(config: ServerConfig, loader: Callable[[], LocalModel] | None = None,
+               model: LocalModel | None = None) -> FastAPI:
+    """`loader` runs in a thread once the server is up (so /health can say 'loading'); or pass a loaded model."""
+    state = ServerState(config)
+    state.model = model
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if loader is not None and state.model is None:
+            def load() -> None:
+                try:
+                    state.model = loader()
+                except Exception as exc:  # the server stays up and says why on /health
+                    state.load_error = f"the model failed to load: {exc}"
+            threading.Thread(target=load, name="edgepack-load", daemon=True).start()
+        yield
+
+    app = FastAPI(title="edgepack", lifespan=lifespan)
+    app.state.edgepack = state
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        if first.get("type") == "json_invalid":
+            message = f"the request body is not valid JSON: {first.get('msg')}"
+        elif first.get("type") == "extra_forbidden":
+            message = f"Unrecognized request argument supplied: {where}"
+        else:
+            message = f"{where or 'body'}: {first.get('msg')}"
+        return JSONResponse(error_body(message, param=where or None), status_code=400)
+
+    @app.middleware("http")
+    async def auth_and_count(request: Request, call_next):
+        route = request.url.path
+        if config.api_key is not None and route.startswith("/v1/"):
+            given = request.headers.get("authorization", "")
+            expected = f"Bearer {config.api_key}"
+            if not hmac.compare_digest(given.encode(), expected.encode()):
+                state.metrics.count_request(route, 401)
+                return JSONResponse(error_body("Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                                               code="invalid_api_key"), status_code=401)
+        response = await call_next(request)
+        state.metrics.count_request(route, response.status_code)
+        return response
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if state.model is not None:
+            return JSONResponse({"status": "ok", "model": state.model.model_id})
+        if state.load_error:
+            return JSONResponse({"status": "error", "error": state.load_error}, status_code=500)
+        return JSONResponse({"status": "loading"}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(state.metrics.render(state.in_flight, max(0, state.in_flight - 1)),
+                                 media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        loaded = state.require_model()
+        return {"object": "list", "data": [{"id": loaded.model_id, "object": "model", "created": 0,
+                                            "owned_by": "edgepack"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request):
+        return await _serve(state, body, request)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        return await _serve(state, body, request)
+
+    return app
+
+
+def _admit(state: ServerState) -> None:
+    if state.in_flight >= 1 + state.config.max_queue:
+        state.metrics.rejected_busy += 1
+        raise ApiError(503, f"the server is busy: {state.in_flight} requests are running or queued (the queue holds "
+                            f"{state.config.max_queue}); retry after {state.config.retry_after_s} s",
+                       "server_error", code="queue_full", headers={"Retry-After": str(state.config.retry_after_s)})
+    state.in_flight += 1
+
+
+async def _serve(state: ServerState, body: ChatRequest | CompletionRequest, request: Request):
+    model = state.require_model()
+    try:
+        plan = await asyncio.to_thread(_plan, model, body)
+    except EdgepackError as exc:
+        raise ApiError(400, str(exc)) from exc
+    _admit(state)
+    ident = ("chatcmpl-" if plan.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+    if body.stream:
+        return StreamingResponse(_stream_events(state, model, plan, ident), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    try:
+        chunks = await _generate_all(state, model, plan)
+    finally:
+        state.in_flight -= 1
+    return JSONResponse(_whole_response(model, plan, ident, chunks))
+
+
+async def _generate_all(state: ServerState, model: LocalModel, plan: GenerationPlan) -> list[GenerationChunk]:
+    chunks: list[GenerationChunk] = []
+    async for chunk in _chunks(state, model, plan):
+        chunks.append(chunk)
+    return chunks
+
+
+async def _chunks(state: ServerState, model: LocalModel, plan: GenerationPlan) -> AsyncIterator[GenerationChunk]:
+    """Run the generation on a worker thread, holding the engine; yield its chunks. Leaving early (a client
+    that went away) cancels the generation at the next token."""
+    async with state.engine:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        cancel = threading.Event()
+        done = object()
+
+        def put(item: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the loop is gone (server shutting down)
+                cancel.set()
+
+        def produce() -> None:
+            try:
+                for chunk in model.stream_ids(plan.prompt_ids, plan.options, cancel):
+                    put(chunk)
+            except Exception as exc:
+                put(exc)
+            finally:
+                put(done)
+
+        started = time.perf_counter()
+        worker = loop.run_in_executor(None, produce)
+        first_at, made = None, 0
+        try:
+            while True:
+                item = await queue.get()
+                if item is done:
+                    break
+                if isinstance(item, Exception):
+                    raise item
+                if item.token_id is not None and first_at is None:
+                    first_at = time.perf_counter()
+                    state.metrics.observe_ttft(first_at - started)
+                made += item.token_id is not None and item.finish_reason is None
+                yield item
+        finally:
+            cancel.set()
+            await asyncio.shield(worker)  # the engine is free only once the thread has stopped
+            state.metrics.count_tokens(len(plan.prompt_ids), made,
+                                       time.perf_counter() - first_at if first_at else None)
+
+
+def _visible(model: LocalModel, chunk: GenerationChunk) -> bool:
+    """A generated token the client sees (an end-of-generation token is not one)."""
+    return chunk.token_id is not None and not (chunk.finish_reason and chunk.token_id in model.runtime.eos_token_ids)
+
+
+def _usage(plan: GenerationPlan, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": len(plan.prompt_ids), "completion_tokens": completion_tokens,
+            "total_tokens": len(plan.prompt_ids) + completion_tokens}
+
+
+def _whole_response(model: LocalModel, plan: GenerationPlan, ident: str,
+                    chunks: list[GenerationChunk]) -> dict[str, Any]:
+    text = "".join(c.text for c in chunks)
+    visible = [c for c in chunks if _visible(model, c)]
+    finish = next((c.finish_reason for c in reversed(chunks) if c.finish_reason), "length")
+    base = {"id": ident, "created": int(time.time()), "model": model.model_id,
+            "usage": _usage(plan, len(visible))}
+    if plan.kind == "chat":
+        logprobs = {"content": [_logprob_entry(model, c.token_id, c.logprob) for c in visible
+                                if c.logprob is not None]} if plan.options.logprobs else None
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                  "finish_reason": finish}
+        return {**base, "object": "chat.completion", "choices": [choice]}
+    logprobs = None
+    if plan.options.logprobs:
+        tokens = [model.runtime.detokenize([c.token_id]) for c in visible]
+        offsets, at = [], 0
+        for token in tokens:
+            offsets.append(at)
+            at += len(token)
+        logprobs = {"tokens": tokens, "token_logprobs": [c.logprob for c in visible], "top_logprobs": None,
+                    "text_offset": offsets}
+    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
+    return {**base, "object": "text_completion", "choices": [choice]}
+
+
+def _sse(payload: dict[str, Any] | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
+
+
+async def _stream_events(state: ServerState, model: LocalModel, plan: GenerationPlan,
+                         ident: str) -> AsyncIterator[bytes]:
+    created = int(time.time())
+    chat = plan.kind == "chat"
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    made = 0
+
+    def event(text: str | None, finish: str | None, logprob: dict[str, Any] | None = None,
+              role: bool = False) -> bytes:
+        if chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else \
+                ({"content": text} if text else {})
+            choice = {"index": 0, "delta": delta, "logprobs": {"content": [logprob]} if logprob else None,
+                      "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        return _sse({"id": ident, "object": kind, "created": created, "model": model.model_id, "choices": [choice]})
+
+    try:
+        if chat:
+            yield event(None, None, role=True)
+        finish = "length"
+        async for chunk in _chunks(state, model, plan):
+            visible = _visible(model, chunk)
+            made += visible
+            logprob = _logprob_entry(model, chunk.token_id, chunk.logprob) \
+                if visible and chunk.logprob is not None and chat else None
+            if chunk.text or logprob:
+                yield event(chunk.text, None, logprob)
+            if chunk.finish_reason:
+                finish = chunk.finish_reason
+        yield event(None, finish)
+        if plan.include_usage:
+            yield _sse({"id": ident, "object": kind, "created": created, "model": model.model_id, "choices": [],
+                        "usage": _usage(plan, made)})
+        yield _sse("[DONE]")
+    finally:
+        state.in_flight -= 1
+
+
+@dataclass
+class RunningServer:
+    url: str
+    server: Any
+    thread: threading.Thread
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def _uvicorn_server(app: FastAPI, config: ServerConfig):
+    import uvicorn
+
+    return uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
+                                         access_log=False, lifespan="on"))
+
+
+def start_server_thread(model: LocalModel, config: ServerConfig) -> RunningServer:
+    """Serve `model` from a thread of this process (port 0: any free port); returns once it accepts requests."""
+    server = _uvicorn_server(create_app(config, model=model), config)
+    thread = threading.Thread(target=server.run, name="edgepack-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise EdgepackError(f"the server did not start on {config.host}:{config.port}")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    return RunningServer(url=f"http://{config.host}:{port}", server=server, thread=thread)
+
+
+def run_server(model: LocalModel, config: ServerConfig) -> None:
+    _uvicorn_server(create_app(config, model=model), config).run()
+
+
+def serve_path(path: Path, config: ServerConfig, threads: int | None = None, context: int | None = None) -> None:
+    """`edgepack serve`: verify a bundle first (a bundle that fails is refused before anything listens), start
+    listening, and load the model in the background."""
+    from edgepack.local_model import defaults_for, load
+
+    defaults_for(path)  # raises for a missing path or a bundle that fails verification
+    app = create_app(config, loader=lambda: load(path, threads=threads, context=context))
+    _uvicorn_server(app, config).run()
