@@ -116,8 +116,8 @@ def build(model: Path, target: TargetProfile, options: BuildOptions | None = Non
 
     where = "measure here" if target.source == "detected" else f"measure here, predict for {target.name}"
     say(f"[4/5] {where}")
-    measurements, measure_run = measure_stage(cache, variants, threads, options.force)
-    performance = performance_on_target(variants, measurements, target, context)
+    measurements, shapes, measure_run = measure_stage(cache, variants, threads, options.force)
+    performance = performance_on_target(variants, measurements, target, context, shapes)
     decision = select(candidates(variants, quality, performance), int(target.memory_budget_gib * 2**30),
                       options.prefer)
 

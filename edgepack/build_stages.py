@@ -6,7 +6,6 @@ reported through `StageRun`, so the build can say it and time it.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -16,6 +15,7 @@ from typing import Any
 
 from edgepack.artifacts import QualityReport, Variant, VariantQuality
 from edgepack.convert import convert
+from edgepack.predict import ModelShape, model_shape
 from edgepack.profiler import DeviceMeasurements, Measurement, measure_variant, read_power_watts
 from edgepack.progress import say
 from edgepack.quality.gate import Gate
@@ -174,9 +174,9 @@ def host_identity() -> dict[str, Any]:
 
 def measure_stage(cache: StageCache, variants: list[Variant], threads: int, force: bool,
                   prompt_tokens: int = 128, new_tokens: int = 64, runs: int = 3
-                  ) -> tuple[DeviceMeasurements, StageRun]:
-    """Each variant measured on this machine in its own process (cached per variant and host), and the memory
-    bandwidth once per host."""
+                  ) -> tuple[DeviceMeasurements, dict[str, ModelShape], StageRun]:
+    """Each variant measured on this machine in its own process (cached per variant and host), with its shape
+    (layers, KV heads, weight bytes) for predictions; the memory bandwidth once per host."""
     from edgepack.bandwidth import measure_bandwidth_gbps
 
     started = time.perf_counter()
@@ -190,25 +190,24 @@ def measure_stage(cache: StageCache, variants: list[Variant], threads: int, forc
         record, _ = cache.store("bandwidth", bandwidth_key, lambda _directory: {"gbps": gbps})
     bandwidth = record["gbps"]
     measured, ran = [], 0
+    shapes: dict[str, ModelShape] = {}
     for v in variants:
-        key = digest_of({"stage": "measure", "host": host, "variant": v.sha256, "threads": threads,
+        key = digest_of({"stage": "measure", "record": 2, "host": host, "variant": v.sha256, "threads": threads,
                          "prompt": prompt_tokens, "new": new_tokens, "runs": runs, "versions": versions})
         record = None if force else cache.load("measure", key)
         if record is None:
             say(f"measuring {v.kind} on this machine ({threads} threads, {prompt_tokens}-token prompt, "
                 f"{new_tokens} new tokens, {runs} runs)")
             m = measure_variant(v.path, threads, prompt_tokens, new_tokens, runs)
-            record, _ = cache.store("measure", key, lambda _directory, m=m: asdict(m))
+            fresh = {"measurement": asdict(m), "shape": asdict(model_shape(v.path))}
+            record, _ = cache.store("measure", key, lambda _directory, r=fresh: r)
             ran += 1
-        data = dict(record)
+        data = dict(record["measurement"])
         data["path"], data["name"] = v.path, v.kind
         measured.append(Measurement(**data))
+        shapes[v.kind] = ModelShape(**record["shape"])
     power = read_power_watts()
     notes = () if power is not None else ("no power sensor readable here: tokens per joule not measured",)
     result = DeviceMeasurements(memory_bandwidth_gbps=bandwidth, power_watts=power, variants=tuple(measured),
                                 notes=notes)
-    return result, StageRun("measure", time.perf_counter() - started, ran, len(variants) - ran)
-
-
-def json_ready(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
+    return result, shapes, StageRun("measure", time.perf_counter() - started, ran, len(variants) - ran)

@@ -4,32 +4,31 @@ machine, predicted from the target's profile otherwise. Either way it is calibra
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from edgepack.artifacts import Candidate, QualityReport, Variant
-from edgepack.predict import KV_BYTES, Prediction, calibrate, kv_cache_bytes, model_shape, predict
+from edgepack.predict import KV_BYTES, ModelShape, Prediction, calibrate, kv_cache_bytes, model_shape, predict
 from edgepack.profiler import DeviceMeasurements, Measurement
 from edgepack.targets import TargetProfile
 
 
 def performance_on_target(variants: list[Variant], measurements: DeviceMeasurements, target: TargetProfile,
-                          context: int) -> list[Prediction]:
+                          context: int, shapes: dict[str, ModelShape] | None = None) -> list[Prediction]:
+    """`shapes`: each variant's ModelShape by kind, where already known."""
     by_name = {m.name: m for m in measurements.variants}
     on_host = target.source == "detected"
     out = []
     for v in variants:
         m = by_name[v.kind]
-        calibration = calibrate(m, measurements.memory_bandwidth_gbps)
+        shape = (shapes or {}).get(v.kind) or model_shape(v.path)
         if on_host:
-            out.append(_measured_here(v.path, m, target, context))
+            out.append(_measured_here(shape, m, target, context))
         else:
-            out.append(predict(v.path, m.engine, target, calibration, context))
+            calibration = calibrate(m, measurements.memory_bandwidth_gbps, shape)
+            out.append(predict(v.path, m.engine, target, calibration, context, shape=shape))
     return out
 
 
-def _measured_here(path: Path, m: Measurement, target: TargetProfile, context: int) -> Prediction:
+def _measured_here(shape: ModelShape, m: Measurement, target: TargetProfile, context: int) -> Prediction:
     """Decode is as measured; memory is the measured model RSS plus the KV cache the longer context adds."""
-    shape = model_shape(path)
     kv_bytes = KV_BYTES.get(m.engine, 4)
     extra_kv = max(0, kv_cache_bytes(shape, context, kv_bytes) - kv_cache_bytes(shape, m.context, kv_bytes))
     memory = int(m.model_rss_mib * 2**20) + extra_kv

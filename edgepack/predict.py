@@ -95,8 +95,10 @@ def bytes_per_token(shape: ModelShape, context: int, engine: str) -> int:
     return shape.weight_bytes + kv_cache_bytes(shape, context, KV_BYTES.get(engine, 4))
 
 
-def calibrate(measurement: Measurement, host_bandwidth_gbps: float) -> EngineCalibration:
-    shape = model_shape(measurement.path)
+def calibrate(measurement: Measurement, host_bandwidth_gbps: float, shape: ModelShape | None = None
+              ) -> EngineCalibration:
+    """`shape`: the variant's, when already known (reading a GGUF's metadata takes seconds)."""
+    shape = shape or model_shape(measurement.path)
     per_token = bytes_per_token(shape, measurement.prompt_tokens + measurement.new_tokens // 2, measurement.engine)
     roofline = host_bandwidth_gbps * 1e9 / per_token
     kv = kv_cache_bytes(shape, measurement.context, KV_BYTES.get(measurement.engine, 4))
@@ -107,10 +109,10 @@ def calibrate(measurement: Measurement, host_bandwidth_gbps: float) -> EngineCal
 
 
 def predict(path: Path, engine: str, target: TargetProfile, calibration: EngineCalibration, context: int,
-            target_bandwidth_gbps: float | None = None) -> Prediction:
+            target_bandwidth_gbps: float | None = None, shape: ModelShape | None = None) -> Prediction:
     """`target_bandwidth_gbps`: a measured figure (the host); otherwise the profile's, scaled to what is
     achievable."""
-    shape = model_shape(path)
+    shape = shape or model_shape(path)
     overhead = calibration.overhead_for(shape.weight_bytes)
     memory = shape.weight_bytes + kv_cache_bytes(shape, context, KV_BYTES.get(engine, 4)) + overhead
     if target_bandwidth_gbps is not None:

@@ -1,0 +1,122 @@
+"""Bundle parts without a build: safe extraction of archives, the deploy files per target, which kinds a build
+makes for a target, the stage cache."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from edgepack.archive import extracted, write_tar_gz
+from edgepack.build import variant_kinds
+from edgepack.deploy_files import JETSON_BASE_IMAGE, DeployContext, deploy_files
+from edgepack.errors import EdgepackError
+from edgepack.manifest import BundleInvalidError
+from edgepack.stage_cache import StageCache
+from edgepack.targets import resolve_target
+
+
+def make_tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for info, data in members:
+            if data is not None:
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return path
+
+
+def file_member(name: str, data: bytes = b"x") -> tuple[tarfile.TarInfo, bytes]:
+    return tarfile.TarInfo(name), data
+
+
+def link_member(name: str, target: str, kind: bytes) -> tuple[tarfile.TarInfo, None]:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = target
+    return info, None
+
+
+@pytest.mark.parametrize("members, why", [
+    ([file_member("/etc/evil")], "has an absolute path"),
+    ([file_member("bundle/../../evil")], "climbs out of the tree"),
+    ([file_member("bundle/ok"), link_member("bundle/link", "/etc/passwd", tarfile.SYMTYPE)], "is a link"),
+    ([file_member("bundle/ok"), link_member("bundle/hard", "../../outside", tarfile.LNKTYPE)], "is a link"),
+    ([file_member("bundle/ok"), link_member("bundle/fifo", "", tarfile.FIFOTYPE)], "special file"),
+    ([file_member("one/a"), file_member("two/b")], "one top-level bundle folder"),
+])
+def test_a_malicious_archive_is_refused_and_nothing_is_written(tmp_path: Path, members, why):
+    archive = make_tar(tmp_path / "evil.tar.gz", members)
+    before = set(tmp_path.parent.rglob("*"))
+    with pytest.raises(BundleInvalidError, match=why):
+        with extracted(archive):
+            pass
+    assert set(tmp_path.parent.rglob("*")) == before
+
+
+def test_an_archive_round_trips(tmp_path: Path):
+    bundle = tmp_path / "b"
+    (bundle / "model").mkdir(parents=True)
+    (bundle / "model" / "m.gguf").write_bytes(b"weights")
+    (bundle / "run.sh").write_text("#!/bin/sh\n")
+    (bundle / "run.sh").chmod(0o755)
+    (bundle / ".venv").mkdir()  # made by install.sh on the device: not shipped
+    (bundle / ".venv" / "junk").write_text("x")
+    write_tar_gz(bundle, tmp_path / "b.tar.gz")
+    with extracted(tmp_path / "b.tar.gz") as out:
+        assert out.name == "b"
+        assert (out / "model" / "m.gguf").read_bytes() == b"weights"
+        assert (out / "run.sh").stat().st_mode & 0o100
+        assert not (out / ".venv").exists()
+
+
+def context_for(target_name: str, kind: str = "gguf-q8_0", engine: str = "llamacpp") -> DeployContext:
+    return DeployContext(bundle_name=f"m-{target_name}", model_id="m", variant_kind=kind, engine=engine,
+                         model_path=f"model/{kind}.gguf" if kind.startswith("gguf") else "model", context=4096,
+                         threads=6, port=8080, target=resolve_target(target_name), has_wheels=False)
+
+
+def test_jetson_gets_an_l4t_container_with_cuda_llama_cpp_and_a_memory_cap():
+    files = deploy_files(context_for("jetson-orin-nano-8gb"))
+    dockerfile = files["deploy/Dockerfile"][0]
+    assert f"FROM {JETSON_BASE_IMAGE}" in dockerfile and 'CMAKE_ARGS="-DGGML_CUDA=on"' in dockerfile
+    assert "--runtime nvidia" in dockerfile
+    unit = files["deploy/edgepack-m-jetson-orin-nano-8gb.service"][0]
+    assert "MemoryMax=5632M" in unit and "ExecStart=/opt/edgepack/m-jetson-orin-nano-8gb/run.sh" in unit
+    assert files["deploy/Modelfile"][0].splitlines()[3:5] == ["FROM ../model/gguf-q8_0.gguf", "PARAMETER num_ctx 4096"]
+    assert files["run.sh"][1] is True
+
+
+def test_other_targets_get_a_slim_python_base_and_onnx_has_no_modelfile():
+    files = deploy_files(context_for("raspberry-pi-5-8gb", kind="onnx-int8", engine="onnxrt"))
+    dockerfile = files["deploy/Dockerfile"][0]
+    assert "FROM python:3.11-slim" in dockerfile and "build-essential" not in dockerfile
+    assert "deploy/Modelfile" not in files
+    assert files["run.bat"][0].count("\r\n") == files["run.bat"][0].count("\n")
+
+
+def test_build_kinds_follow_formats_and_the_target():
+    host = resolve_target("host")
+    assert variant_kinds(("gguf",), host) == ["gguf-f16", "gguf-q8_0", "gguf-q4_k_m"]
+    assert variant_kinds(("onnx", "gguf-q8_0"), host) == ["onnx-fp32", "onnx-int8", "onnx-int4", "gguf-q8_0"]
+    with pytest.raises(EdgepackError, match="'tflite' is not a format or variant kind"):
+        variant_kinds(("tflite",), host)
+    onnx_only = resolve_target(None, None)
+    onnx_only = type(onnx_only)(**{**onnx_only.__dict__, "name": "npu-box", "formats": ("onnx",)})
+    with pytest.raises(EdgepackError, match="target npu-box runs onnx only"):
+        variant_kinds(("gguf",), onnx_only)
+
+
+def test_a_cache_entry_exists_whole_or_not_at_all(tmp_path: Path):
+    cache = StageCache(tmp_path)
+
+    def fails(directory: Path) -> dict:
+        (directory / "half").write_text("x")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        cache.store("stage", "k", fails)
+    assert cache.load("stage", "k") is None and not cache.entry("stage", "k").exists()
+    record, entry = cache.store("stage", "k", lambda directory: {"n": 1})
+    assert cache.load("stage", "k") == {"n": 1} and entry == cache.entry("stage", "k")
