@@ -125,7 +125,9 @@ def predict(path: Path, engine: str, target: TargetProfile, calibration: EngineC
         bandwidth, how = None, "no bandwidth known for the target"
     per_token = bytes_per_token(shape, context // 2, engine)
     decode = calibration.efficiency * bandwidth * 1e9 / per_token if bandwidth else None
-    basis = (f"prediction: memory = weights {shape.weight_bytes / 2**20:.0f} MiB + KV cache at {context} tokens + "
+    kv = kv_cache_bytes(shape, context, KV_BYTES.get(engine, 4))
+    basis = (f"prediction: memory = weights {shape.weight_bytes / 2**20:.0f} MiB + KV cache {kv / 2**20:.0f} MiB at "
+             f"{context} tokens + "
              f"{engine} overhead {overhead / 2**20:.0f} MiB (from {calibration.from_variant} measured on this host); "
              "decode = "
              f"{calibration.efficiency:.2f} (efficiency of {engine} measured here on {calibration.from_variant}) x "

@@ -20,7 +20,7 @@ from edgepack.progress import say
 from edgepack.targets import TargetProfile
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-SERVE_PACKAGES = ("click", "rich", "psutil", "numpy", "fastapi", "uvicorn", "tomli")
+SERVE_PACKAGES = ("click", "rich", "psutil", "numpy", "fastapi", "uvicorn", "httpx", "tomli")
 ENGINE_PACKAGES = {"llamacpp": ("llama-cpp-python",), "onnxrt": ("onnxruntime", "transformers", "tokenizers")}
 # scikit-build-core looks for these on the device and asks for them as build requirements when absent
 NATIVE_BUILD_TOOLS = ("cmake>=3.21", "ninja")
@@ -42,14 +42,24 @@ class WheelSet:
     requirements: tuple[str, ...]
 
 
-def serve_requirements(engine: str) -> list[str]:
-    """edgepack's own requirement strings (with their version ranges) for what serving with `engine` imports."""
+def serve_requirements(engine: str, python_version: str) -> list[str]:
+    """edgepack's own requirement strings (with their version ranges) for what serving with `engine` imports, their
+    environment markers evaluated for the target's Python (pip would evaluate them for the one running here)."""
+    from packaging.requirements import Requirement
+
     wanted = {*SERVE_PACKAGES, *ENGINE_PACKAGES.get(engine, ())}
     out = []
-    for requirement in metadata.requires("edgepack") or []:
-        name = re.split(r"[\s<>=!~;\[]", requirement, maxsplit=1)[0].lower()
-        if name in wanted and "extra ==" not in requirement:
-            out.append(requirement)
+    for text in metadata.requires("edgepack") or []:
+        requirement = Requirement(text)
+        if requirement.name.lower() not in wanted:
+            continue
+        if requirement.marker is not None:
+            environment = {"python_version": python_version, "python_full_version": f"{python_version}.0",
+                           "extra": ""}
+            if not requirement.marker.evaluate(environment):
+                continue
+            requirement.marker = None
+        out.append(str(requirement))
     return out
 
 
@@ -105,7 +115,7 @@ def download_wheels(dest: Path, engine: str, target: TargetProfile) -> WheelSet:
     done = _pip("wheel", "--no-deps", "--quiet", "--wheel-dir", str(dest), str(PROJECT_ROOT))
     if done.returncode != 0:
         raise EdgepackError(f"building edgepack's wheel failed: {done.stderr.strip()[-500:]}")
-    requirements = serve_requirements(engine)
+    requirements = serve_requirements(engine, target.python_version)
     binary, sources = list(requirements), []
     target_args = [arg for tag in platform_tags(target.python_platform) for arg in ("--platform", tag)]
     target_args += ["--python-version", target.python_version, "--implementation", "cp"]

@@ -24,3 +24,14 @@ class HFTokenizerText:
         if not self.tokenizer.chat_template:
             raise EdgepackError(f"{self.path.name} has no chat template; use a plain prompt instead of chat")
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def end_of_generation_ids(generation_config, config, tokenizer) -> frozenset[int]:
+    """Every token that ends generation: generation_config's and config's eos ids, and the tokenizer's."""
+    ids = set()
+    for source in (generation_config, config):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        ids.update(value if isinstance(value, (list, tuple)) else [value] if value is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(int(i) for i in ids)

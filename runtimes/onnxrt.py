@@ -16,8 +16,7 @@ import numpy as np
 
 from edgepack.errors import EdgepackError
 from runtimes.base import DEFAULT_CONTEXT_CAP, LoadOptions, Runtime, physical_cores
-from runtimes.hf_text import HFTokenizerText
-from runtimes.torch_reference import end_of_generation_ids
+from runtimes.hf_text import HFTokenizerText, end_of_generation_ids
 
 MODEL_FILE = "model.onnx"
 _PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)")

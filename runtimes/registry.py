@@ -14,8 +14,22 @@ RUNTIME_GROUP = "edgepack.runtimes"
 
 
 @functools.lru_cache(maxsize=1)
+def _load_entry_points() -> tuple[dict[str, type[Runtime]], dict[str, str]]:
+    """The engines whose libraries import here, and why each other one does not (a device that installed only
+    what serving one bundle needs has one engine)."""
+    found, missing = {}, {}
+    for entry in metadata.entry_points(group=RUNTIME_GROUP):
+        try:
+            found[entry.name] = entry.load()
+        except ImportError as exc:
+            missing[entry.name] = str(exc)
+    return found, missing
+
+
 def runtime_classes() -> dict[str, type[Runtime]]:
-    found = {entry.name: entry.load() for entry in metadata.entry_points(group=RUNTIME_GROUP)}
+    found, missing = _load_entry_points()
+    if not found and missing:
+        raise EdgepackError("no engine can be loaded here: " + "; ".join(f"{k}: {v}" for k, v in missing.items()))
     if not found:
         raise EdgepackError("no runtimes are registered: install edgepack (pip install -e .) so its entry points "
                             "exist")
@@ -28,6 +42,10 @@ def open_runtime(path: Path, options: LoadOptions | None = None, engine: str | N
     classes = runtime_classes()
     if engine is not None:
         if engine not in classes:
+            unavailable = _load_entry_points()[1]
+            if engine in unavailable:
+                raise EdgepackError(f"engine {engine!r} is not usable here: {unavailable[engine]} (install its "
+                                    "library)")
             raise EdgepackError(f"unknown engine {engine!r}; accepted: {', '.join(classes)}")
         return classes[engine](path, options)
     if not path.exists():
@@ -36,8 +54,11 @@ def open_runtime(path: Path, options: LoadOptions | None = None, engine: str | N
     for cls in classes.values():
         if cls.can_load(path):
             return cls(path, options)
+    unavailable = _load_entry_points()[1]
+    also = f" (engines not usable here: {'; '.join(f'{k}: {v}' for k, v in unavailable.items())})" \
+        if unavailable else ""
     raise EdgepackError(f"{path} is not a variant edgepack can run: expected a .gguf file (llamacpp), a directory "
-                        "with model.onnx (onnxrt) or a Hugging Face model directory with safetensors (torch)")
+                        f"with model.onnx (onnxrt) or a Hugging Face model directory with safetensors (torch){also}")
 
 
 def engine_name_for(path: Path) -> str:

@@ -10,7 +10,7 @@ import torch
 
 from edgepack.errors import EdgepackError
 from runtimes.base import DEFAULT_CONTEXT_CAP, LoadOptions, Runtime, physical_cores
-from runtimes.hf_text import HFTokenizerText
+from runtimes.hf_text import HFTokenizerText, end_of_generation_ids
 
 _DEVICES = {"cpu": "cpu", "cuda": "cuda", "metal": "mps"}
 
@@ -24,17 +24,6 @@ def load_reference(model_path: Path):
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     model.eval()
     return model, AutoTokenizer.from_pretrained(model_path)
-
-
-def end_of_generation_ids(generation_config, config, tokenizer) -> frozenset[int]:
-    """Every token that ends generation: generation_config's and config's eos ids, and the tokenizer's."""
-    ids = set()
-    for source in (generation_config, config):
-        value = getattr(source, "eos_token_id", None) if source is not None else None
-        ids.update(value if isinstance(value, (list, tuple)) else [value] if value is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return frozenset(int(i) for i in ids)
 
 
 class TorchRuntime(HFTokenizerText, Runtime):
