@@ -429,12 +429,39 @@ def verify(bundle: Path, as_json: bool) -> None:
               help="Requests that may wait for the engine; past this the answer is 503 with Retry-After.")
 @click.option("--threads", type=int, default=None, help="Engine threads (default: the bundle's or physical cores).")
 @click.option("--context", type=int, default=None, help="Context to allocate (default: the bundle's).")
+@click.option("--policy", type=click.Choice(["local", "remote", "auto"]), default=None,
+              help="Routing: local only, always upstream, or auto (rules, then the local answer's confidence).")
+@click.option("--upstream", "upstream_url", default=None, help="Upstream OpenAI-compatible base URL (…/v1).")
+@click.option("--upstream-model", default=None, help="The upstream model's name.")
+@click.option("--upstream-key-env", default=None,
+              help="Environment variable holding the upstream API key (default EDGEPACK_UPSTREAM_API_KEY).")
+@click.option("--upstream-timeout", type=float, default=None, help="Seconds before upstream counts as down (30).")
+@click.option("--min-mean-logprob", type=float, default=None, help="auto: below this mean logprob, go upstream.")
+@click.option("--min-token-logprob", type=float, default=None, help="auto: a token below this, go upstream.")
+@click.option("--route-pattern", "patterns", multiple=True, help="auto: a prompt matching this regex goes upstream.")
+@click.option("--router-config", type=click.Path(path_type=Path), default=None,
+              help="Router settings file (from `edgepack route calibrate`); options above override it.")
 @handles_errors
 def serve(path: Path, host: str | None, port: int | None, api_key: str | None, api_key_file: Path | None,
-          max_queue: int, threads: int | None, context: int | None) -> None:
-    """Serve a bundle (verified first; one that fails is refused) or a variant over the OpenAI API."""
+          max_queue: int, threads: int | None, context: int | None, policy: str | None, upstream_url: str | None,
+          upstream_model: str | None, upstream_key_env: str | None, upstream_timeout: float | None,
+          min_mean_logprob: float | None, min_token_logprob: float | None, patterns: tuple[str, ...],
+          router_config: Path | None) -> None:
+    """Serve a bundle (verified first; one that fails is refused) or a variant over the OpenAI API, optionally
+    routing hard requests to an upstream model."""
     from edgepack.local_model import defaults_for
+    from edgepack.router import RouterConfig
     from edgepack.server import ServerConfig, serve_path
+
+    overrides = {"policy": policy, "upstream_url": upstream_url, "upstream_model": upstream_model,
+                 "key_env": upstream_key_env, "timeout_s": upstream_timeout, "min_mean_logprob": min_mean_logprob,
+                 "min_token_logprob": min_token_logprob, "patterns": patterns or None}
+    if router_config is not None:
+        router = RouterConfig.from_file(router_config, **overrides)
+    else:
+        router = RouterConfig(**{k: (tuple(v) if k == "patterns" else v) for k, v in overrides.items()
+                                 if v is not None})
+    router.check_ready()
 
     if api_key_file is not None:
         if not api_key_file.is_file():
@@ -446,7 +473,44 @@ def serve(path: Path, host: str | None, port: int | None, api_key: str | None, a
         raise click.BadParameter("must be 0 or more", param_hint="--max-queue")
     defaults = defaults_for(path)
     config = ServerConfig(host=host or defaults.host, port=port if port is not None else defaults.port,
-                          api_key=api_key, max_queue=max_queue)
+                          api_key=api_key, max_queue=max_queue, router=router)
     STDERR.print(f"serving {defaults.model_id} on http://{config.host}:{config.port}/v1 (loading the model; "
                  "GET /health answers 200 once it is ready)", highlight=False)
     serve_path(path, config, threads=threads, context=context)
+
+
+@main.group()
+def route() -> None:
+    """Hybrid routing settings."""
+
+
+@route.command("calibrate")
+@click.argument("prompts_file", type=click.Path(path_type=Path))
+@click.option("--model", "model_path", required=True, type=click.Path(path_type=Path),
+              help="The bundle or variant the server will run.")
+@click.option("--local-share", type=float, default=0.7, show_default=True, help="Share of requests to keep local.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=Path("router.json"),
+              show_default=True, help="Router settings file to write the threshold to (created if absent).")
+@click.option("--max-tokens", type=int, default=64, show_default=True, help="Tokens of each local answer scored.")
+@click.option("--json", "as_json", is_flag=True)
+@handles_errors
+def route_calibrate(prompts_file: Path, model_path: Path, local_share: float, config_path: Path, max_tokens: int,
+                    as_json: bool) -> None:
+    """Pick the confidence threshold (mean token log-probability) that keeps --local-share of PROMPTS_FILE
+    (JSONL of {"prompt"} or {"messages"}) local, and write it to the router config."""
+    from edgepack.local_model import load
+    from edgepack.route_calibrate import calibrate, load_prompts, write_threshold
+
+    prompts = load_prompts(prompts_file)
+    model = load(model_path)
+    try:
+        calibration = calibrate(model, prompts, local_share, max_tokens)
+    finally:
+        model.close()
+    write_threshold(config_path, calibration)
+    if as_json:
+        _print_json({**to_json_dict(calibration), "config": str(config_path)})
+        return
+    click.echo(f"threshold {calibration.threshold:.4f} (mean token log-probability) keeps "
+               f"{calibration.local_share:.0%} of {calibration.prompts} prompts local (asked {local_share:.0%}); "
+               f"written to {config_path}")

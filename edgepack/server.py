@@ -14,7 +14,7 @@ import json
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
@@ -25,6 +25,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from edgepack.api_schema import ChatRequest, CompletionRequest, error_body
 from edgepack.errors import EdgepackError
 from edgepack.local_model import LocalModel
+from edgepack.router import (ROUTE_HEADER, RouterConfig, Upstream, UpstreamError, confidence_of, low_confidence,
+                             rule_reason)
 from edgepack.server_metrics import Metrics
 from runtimes.base import GenerationChunk, GenerationOptions
 
@@ -36,6 +38,7 @@ class ServerConfig:
     api_key: str | None = None
     max_queue: int = 16  # requests waiting for the engine beyond the one it runs
     retry_after_s: int = 2
+    router: RouterConfig = field(default_factory=RouterConfig)
 
 
 class ApiError(Exception):
@@ -63,6 +66,7 @@ class ServerState:
         self.engine = asyncio.Lock()
         self.in_flight = 0  # running + waiting
         self.metrics = Metrics()
+        self.upstream = Upstream(config.router) if config.router.policy != "local" else None
 
     def require_model(self) -> LocalModel:
         if self.model is None:
@@ -75,9 +79,6 @@ def _plan(model: LocalModel, request: ChatRequest | CompletionRequest) -> Genera
     problem = request.unsupported()
     if problem is not None:
         raise ApiError(400, f"unsupported value: {problem}", param=problem.split(":")[0])
-    if request.model != model.model_id:
-        raise ApiError(404, f"The model '{request.model}' does not exist; this server serves '{model.model_id}' "
-                            "(GET /v1/models)", param="model", code="model_not_found")
     if isinstance(request, ChatRequest):
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in request.messages]
@@ -105,6 +106,7 @@ def _logprob_entry(model: LocalModel, token_id: int, logprob: float) -> dict[str
 def create_app(config: ServerConfig, loader: Callable[[], LocalModel] | None = None,
                model: LocalModel | None = None) -> FastAPI:
     """`loader` runs in a thread once the server is up (so /health can say 'loading'); or pass a loaded model."""
+    config.router.check_ready()
     state = ServerState(config)
     state.model = model
 
@@ -118,6 +120,8 @@ def create_app(config: ServerConfig, loader: Callable[[], LocalModel] | None = N
                     state.load_error = f"the model failed to load: {exc}"
             threading.Thread(target=load, name="edgepack-load", daemon=True).start()
         yield
+        if state.upstream is not None:
+            await state.upstream.close()
 
     app = FastAPI(title="edgepack", lifespan=lifespan)
     app.state.edgepack = state
@@ -155,7 +159,8 @@ def create_app(config: ServerConfig, loader: Callable[[], LocalModel] | None = N
     @app.get("/health")
     async def health() -> JSONResponse:
         if state.model is not None:
-            return JSONResponse({"status": "ok", "model": state.model.model_id})
+            return JSONResponse({"status": "ok", "model": state.model.model_id, "routing": state.config.router.policy,
+                                 "answers": state.metrics.answers(), "local_share": state.metrics.local_share()})
         if state.load_error:
             return JSONResponse({"status": "error", "error": state.load_error}, status_code=500)
         return JSONResponse({"status": "loading"}, status_code=503)
@@ -168,16 +173,18 @@ def create_app(config: ServerConfig, loader: Callable[[], LocalModel] | None = N
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         loaded = state.require_model()
-        return {"object": "list", "data": [{"id": loaded.model_id, "object": "model", "created": 0,
-                                            "owned_by": "edgepack"}]}
+        data = [{"id": loaded.model_id, "object": "model", "created": 0, "owned_by": "edgepack"}]
+        if config.router.policy != "local":
+            data.append({"id": config.router.upstream_model, "object": "model", "created": 0, "owned_by": "upstream"})
+        return {"object": "list", "data": data}
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
-        return await _serve(state, body, request)
+        return await _serve(state, body, "/chat/completions")
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        return await _serve(state, body, request)
+        return await _serve(state, body, "/completions")
 
     return app
 
@@ -191,22 +198,113 @@ def _admit(state: ServerState) -> None:
     state.in_flight += 1
 
 
-async def _serve(state: ServerState, body: ChatRequest | CompletionRequest, request: Request):
+def _prompt_text(body: ChatRequest | CompletionRequest) -> str:
+    if isinstance(body, ChatRequest):
+        return "\n".join(m.text() for m in body.messages)
+    return body.text()
+
+
+async def _serve(state: ServerState, body: ChatRequest | CompletionRequest, route: str):
+    """Route one request: by rule to upstream, or locally (with a confidence check under `auto`)."""
     model = state.require_model()
+    router = state.config.router
+    served = {model.model_id} | ({router.upstream_model} if router.policy != "local" else set())
+    if body.model not in served:
+        raise ApiError(404, f"The model '{body.model}' does not exist; this server serves "
+                            f"{', '.join(repr(m) for m in sorted(served))} (GET /v1/models)", param="model",
+                       code="model_not_found")
+    too_long: ApiError | None = None
     try:
-        plan = await asyncio.to_thread(_plan, model, body)
+        plan: GenerationPlan | None = await asyncio.to_thread(_plan, model, body)
+    except ApiError as exc:
+        if exc.body["error"]["code"] != "context_length_exceeded" or router.policy == "local":
+            raise
+        plan, too_long = None, exc
     except EdgepackError as exc:
         raise ApiError(400, str(exc)) from exc
+    forwarded = body.model_dump(exclude_none=True)
+    reason = rule_reason(router, body.model, _prompt_text(body), fits_locally=plan is not None)
+    if reason is not None:
+        return await _upstream_or_local(state, model, plan, body, route, forwarded, too_long)
+    assert plan is not None
     _admit(state)
     ident = ("chatcmpl-" if plan.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+    if router.policy != "auto":
+        state.metrics.count_route("local")
+        if body.stream:
+            return _streaming(state, model, plan, ident, _chunks(state, model, plan), "local")
+        try:
+            chunks = await _generate_all(state, model, plan)
+        finally:
+            state.in_flight -= 1
+        return JSONResponse(_whole_response(model, plan, ident, chunks), headers={ROUTE_HEADER: "local"})
+    # auto: the whole local answer first, with its log-probabilities, to judge it
+    scored = replace(plan, options=replace(plan.options, logprobs=True))
+    try:
+        chunks = await _generate_all(state, model, scored)
+    finally:
+        state.in_flight -= 1
+    confidence = confidence_of([c.logprob for c in chunks if _visible(model, c) and c.logprob is not None])
+    doubt = low_confidence(router, confidence)
+    if doubt is not None and state.upstream is not None:
+        try:
+            return await _from_upstream(state, route, forwarded, body.stream)
+        except UpstreamError:
+            route_name = "local-fallback"
+    else:
+        route_name = "local"
+    state.metrics.count_route(route_name)
     if body.stream:
-        return StreamingResponse(_stream_events(state, model, plan, ident), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        state.in_flight += 1  # released by the stream, like a live one
+        return _streaming(state, model, plan, ident, _replay(chunks), route_name)
+    return JSONResponse(_whole_response(model, plan, ident, chunks), headers={ROUTE_HEADER: route_name})
+
+
+async def _replay(chunks: list[GenerationChunk]) -> AsyncIterator[GenerationChunk]:
+    for chunk in chunks:
+        yield chunk
+
+
+async def _from_upstream(state: ServerState, route: str, forwarded: dict[str, Any], stream: bool):
+    assert state.upstream is not None
+    if stream:
+        relay = await state.upstream.open_stream(route, forwarded)
+        state.metrics.count_route("remote")
+        return StreamingResponse(relay, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", ROUTE_HEADER: "remote"})
+    answer = await state.upstream.complete(route, forwarded)
+    state.metrics.count_route("remote")
+    return JSONResponse(answer, headers={ROUTE_HEADER: "remote"})
+
+
+async def _upstream_or_local(state: ServerState, model: LocalModel, plan: GenerationPlan | None,
+                             body: ChatRequest | CompletionRequest, route: str, forwarded: dict[str, Any],
+                             too_long: ApiError | None):
+    """A request the rules send upstream; when upstream cannot answer, the local model does (if it can)."""
+    try:
+        return await _from_upstream(state, route, forwarded, body.stream)
+    except UpstreamError as exc:
+        if plan is None:
+            assert too_long is not None
+            raise ApiError(502, f"{exc}, and the prompt is too long for the local model: "
+                                f"{too_long.body['error']['message']}", "server_error",
+                           code="upstream_unavailable") from exc
+    _admit(state)
+    state.metrics.count_route("local-fallback")
+    ident = ("chatcmpl-" if plan.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+    if body.stream:
+        return _streaming(state, model, plan, ident, _chunks(state, model, plan), "local-fallback")
     try:
         chunks = await _generate_all(state, model, plan)
     finally:
         state.in_flight -= 1
-    return JSONResponse(_whole_response(model, plan, ident, chunks))
+    return JSONResponse(_whole_response(model, plan, ident, chunks), headers={ROUTE_HEADER: "local-fallback"})
+
+
+def _streaming(state: ServerState, model: LocalModel, plan: GenerationPlan, ident: str,
+               chunks: AsyncIterator[GenerationChunk], route_name: str) -> StreamingResponse:
+    return StreamingResponse(_stream_events(state, model, plan, ident, chunks), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", ROUTE_HEADER: route_name})
 
 
 async def _generate_all(state: ServerState, model: LocalModel, plan: GenerationPlan) -> list[GenerationChunk]:
@@ -303,8 +401,8 @@ def _sse(payload: dict[str, Any] | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-async def _stream_events(state: ServerState, model: LocalModel, plan: GenerationPlan,
-                         ident: str) -> AsyncIterator[bytes]:
+async def _stream_events(state: ServerState, model: LocalModel, plan: GenerationPlan, ident: str,
+                         chunks: AsyncIterator[GenerationChunk]) -> AsyncIterator[bytes]:
     created = int(time.time())
     chat = plan.kind == "chat"
     kind = "chat.completion.chunk" if chat else "text_completion"
@@ -325,7 +423,7 @@ async def _stream_events(state: ServerState, model: LocalModel, plan: Generation
         if chat:
             yield event(None, None, role=True)
         finish = "length"
-        async for chunk in _chunks(state, model, plan):
+        async for chunk in chunks:
             visible = _visible(model, chunk)
             made += visible
             logprob = _logprob_entry(model, chunk.token_id, chunk.logprob) \

@@ -31,6 +31,16 @@ class Metrics:
         with self._lock:
             self.routes[served_by] += 1
 
+    def answers(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.routes)
+
+    def local_share(self) -> float | None:
+        """The share of answers the local model gave (its fallbacks included)."""
+        with self._lock:
+            total = sum(self.routes.values())
+            return (self.routes["local"] + self.routes["local-fallback"]) / total if total else None
+
     def observe_ttft(self, seconds: float) -> None:
         with self._lock:
             self.ttft_count += 1

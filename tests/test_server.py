@@ -1,0 +1,259 @@
+"""The OpenAI-compatible server, started for real on 127.0.0.1 over a tiny GGUF, driven by the official `openai`
+client: chat and completions (streaming and not), logprobs, seeds, auth, error shapes, the queue bound,
+cancellation on disconnect, /health and /metrics."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from edgepack.convert import convert
+from edgepack.local_model import LocalModel, load
+from edgepack.registry import ConvertOptions
+from edgepack.server import ServerConfig, start_server_thread
+
+MODEL_ID = "tiny-chat"
+CONTEXT = 256
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_model, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("server-model")
+    convert(tiny_model("llama-bpe"), ["gguf-f32"], out, ConvertOptions(show_progress=False))
+    return out / "gguf-f32.gguf"
+
+
+def open_model(path: Path, model_id: str = MODEL_ID, cls: type[LocalModel] = LocalModel,
+               context: int = CONTEXT) -> LocalModel:
+    loaded = load(path, context=context)
+    return cls(loaded.runtime, model_id)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_gguf):
+    model = open_model(tiny_gguf)
+    running = start_server_thread(model, ServerConfig(port=0))
+    yield running
+    running.stop()
+    model.close()
+
+
+@pytest.fixture()
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+MESSAGES = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "Say hello to the sea."}]
+
+
+def test_chat_non_streaming_and_streaming_agree(client):
+    raw = client.chat.completions.with_raw_response.create(model=MODEL_ID, messages=MESSAGES, max_tokens=12,
+                                                           temperature=0)
+    assert raw.headers["x-edgepack-route"] == "local"
+    whole = raw.parse()
+    choice = whole.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    assert whole.usage.completion_tokens <= 12 and whole.usage.prompt_tokens > 10
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
+    stream = client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    pieces, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            pieces.append(c.delta.content or "")
+            finish = c.finish_reason or finish
+    assert "".join(pieces) == choice.message.content
+    assert finish == choice.finish_reason and usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_completions_count_tokens_and_stream(client, server):
+    whole = client.completions.create(model=MODEL_ID, prompt="The sea and the", max_tokens=6, temperature=0)
+    assert whole.object == "text_completion" and whole.usage.completion_tokens <= 6
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL_ID, prompt="The sea and the", max_tokens=6, temperature=0, stream=True) if c.choices)
+    assert streamed == whole.choices[0].text
+
+
+def test_logprobs_seed_and_stop(client):
+    answer = client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, max_tokens=8, temperature=0,
+                                            logprobs=True)
+    entries = answer.choices[0].logprobs.content
+    assert len(entries) == answer.usage.completion_tokens and all(e.logprob <= 0 for e in entries)
+    assert "".join(e.token for e in entries) == answer.choices[0].message.content
+    first = client.completions.create(model=MODEL_ID, prompt="Once", max_tokens=10, temperature=1.0, seed=7)
+    second = client.completions.create(model=MODEL_ID, prompt="Once", max_tokens=10, temperature=1.0, seed=7)
+    assert first.choices[0].text == second.choices[0].text
+    text = first.choices[0].text
+    if len(text) > 3:
+        stop = text[2:4]
+        stopped = client.completions.create(model=MODEL_ID, prompt="Once", max_tokens=10, temperature=1.0, seed=7,
+                                            stop=[stop])
+        assert stopped.choices[0].text == text[:text.index(stop)] and stopped.choices[0].finish_reason == "stop"
+
+
+def test_models_and_health(client, server):
+    assert [m.id for m in client.models.list()] == [MODEL_ID]
+    health = httpx.get(f"{server.url}/health").json()
+    assert health["status"] == "ok" and health["model"] == MODEL_ID
+
+
+@pytest.mark.parametrize("body, status, expected", [
+    ('{"model": "tiny-chat", "messages": [', 400, "not valid JSON"),
+    ({"model": MODEL_ID, "messages": MESSAGES, "max_tokens": "many"}, 400, "max_tokens"),
+    ({"model": MODEL_ID, "messages": MESSAGES, "tools_choice": "auto"}, 400,
+     "Unrecognized request argument supplied: tools_choice"),
+    ({"model": MODEL_ID, "messages": []}, 400, "messages"),
+    ({"model": MODEL_ID, "messages": MESSAGES, "n": 3}, 400, "only 1 choice"),
+    ({"model": "gpt-9", "messages": MESSAGES}, 404, "The model 'gpt-9' does not exist"),
+    ({"model": MODEL_ID, "messages": [{"role": "user", "content": "sea " * 400}]}, 400,
+     f"maximum context length is {CONTEXT} tokens"),
+])
+def test_errors_use_openai_shape(server, body, status, expected):
+    content = body if isinstance(body, str) else json.dumps(body)
+    response = httpx.post(f"{server.url}/v1/chat/completions", content=content,
+                          headers={"Content-Type": "application/json"})
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert expected in error["message"] and error["type"] in ("invalid_request_error", "server_error")
+    if "context length" in expected:
+        assert error["code"] == "context_length_exceeded"
+
+
+def test_openai_client_sees_the_right_exceptions(client):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-9", messages=MESSAGES)
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 256 tokens") as info:
+        client.completions.create(model=MODEL_ID, prompt="sea " * 400, max_tokens=4)
+    assert info.value.code == "context_length_exceeded"
+
+
+def test_api_key_is_required_on_v1_routes(tiny_gguf):
+    model = open_model(tiny_gguf)
+    running = start_server_thread(model, ServerConfig(port=0, api_key="s3cret"))
+    try:
+        wrong = openai.OpenAI(base_url=f"{running.url}/v1", api_key="nope", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            wrong.models.list()
+        assert httpx.post(f"{running.url}/v1/completions", json={"model": MODEL_ID, "prompt": "x"}).status_code == 401
+        right = openai.OpenAI(base_url=f"{running.url}/v1", api_key="s3cret", max_retries=0)
+        assert right.completions.create(model=MODEL_ID, prompt="x", max_tokens=2).usage.completion_tokens <= 2
+        assert httpx.get(f"{running.url}/health").status_code == 200  # health and metrics stay open locally
+        metrics = httpx.get(f"{running.url}/metrics").text
+        assert 'edgepack_requests_total{route="/v1/models",status="401"} 1' in metrics
+    finally:
+        running.stop()
+        model.close()
+
+
+class GatedModel(LocalModel):
+    """The real model, but each generation waits for `gate` before it starts and paces its tokens, so a test can
+    hold the engine busy; what each generation ended with is recorded."""
+
+    def __init__(self, runtime, model_id):
+        super().__init__(runtime, model_id)
+        self.gate = threading.Event()
+        self.finished: list[tuple[str | None, int]] = []
+
+    def stream_ids(self, prompt_ids, options, cancel=None):
+        self.gate.wait(30)
+        made, reason = 0, None
+        for chunk in super().stream_ids(prompt_ids, replace(options, ignore_eos=True), cancel):
+            made += chunk.token_id is not None
+            reason = chunk.finish_reason or reason
+            time.sleep(0.02)
+            yield chunk
+        self.finished.append((reason, made))
+
+
+def test_the_queue_is_bounded_with_503_and_retry_after(tiny_gguf):
+    model = open_model(tiny_gguf, cls=GatedModel)
+    running = start_server_thread(model, ServerConfig(port=0, max_queue=2, retry_after_s=3))
+    body = {"model": MODEL_ID, "prompt": "The sea", "max_tokens": 3}
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            held = [pool.submit(httpx.post, f"{running.url}/v1/completions", json=body, timeout=60)
+                    for _ in range(3)]
+            deadline = time.monotonic() + 10
+            while "edgepack_in_flight_requests 3" not in httpx.get(f"{running.url}/metrics").text:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            assert "edgepack_queue_depth 2" in httpx.get(f"{running.url}/metrics").text
+            busy = httpx.post(f"{running.url}/v1/completions", json=body, timeout=10)
+            assert busy.status_code == 503 and busy.headers["retry-after"] == "3"
+            assert busy.json()["error"]["code"] == "queue_full"
+            model.gate.set()
+            assert [f.result().status_code for f in held] == [200, 200, 200]
+        metrics = httpx.get(f"{running.url}/metrics").text
+        assert 'edgepack_requests_total{route="/v1/completions",status="503"} 1' in metrics
+        assert "edgepack_in_flight_requests 0" in metrics
+    finally:
+        model.gate.set()
+        running.stop()
+        model.close()
+
+
+def test_a_client_that_disconnects_mid_stream_stops_its_generation(tiny_gguf):
+    model = open_model(tiny_gguf, cls=GatedModel)
+    model.gate.set()
+    running = start_server_thread(model, ServerConfig(port=0))
+    try:
+        with httpx.stream("POST", f"{running.url}/v1/completions", timeout=30,
+                          json={"model": MODEL_ID, "prompt": "The sea", "max_tokens": 200, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    break  # one token, then hang up
+        deadline = time.monotonic() + 10
+        while not model.finished:
+            assert time.monotonic() < deadline, "the generation did not stop after the client left"
+            time.sleep(0.05)
+        reason, made = model.finished[0]
+        assert reason == "cancelled" and made < 100
+        # the engine is free again
+        answer = httpx.post(f"{running.url}/v1/completions", timeout=30,
+                            json={"model": MODEL_ID, "prompt": "The sea", "max_tokens": 2})
+        assert answer.status_code == 200
+    finally:
+        running.stop()
+        model.close()
+
+
+def test_metrics_count_requests_tokens_and_first_token_time(client, server):
+    client.completions.create(model=MODEL_ID, prompt="The sea", max_tokens=4, temperature=0)
+    text = httpx.get(f"{server.url}/metrics").text
+    lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    assert int(lines['edgepack_requests_total{route="/v1/completions",status="200"}']) >= 1
+    assert int(lines["edgepack_completion_tokens_total"]) >= 1 and int(lines["edgepack_prompt_tokens_total"]) >= 1
+    assert int(lines["edgepack_time_to_first_token_seconds_count"]) >= 1
+    assert float(lines["edgepack_decode_tokens_per_second"]) > 0
+
+
+def test_embedded_load_chat_complete_and_serve(tiny_gguf):
+    import edgepack
+
+    model = edgepack.load(tiny_gguf, context=CONTEXT)
+    try:
+        reply = model.chat(MESSAGES, max_tokens=6)
+        streamed = "".join(model.chat(MESSAGES, max_tokens=6, stream=True))
+        assert streamed == reply.text and reply.completion_tokens <= 6
+        assert "".join(model.complete("The sea", max_tokens=4, stream=True)) == \
+            model.complete("The sea", max_tokens=4).text
+        running = model.serve(port=0)
+        try:
+            client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="x", max_retries=0)
+            served = client.chat.completions.create(model=model.model_id, messages=MESSAGES, max_tokens=6,
+                                                    temperature=0)
+            assert served.choices[0].message.content == reply.text
+        finally:
+            running.stop()
+    finally:
+        model.close()
