@@ -37,3 +37,14 @@ def stories_dir() -> Path:
 
 
 ALL_TINY_MODELS = sorted(TINY_MODELS)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_model, tmp_path_factory) -> Path:
+    """A tiny llama with a ChatML template as a GGUF F32: what the server and router tests serve."""
+    from edgepack.convert import convert
+    from edgepack.registry import ConvertOptions
+
+    out = tmp_path_factory.mktemp("server-model")
+    convert(tiny_model("llama-bpe"), ["gguf-f32"], out, ConvertOptions(show_progress=False))
+    return out / "gguf-f32.gguf"

@@ -9,32 +9,14 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from edgepack.convert import convert
-from edgepack.local_model import LocalModel, load
-from edgepack.registry import ConvertOptions
+from edgepack.local_model import LocalModel
 from edgepack.server import ServerConfig, start_server_thread
-
-MODEL_ID = "tiny-chat"
-CONTEXT = 256
-
-
-@pytest.fixture(scope="session")
-def tiny_gguf(tiny_model, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("server-model")
-    convert(tiny_model("llama-bpe"), ["gguf-f32"], out, ConvertOptions(show_progress=False))
-    return out / "gguf-f32.gguf"
-
-
-def open_model(path: Path, model_id: str = MODEL_ID, cls: type[LocalModel] = LocalModel,
-               context: int = CONTEXT) -> LocalModel:
-    loaded = load(path, context=context)
-    return cls(loaded.runtime, model_id)
+from serving_helpers import CONTEXT, MESSAGES, MODEL_ID, open_model
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +31,6 @@ def server(tiny_gguf):
 @pytest.fixture()
 def client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
-
-
-MESSAGES = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "Say hello to the sea."}]
 
 
 def test_chat_non_streaming_and_streaming_agree(client):

@@ -1,0 +1,223 @@
+"""Hybrid routing against a second edgepack server as the upstream "cloud" (and, for failures, a real HTTP server
+that answers 500 or too slowly): escalation by confidence and by rule, offline fallback, upstream errors and
+timeouts, calibration, and the upstream key staying out of responses and logs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+
+from edgepack.errors import EdgepackError
+from edgepack.router import RouterConfig
+from edgepack.server import ServerConfig, start_server_thread
+from serving_helpers import CONTEXT, MESSAGES, MODEL_ID, open_model
+
+CLOUD_ID = "cloud-model"
+SECRET = "sk-test-upstream-0123456789abcdef"
+KEY_ENV = "EDGEPACK_TEST_UPSTREAM_KEY"
+
+
+@pytest.fixture(scope="module")
+def cloud(tiny_gguf):
+    """The upstream: an edgepack server of its own (a longer context), which insists on the key."""
+    model = open_model(tiny_gguf, model_id=CLOUD_ID, context=512)
+    running = start_server_thread(model, ServerConfig(port=0, api_key=SECRET))
+    yield running
+    running.stop()
+    model.close()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def broken_cloud():
+    """A real HTTP server whose /fail/v1 answers 500 and whose /slow/v1 answers after 5 s."""
+    app = FastAPI()
+
+    @app.post("/fail/v1/chat/completions")
+    async def fail():
+        return JSONResponse({"error": {"message": "boom"}}, status_code=500)
+
+    @app.post("/slow/v1/chat/completions")
+    async def slow():
+        await asyncio.sleep(5)
+        return JSONResponse({"error": {"message": "too late"}}, status_code=500)
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture()
+def local_server(tiny_gguf, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    started = []
+
+    def start(**router_options):
+        model = open_model(tiny_gguf)
+        router = RouterConfig(key_env=KEY_ENV, upstream_model=CLOUD_ID, **router_options)
+        running = start_server_thread(model, ServerConfig(port=0, router=router))
+        started.append((running, model))
+        return running
+
+    yield start
+    for running, model in started:
+        running.stop()
+        model.close()
+
+
+def chat(url: str, model: str = MODEL_ID, messages=MESSAGES, stream: bool = False) -> httpx.Response:
+    return httpx.post(f"{url}/v1/chat/completions", timeout=30,
+                      json={"model": model, "messages": messages, "max_tokens": 6, "temperature": 0,
+                            "stream": stream})
+
+
+def test_low_confidence_escalates_and_high_confidence_stays_local(local_server, cloud):
+    unsure = local_server(policy="auto", upstream_url=f"{cloud.url}/v1", min_mean_logprob=0.0)  # always below
+    answer = chat(unsure.url)
+    assert answer.status_code == 200 and answer.headers["x-edgepack-route"] == "remote"
+    assert answer.json()["model"] == CLOUD_ID
+    sure = local_server(policy="auto", upstream_url=f"{cloud.url}/v1", min_mean_logprob=-1e9)
+    answer = chat(sure.url)
+    assert answer.headers["x-edgepack-route"] == "local" and answer.json()["model"] == MODEL_ID
+    assert answer.json()["choices"][0]["logprobs"] is None  # scored internally, not returned unasked
+    health = httpx.get(f"{sure.url}/health").json()
+    assert health["answers"] == {"local": 1} and health["local_share"] == 1.0
+
+
+def test_rules_send_requests_upstream_before_generating(local_server, cloud):
+    server = local_server(policy="auto", upstream_url=f"{cloud.url}/v1", min_mean_logprob=-1e9,
+                          patterns=("(?i)\\bprove\\b",))
+    assert chat(server.url, model=CLOUD_ID).headers["x-edgepack-route"] == "remote"
+    assert chat(server.url, messages=[{"role": "user", "content": "Prove it."}]).headers["x-edgepack-route"] == \
+        "remote"
+    long_prompt = [{"role": "user", "content": "sea " * 110}]  # ~330 tokens: > 256 local, < 512 upstream
+    answer = chat(server.url, messages=long_prompt)
+    assert answer.status_code == 200 and answer.headers["x-edgepack-route"] == "remote"
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'edgepack_answers_total{route="remote"} 3' in metrics
+
+
+def test_streaming_escalation_relays_the_upstream_stream(local_server, cloud):
+    server = local_server(policy="auto", upstream_url=f"{cloud.url}/v1", min_mean_logprob=0.0)
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    with client.chat.completions.with_streaming_response.create(model=MODEL_ID, messages=MESSAGES, max_tokens=6,
+                                                                temperature=0, stream=True) as response:
+        assert response.headers["x-edgepack-route"] == "remote"
+        chunks = list(response.parse())
+    assert chunks and all(c.model == CLOUD_ID for c in chunks)
+
+
+@pytest.mark.parametrize("where, timeout", [("down", 5.0), ("fail", 5.0), ("slow", 0.5)])
+def test_upstream_down_failing_or_slow_falls_back_to_the_local_answer(local_server, broken_cloud, where, timeout):
+    url = {"down": f"http://127.0.0.1:{free_port()}/v1", "fail": f"{broken_cloud}/fail/v1",
+           "slow": f"{broken_cloud}/slow/v1"}[where]
+    server = local_server(policy="auto", upstream_url=url, min_mean_logprob=0.0, timeout_s=timeout)
+    started = time.monotonic()
+    answer = chat(server.url)
+    assert answer.status_code == 200 and answer.headers["x-edgepack-route"] == "local-fallback"
+    assert answer.json()["model"] == MODEL_ID and answer.json()["choices"][0]["message"]["content"] is not None
+    assert time.monotonic() - started < 4.5  # the slow upstream was not waited for
+    streamed = chat(server.url, stream=True)
+    assert streamed.headers["x-edgepack-route"] == "local-fallback" and streamed.text.endswith("data: [DONE]\n\n")
+    # remote policy with the upstream down: the local model still answers
+    remote = local_server(policy="remote", upstream_url=url, timeout_s=timeout)
+    assert chat(remote.url).headers["x-edgepack-route"] == "local-fallback"
+
+
+def test_a_prompt_too_long_for_both_is_a_clear_502_when_upstream_is_down(local_server):
+    server = local_server(policy="auto", upstream_url=f"http://127.0.0.1:{free_port()}/v1")
+    answer = chat(server.url, messages=[{"role": "user", "content": "sea " * 300}])
+    assert answer.status_code == 502
+    assert "too long for the local model" in answer.json()["error"]["message"]
+
+
+def test_the_upstream_key_never_appears_in_responses_or_logs(local_server, cloud, caplog):
+    caplog.set_level(logging.DEBUG)
+    server = local_server(policy="auto", upstream_url=f"{cloud.url}/v1", min_mean_logprob=0.0)
+    seen = []
+    for stream in (False, True):
+        response = chat(server.url, stream=stream)
+        assert response.headers["x-edgepack-route"] == "remote"  # the key reached the upstream, which checks it
+        seen += [response.text, json.dumps(dict(response.headers))]
+    seen += [httpx.get(f"{server.url}/metrics").text, httpx.get(f"{server.url}/health").text, caplog.text]
+    assert all(SECRET not in text for text in seen)
+    assert "key_env" not in json.dumps(httpx.get(f"{server.url}/health").json())
+
+
+def test_policy_needs_an_upstream_and_bad_patterns_are_refused(tiny_gguf):
+    with pytest.raises(EdgepackError, match="needs --upstream URL and --upstream-model"):
+        RouterConfig(policy="auto").check_ready()
+    with pytest.raises(EdgepackError, match="not a valid regular expression"):
+        RouterConfig(policy="auto", patterns=("(",))
+    with pytest.raises(EdgepackError, match="routing policy 'sometimes'"):
+        RouterConfig(policy="sometimes")
+
+
+def test_calibrate_keeps_the_asked_share_local_and_the_server_follows_it(tiny_gguf, cloud, tmp_path, monkeypatch):
+    topics = ["the sea", "a boat", "the wind", "fish", "a lighthouse", "rain", "the harbour", "gulls", "nets",
+              "the tide"]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"Tell me about {t}."}]})
+                                 for t in topics) + "\n")
+    config = tmp_path / "router.json"
+    RouterConfig(policy="auto", upstream_url=f"{cloud.url}/v1", upstream_model=CLOUD_ID,
+                 key_env=KEY_ENV).to_file(config)
+    done = subprocess.run([sys.executable, "-m", "edgepack", "route", "calibrate", str(prompts), "--model",
+                           str(tiny_gguf), "--local-share", "0.7", "--config", str(config), "--max-tokens", "6",
+                           "--json"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["local_share"] == 0.7 and result["prompts"] == 10
+    written = json.loads(config.read_text())
+    assert written["min_mean_logprob"] == round(result["threshold"], 6) and written["upstream_model"] == CLOUD_ID
+    assert SECRET not in config.read_text()
+
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    model = open_model(tiny_gguf, context=CONTEXT)
+    running = start_server_thread(model, ServerConfig(port=0, router=RouterConfig.from_file(config)))
+    try:
+        routes = []
+        for t in topics:
+            answer = httpx.post(f"{running.url}/v1/chat/completions", timeout=30, json={
+                "model": MODEL_ID, "messages": [{"role": "user", "content": f"Tell me about {t}."}],
+                "max_tokens": 6, "temperature": 0})
+            routes.append(answer.headers["x-edgepack-route"])
+        assert routes.count("local") == 7 and routes.count("remote") == 3
+        assert httpx.get(f"{running.url}/health").json()["local_share"] == 0.7
+    finally:
+        running.stop()
+        model.close()
+
+
+def test_router_config_file_errors(tmp_path: Path):
+    bad = tmp_path / "r.json"
+    bad.write_text('{"policy": "auto", "api_key": "x"}')
+    with pytest.raises(EdgepackError, match="unknown field 'api_key'"):
+        RouterConfig.from_file(bad)
+    with pytest.raises(EdgepackError, match="does not exist"):
+        RouterConfig.from_file(tmp_path / "missing.json")
