@@ -189,12 +189,16 @@ def create_app(config: ServerConfig, loader: Callable[[], LocalModel] | None = N
     return app
 
 
-def _admit(state: ServerState) -> None:
+def _refuse_when_full(state: ServerState) -> None:
     if state.in_flight >= 1 + state.config.max_queue:
         state.metrics.rejected_busy += 1
         raise ApiError(503, f"the server is busy: {state.in_flight} requests are running or queued (the queue holds "
                             f"{state.config.max_queue}); retry after {state.config.retry_after_s} s",
                        "server_error", code="queue_full", headers={"Retry-After": str(state.config.retry_after_s)})
+
+
+def _admit(state: ServerState) -> None:
+    _refuse_when_full(state)
     state.in_flight += 1
 
 
@@ -207,6 +211,7 @@ def _prompt_text(body: ChatRequest | CompletionRequest) -> str:
 async def _serve(state: ServerState, body: ChatRequest | CompletionRequest, route: str):
     """Route one request: by rule to upstream, or locally (with a confidence check under `auto`)."""
     model = state.require_model()
+    _refuse_when_full(state)  # before any tokenizing: a full server answers 503 cheaply
     router = state.config.router
     served = {model.model_id} | ({router.upstream_model} if router.policy != "local" else set())
     if body.model not in served:
