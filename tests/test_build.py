@@ -84,9 +84,14 @@ def test_cached_rebuild_reuses_every_stage_and_the_bundle(host_build, stories_di
     again = json.loads(done.stdout)
     assert again["chosen"] == first["chosen"]
     stages = {s["name"]: s for s in again["stages"]}
-    assert all(stages[name]["ran"] == 0 for name in ("convert", "quality", "measure", "bundle"))
+    assert all(stages[name]["ran"] == 0 for name in ("convert", "quality", "measure"))
     assert stages["convert"]["cached"] == 3
-    assert (out / "stories260K-hf-host" / "edgepack.json").read_text() == manifest_before
+    manifest_after = (out / "stories260K-hf-host" / "edgepack.json").read_text()
+    if stages["bundle"]["ran"]:  # only when this machine's free memory moved the host budget to another step
+        assert json.loads(manifest_after)["target"]["memory_budget_gib"] != \
+            json.loads(manifest_before)["target"]["memory_budget_gib"]
+    else:
+        assert manifest_after == manifest_before
 
 
 def test_the_launcher_starts_the_server(host_build, build_env):

@@ -236,3 +236,22 @@ def test_embedded_load_chat_complete_and_serve(tiny_gguf):
             running.stop()
     finally:
         model.close()
+
+
+def test_an_onnx_variant_is_served_the_same_way(tiny_model, tmp_path):
+    from edgepack.convert import convert
+    from edgepack.registry import ConvertOptions
+
+    convert(tiny_model("llama-bpe"), ["onnx-fp32"], tmp_path, ConvertOptions(show_progress=False))
+    model = open_model(tmp_path / "onnx-fp32")
+    assert model.runtime.name == "onnxrt"
+    running = start_server_thread(model, ServerConfig(port=0))
+    try:
+        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="x", max_retries=0)
+        whole = client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, max_tokens=6, temperature=0)
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model=MODEL_ID, messages=MESSAGES, max_tokens=6, temperature=0, stream=True) if c.choices)
+        assert streamed == whole.choices[0].message.content and whole.usage.completion_tokens <= 6
+    finally:
+        running.stop()
+        model.close()

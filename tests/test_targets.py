@@ -68,7 +68,8 @@ def test_host_profile_from_detection():
     jetson = host_profile(detect(RecordedProbe.load(Path(__file__).parent / "data" / "devices" /
                                                     "jetson-orin-nano.json")))
     assert jetson.accelerator == "jetson-gpu" and jetson.arch == "aarch64" and jetson.int8_isa == "arm64"
-    assert jetson.memory_budget_gib == pytest.approx(5912340 * 1024 / 2**30 - 1.0, abs=0.01)
+    # available less 1 GiB headroom (4.64), rounded down to a 0.25 GiB step
+    assert jetson.memory_budget_gib == 4.5 and 5912340 * 1024 / 2**30 - 1.0 == pytest.approx(4.64, abs=0.01)
     gpu = host_profile(detect(RecordedProbe.load(Path(__file__).parent / "data" / "devices" / "x86-rtx4090.json")))
     assert gpu.accelerator == "cuda" and gpu.memory_total_gib == pytest.approx(24564 / 1024, abs=0.01)
     here = host_profile()
