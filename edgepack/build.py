@@ -150,7 +150,7 @@ def _without_paths(data: dict[str, Any]) -> dict[str, Any]:
 def _report(student: StudentModel, fingerprint: str, target: TargetProfile, context: int, quality: QualityReport,
             performance: list[Prediction], measurements: DeviceMeasurements, decision: Decision,
             variants: list[Variant]) -> dict[str, Any]:
-    quality_data = to_json_dict(replace(quality, model=Path(student.path.name)))
+    quality_data = to_json_dict(quality)
     quality_data["model"] = student.path.name
     quality_data["variants"] = [_without_paths(v) for v in quality_data["variants"]]
     host = to_json_dict(measurements)

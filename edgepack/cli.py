@@ -42,6 +42,22 @@ def handles_errors(command: Callable[..., None]) -> Callable[..., None]:
     return wrapper
 
 
+def _gate(max_ppl_increase: str, max_kld: float, min_task_accuracy: str | None):
+    from edgepack.quality.gate import Gate, parse_fraction
+
+    return Gate(max_ppl_increase=parse_fraction(max_ppl_increase, "--max-ppl-increase"), max_kld=max_kld,
+                min_task_accuracy=parse_fraction(min_task_accuracy, "--min-task-accuracy")
+                if min_task_accuracy is not None else None)
+
+
+def _read_eval_text(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    if not path.is_file():
+        raise EdgepackError(f"evaluation text {path} does not exist")
+    return path.read_text(encoding="utf-8")
+
+
 @click.group()
 @click.version_option(package_name="edgepack")
 def main() -> None:
@@ -228,7 +244,6 @@ def eval_command(paths: tuple[Path, ...], eval_text: Path | None, tasks_file: Pa
     from edgepack.demo import resolve_model
     from edgepack.errors import NOTHING_PASSED_EXIT_CODE
     from edgepack.quality.evaluate import evaluate
-    from edgepack.quality.gate import Gate, parse_fraction
     from edgepack.quality.tasks import load_tasks
     from runtimes.torch_reference import TorchRuntime
 
@@ -236,14 +251,8 @@ def eval_command(paths: tuple[Path, ...], eval_text: Path | None, tasks_file: Pa
     variants = list(paths)
     if len(variants) >= 2 and TorchRuntime.can_load(variants[0]):
         model = variants.pop(0)
-    gate = Gate(max_ppl_increase=parse_fraction(max_ppl_increase, "--max-ppl-increase"), max_kld=max_kld,
-                min_task_accuracy=parse_fraction(min_task_accuracy, "--min-task-accuracy")
-                if min_task_accuracy is not None else None)
-    text = None
-    if eval_text is not None:
-        if not eval_text.is_file():
-            raise EdgepackError(f"evaluation text {eval_text} does not exist")
-        text = eval_text.read_text(encoding="utf-8")
+    gate = _gate(max_ppl_increase, max_kld, min_task_accuracy)
+    text = _read_eval_text(eval_text)
     tasks = load_tasks(tasks_file) if tasks_file is not None else None
     report = evaluate(resolve_model(model), variants, eval_text=text, tasks=tasks, gate=gate, window=window,
                       threads=threads)
@@ -358,21 +367,14 @@ def build(model: Path | None, target_name: str | None, profile_file: Path | None
     or predict, select, bundle. Exit 5: no variant passes the gate; exit 6: none fits the memory budget."""
     from edgepack.build import BuildOptions, build as run_build
     from edgepack.demo import resolve_model
-    from edgepack.quality.gate import Gate, parse_fraction
     from edgepack.quality.tasks import load_tasks
     from edgepack.targets import resolve_target
 
     if target_name is not None and profile_file is not None:
         raise EdgepackError("give --target or --profile, not both")
     target = resolve_target(target_name, profile_file)
-    gate = Gate(max_ppl_increase=parse_fraction(max_ppl_increase, "--max-ppl-increase"), max_kld=max_kld,
-                min_task_accuracy=parse_fraction(min_task_accuracy, "--min-task-accuracy")
-                if min_task_accuracy is not None else None)
-    text = None
-    if eval_text is not None:
-        if not eval_text.is_file():
-            raise EdgepackError(f"evaluation text {eval_text} does not exist")
-        text = eval_text.read_text(encoding="utf-8")
+    gate = _gate(max_ppl_increase, max_kld, min_task_accuracy)
+    text = _read_eval_text(eval_text)
     options = BuildOptions(out_dir=out_dir, formats=tuple(f for f in formats.split(",") if f.strip()),
                            context=context, gate=gate, tasks=tuple(load_tasks(tasks_file)) if tasks_file else (),
                            eval_text=text, prefer=prefer, offline_wheels=offline_wheels, force=force,
