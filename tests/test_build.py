@@ -285,6 +285,9 @@ def test_offline_wheels_install_with_no_index_and_serve(stories_dir, build_env, 
     site = next((bundle / ".venv" / "lib").glob("python*/site-packages"))
     assert (site / "onnxruntime").is_dir() and not (site / "torch").exists()
     verify_bundle(bundle)  # the .venv install.sh made is not part of what was shipped
+    targets = subprocess.run([str(bundle / ".venv" / "bin" / "edgepack"), "targets", "--json"], capture_output=True,
+                             text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert "jetson-orin-nano-8gb" in targets.stdout, targets.stderr  # the profiles travel in the wheel
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

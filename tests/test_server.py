@@ -255,3 +255,48 @@ def test_an_onnx_variant_is_served_the_same_way(tiny_model, tmp_path):
     finally:
         running.stop()
         model.close()
+
+
+def test_health_says_loading_until_the_model_is_loaded_and_why_a_load_failed(tiny_gguf):
+    import uvicorn
+
+    from edgepack.server import create_app
+
+    release = threading.Event()
+
+    def slow_loader():
+        release.wait(30)
+        return open_model(tiny_gguf)
+
+    def failing_loader():
+        raise RuntimeError("weights are corrupt")
+
+    for loader in (slow_loader, failing_loader):
+        app = create_app(ServerConfig(port=0), loader=loader)
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        while not server.started:
+            time.sleep(0.02)
+        url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+        try:
+            if loader is slow_loader:
+                assert httpx.get(f"{url}/health").status_code == 503
+                busy = httpx.get(f"{url}/v1/models")
+                assert busy.status_code == 503 and busy.json()["error"]["code"] == "model_not_ready"
+                release.set()
+                deadline = time.monotonic() + 30
+                while httpx.get(f"{url}/health").status_code != 200:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+                assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == MODEL_ID
+                app.state.edgepack.model.close()
+            else:
+                deadline = time.monotonic() + 10
+                while (health := httpx.get(f"{url}/health")).status_code == 503:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+                assert health.status_code == 500 and "weights are corrupt" in health.json()["error"]
+        finally:
+            server.should_exit = True
+            thread.join(timeout=10)
