@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import threading
 import time
 import uuid
@@ -22,13 +21,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from edgepack.api_schema import ChatRequest, CompletionRequest, error_body
+from edgepack.api_responses import GenerationPlan, StreamEvents, plan_request, visible, whole_response
+from edgepack.api_schema import ApiError, ChatRequest, CompletionRequest, error_body
 from edgepack.errors import EdgepackError
 from edgepack.local_model import LocalModel
 from edgepack.router import (ROUTE_HEADER, RouterConfig, Upstream, UpstreamError, confidence_of, low_confidence,
                              rule_reason)
 from edgepack.server_metrics import Metrics
-from runtimes.base import GenerationChunk, GenerationOptions
+from runtimes.base import GenerationChunk
 
 
 @dataclass(frozen=True)
@@ -39,23 +39,6 @@ class ServerConfig:
     max_queue: int = 16  # requests waiting for the engine beyond the one it runs
     retry_after_s: int = 2
     router: RouterConfig = field(default_factory=RouterConfig)
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.body, self.headers = status, error_body(message, kind, param, code), headers or {}
-
-
-@dataclass
-class GenerationPlan:
-    """A validated request, ready for the engine."""
-
-    prompt_ids: list[int]
-    options: GenerationOptions
-    kind: str  # "chat" or "completion"
-    include_usage: bool
 
 
 class ServerState:
@@ -73,34 +56,6 @@ class ServerState:
             raise ApiError(503, self.load_error or "the model is still loading; GET /health says when it is ready",
                            "server_error", code="model_not_ready", headers={"Retry-After": "1"})
         return self.model
-
-
-def _plan(model: LocalModel, request: ChatRequest | CompletionRequest) -> GenerationPlan:
-    problem = request.unsupported()
-    if problem is not None:
-        raise ApiError(400, f"unsupported value: {problem}", param=problem.split(":")[0])
-    if isinstance(request, ChatRequest):
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in request.messages]
-        prompt_ids, kind, logprobs = model.prompt_ids(messages=messages), "chat", request.logprobs
-    else:
-        prompt_ids, kind, logprobs = model.prompt_ids(prompt=request.text()), "completion", request.logprobs is not None
-    limit = request.limit()
-    context = model.context_length
-    if len(prompt_ids) + (limit or 1) > context:
-        asked = f" plus max_tokens {limit}" if limit else ""
-        raise ApiError(400, f"This model's maximum context length is {context} tokens; the request has "
-                            f"{len(prompt_ids)} prompt tokens{asked}. Shorten the prompt or lower max_tokens.",
-                       param="messages" if kind == "chat" else "prompt", code="context_length_exceeded")
-    options = GenerationOptions(max_tokens=limit or context - len(prompt_ids), temperature=request.temperature,
-                                top_p=request.top_p, seed=request.seed, stop=request.stops(), logprobs=logprobs)
-    include_usage = bool(request.stream_options and request.stream_options.include_usage)
-    return GenerationPlan(prompt_ids, options, kind, include_usage)
-
-
-def _logprob_entry(model: LocalModel, token_id: int, logprob: float) -> dict[str, Any]:
-    text = model.runtime.detokenize([token_id])
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8")), "top_logprobs": []}
 
 
 def create_app(config: ServerConfig, loader: Callable[[], LocalModel] | None = None,
@@ -220,7 +175,7 @@ async def _serve(state: ServerState, body: ChatRequest | CompletionRequest, rout
                        code="model_not_found")
     too_long: ApiError | None = None
     try:
-        plan: GenerationPlan | None = await asyncio.to_thread(_plan, model, body)
+        plan: GenerationPlan | None = await asyncio.to_thread(plan_request, model, body)
     except ApiError as exc:
         if exc.body["error"]["code"] != "context_length_exceeded" or router.policy == "local":
             raise
@@ -242,14 +197,14 @@ async def _serve(state: ServerState, body: ChatRequest | CompletionRequest, rout
             chunks = await _generate_all(state, model, plan)
         finally:
             state.in_flight -= 1
-        return JSONResponse(_whole_response(model, plan, ident, chunks), headers={ROUTE_HEADER: "local"})
+        return JSONResponse(whole_response(model, plan, ident, chunks), headers={ROUTE_HEADER: "local"})
     # auto: the whole local answer first, with its log-probabilities, to judge it
     scored = replace(plan, options=replace(plan.options, logprobs=True))
     try:
         chunks = await _generate_all(state, model, scored)
     finally:
         state.in_flight -= 1
-    confidence = confidence_of([c.logprob for c in chunks if _visible(model, c) and c.logprob is not None])
+    confidence = confidence_of([c.logprob for c in chunks if visible(model, c) and c.logprob is not None])
     doubt = low_confidence(router, confidence)
     if doubt is not None and state.upstream is not None:
         try:
@@ -262,7 +217,7 @@ async def _serve(state: ServerState, body: ChatRequest | CompletionRequest, rout
     if body.stream:
         state.in_flight += 1  # released by the stream, like a live one
         return _streaming(state, model, plan, ident, _replay(chunks), route_name)
-    return JSONResponse(_whole_response(model, plan, ident, chunks), headers={ROUTE_HEADER: route_name})
+    return JSONResponse(whole_response(model, plan, ident, chunks), headers={ROUTE_HEADER: route_name})
 
 
 async def _replay(chunks: list[GenerationChunk]) -> AsyncIterator[GenerationChunk]:
@@ -303,7 +258,7 @@ async def _upstream_or_local(state: ServerState, model: LocalModel, plan: Genera
         chunks = await _generate_all(state, model, plan)
     finally:
         state.in_flight -= 1
-    return JSONResponse(_whole_response(model, plan, ident, chunks), headers={ROUTE_HEADER: "local-fallback"})
+    return JSONResponse(whole_response(model, plan, ident, chunks), headers={ROUTE_HEADER: "local-fallback"})
 
 
 def _streaming(state: ServerState, model: LocalModel, plan: GenerationPlan, ident: str,
@@ -365,83 +320,24 @@ async def _chunks(state: ServerState, model: LocalModel, plan: GenerationPlan) -
                                        time.perf_counter() - first_at if first_at else None)
 
 
-def _visible(model: LocalModel, chunk: GenerationChunk) -> bool:
-    """A generated token the client sees (an end-of-generation token is not one)."""
-    return chunk.token_id is not None and not (chunk.finish_reason and chunk.token_id in model.runtime.eos_token_ids)
-
-
-def _usage(plan: GenerationPlan, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": len(plan.prompt_ids), "completion_tokens": completion_tokens,
-            "total_tokens": len(plan.prompt_ids) + completion_tokens}
-
-
-def _whole_response(model: LocalModel, plan: GenerationPlan, ident: str,
-                    chunks: list[GenerationChunk]) -> dict[str, Any]:
-    text = "".join(c.text for c in chunks)
-    visible = [c for c in chunks if _visible(model, c)]
-    finish = next((c.finish_reason for c in reversed(chunks) if c.finish_reason), "length")
-    base = {"id": ident, "created": int(time.time()), "model": model.model_id,
-            "usage": _usage(plan, len(visible))}
-    if plan.kind == "chat":
-        logprobs = {"content": [_logprob_entry(model, c.token_id, c.logprob) for c in visible
-                                if c.logprob is not None]} if plan.options.logprobs else None
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                  "finish_reason": finish}
-        return {**base, "object": "chat.completion", "choices": [choice]}
-    logprobs = None
-    if plan.options.logprobs:
-        tokens = [model.runtime.detokenize([c.token_id]) for c in visible]
-        offsets, at = [], 0
-        for token in tokens:
-            offsets.append(at)
-            at += len(token)
-        logprobs = {"tokens": tokens, "token_logprobs": [c.logprob for c in visible], "top_logprobs": None,
-                    "text_offset": offsets}
-    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
-    return {**base, "object": "text_completion", "choices": [choice]}
-
-
-def _sse(payload: dict[str, Any] | str) -> bytes:
-    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
-    return f"data: {data}\n\n".encode()
-
-
 async def _stream_events(state: ServerState, model: LocalModel, plan: GenerationPlan, ident: str,
                          chunks: AsyncIterator[GenerationChunk]) -> AsyncIterator[bytes]:
-    created = int(time.time())
-    chat = plan.kind == "chat"
-    kind = "chat.completion.chunk" if chat else "text_completion"
+    events = StreamEvents(model, plan, ident)
     made = 0
-
-    def event(text: str | None, finish: str | None, logprob: dict[str, Any] | None = None,
-              role: bool = False) -> bytes:
-        if chat:
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else \
-                ({"content": text} if text else {})
-            choice = {"index": 0, "delta": delta, "logprobs": {"content": [logprob]} if logprob else None,
-                      "finish_reason": finish}
-        else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-        return _sse({"id": ident, "object": kind, "created": created, "model": model.model_id, "choices": [choice]})
-
     try:
-        if chat:
-            yield event(None, None, role=True)
+        if plan.kind == "chat":
+            yield events.role()
         finish = "length"
         async for chunk in chunks:
-            visible = _visible(model, chunk)
-            made += visible
-            logprob = _logprob_entry(model, chunk.token_id, chunk.logprob) \
-                if visible and chunk.logprob is not None and chat else None
-            if chunk.text or logprob:
-                yield event(chunk.text, None, logprob)
-            if chunk.finish_reason:
-                finish = chunk.finish_reason
-        yield event(None, finish)
+            made += visible(model, chunk)
+            piece = events.piece(chunk)
+            if piece is not None:
+                yield piece
+            finish = chunk.finish_reason or finish
+        yield events.finish(finish)
         if plan.include_usage:
-            yield _sse({"id": ident, "object": kind, "created": created, "model": model.model_id, "choices": [],
-                        "usage": _usage(plan, made)})
-        yield _sse("[DONE]")
+            yield events.usage(made)
+        yield events.done()
     finally:
         state.in_flight -= 1
 

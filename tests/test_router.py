@@ -105,8 +105,11 @@ def test_low_confidence_escalates_and_high_confidence_stays_local(local_server, 
     answer = chat(sure.url)
     assert answer.headers["x-edgepack-route"] == "local" and answer.json()["model"] == MODEL_ID
     assert answer.json()["choices"][0]["logprobs"] is None  # scored internally, not returned unasked
+    streamed = chat(sure.url, stream=True)
+    assert streamed.headers["x-edgepack-route"] == "local" and '"logprobs":{' not in streamed.text
+    assert streamed.text.endswith("data: [DONE]\n\n")
     health = httpx.get(f"{sure.url}/health").json()
-    assert health["answers"] == {"local": 1} and health["local_share"] == 1.0
+    assert health["answers"] == {"local": 2} and health["local_share"] == 1.0
 
 
 def test_rules_send_requests_upstream_before_generating(local_server, cloud):
