@@ -119,7 +119,7 @@ def quality_stage(cache: StageCache, model: Path, model_fingerprint: str, varian
 
     started = time.perf_counter()
     text = eval_text if eval_text is not None else DEFAULT_EVAL_TEXT.read_text(encoding="utf-8")
-    base = {"stage": "quality", "model": model_fingerprint, "text": text_sha256(text),
+    base = {"stage": "quality", "record": 2, "model": model_fingerprint, "text": text_sha256(text),
             "tasks": digest_of([asdict(t) for t in tasks] if tasks else None), "window": window,
             "versions": library_versions(QUALITY_LIBRARIES)}
     keys = {v.kind: digest_of({**base, "variant": v.sha256}) for v in variants}
@@ -132,20 +132,16 @@ def quality_stage(cache: StageCache, model: Path, model_fingerprint: str, varian
     if missing:
         by_path = {v.path: v.kind for v in missing}
 
-        def keep(result: VariantQuality) -> None:
+        def keep(result: VariantQuality, shared: dict[str, Any]) -> None:
             kind = by_path[result.path]
-            record = {"variant": asdict(result), "report": None}
+            record = {"variant": asdict(result), "report": shared}
             cache.store("quality", keys[kind], lambda _directory: record)
             records[kind] = record
 
         ungated = Gate(max_ppl_increase=float("inf"), max_kld=float("inf"))
-        report = evaluate(model, [v.path for v in missing], eval_text=text, tasks=tasks, gate=ungated,
-                          window=window, threads=threads, on_variant=keep)
-        shared = _shared_report_fields(report)
-        for v in missing:  # the report-wide fields, now known, go with every new entry
-            records[v.kind]["report"] = shared
-            cache.store("quality", keys[v.kind], lambda _directory, r=records[v.kind]: r)
-    shared = next(r["report"] for r in records.values() if r["report"] is not None)
+        evaluate(model, [v.path for v in missing], eval_text=text, tasks=tasks, gate=ungated, window=window,
+                 threads=threads, on_variant=keep)
+    shared = records[variants[0].kind]["report"]
     gated = []
     for v in variants:
         data = dict(records[v.kind]["variant"])
@@ -156,12 +152,6 @@ def quality_stage(cache: StageCache, model: Path, model_fingerprint: str, varian
         gated.append(VariantQuality(**data))
     report = QualityReport(model=model, gate=gate.as_dict(), variants=tuple(gated), **shared)
     return report, StageRun("quality", time.perf_counter() - started, len(missing), len(variants) - len(missing))
-
-
-def _shared_report_fields(report: QualityReport) -> dict[str, Any]:
-    return {name: getattr(report, name) for name in ("eval_text_sha256", "eval_tokens", "positions_scored", "window",
-                                                      "top_k_stored", "reference_perplexity",
-                                                      "reference_task_accuracy", "tasks")}
 
 
 def host_identity() -> dict[str, Any]:

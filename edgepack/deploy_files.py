@@ -32,8 +32,12 @@ set -e
 HERE="$(cd "$(dirname "$0")" && pwd)"
 if [ -x "$HERE/.venv/bin/edgepack" ]; then
   EDGEPACK="$HERE/.venv/bin/edgepack"   # installed by install.sh from wheels/
-else
+elif command -v edgepack >/dev/null 2>&1; then
   EDGEPACK="edgepack"
+else
+  echo "run.sh: edgepack is not installed here: run install.sh (a bundle built with --offline-wheels) or install" \
+       "edgepack and put it on PATH" >&2
+  exit 127
 fi
 exec "$EDGEPACK" serve "$HERE" --host "${{EDGEPACK_HOST:-127.0.0.1}}" --port "${{EDGEPACK_PORT:-{port}}}" "$@"
 """

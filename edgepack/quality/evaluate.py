@@ -29,8 +29,9 @@ def variant_name(path: Path) -> str:
 def evaluate(model_path: Path, variant_paths: list[Path], *, eval_text: str | None = None,
              tasks: list[Task] | None = None, gate: Gate | None = None, window: int | None = None,
              threads: int | None = None, top_k: int = DEFAULT_TOP_K, show_progress: bool = True,
-             on_variant: Callable[[VariantQuality], None] | None = None) -> QualityReport:
-    """`on_variant` is called with each variant's result as soon as it is measured (the build caches it)."""
+             on_variant: Callable[[VariantQuality, dict], None] | None = None) -> QualityReport:
+    """`on_variant(result, reference)` is called with each variant's result as soon as it is measured, and the
+    report-wide fields (the reference's perplexity, the tokens scored, ...), so the build can cache it whole."""
     gate = gate or Gate()
     text = eval_text if eval_text is not None else DEFAULT_EVAL_TEXT.read_text(encoding="utf-8")
     reference = TorchRuntime(Path(model_path), LoadOptions(threads=threads))
@@ -44,6 +45,10 @@ def evaluate(model_path: Path, variant_paths: list[Path], *, eval_text: str | No
     reference.close()
     del reference
     gc.collect()
+    shared = {"eval_text_sha256": text_sha256(text), "eval_tokens": sum(len(w) for w in windows.windows),
+              "positions_scored": windows.positions, "window": window, "top_k_stored": top_k,
+              "reference_perplexity": reference_ppl, "reference_task_accuracy": reference_accuracy,
+              "tasks": len(tasks or [])}
 
     results = []
     for path in map(Path, variant_paths):
@@ -67,11 +72,7 @@ def evaluate(model_path: Path, variant_paths: list[Path], *, eval_text: str | No
         del runtime
         gc.collect()
         if on_variant is not None:
-            on_variant(results[-1])
+            on_variant(results[-1], shared)
         if show_progress:
             say(f"{results[-1].name}: {'pass' if results[-1].passed else 'FAIL: ' + '; '.join(reasons)}")
-    return QualityReport(
-        model=Path(model_path), eval_text_sha256=text_sha256(text),
-        eval_tokens=sum(len(w) for w in windows.windows), positions_scored=windows.positions, window=window,
-        top_k_stored=top_k, reference_perplexity=reference_ppl, reference_task_accuracy=reference_accuracy,
-        tasks=len(tasks or []), gate=gate.as_dict(), variants=tuple(results))
+    return QualityReport(model=Path(model_path), gate=gate.as_dict(), variants=tuple(results), **shared)
