@@ -240,7 +240,8 @@ def test_a_build_killed_midway_resumes_and_never_leaves_a_bundle_that_verifies(s
     out = tmp_path / "dist"
     args = [sys.executable, "-m", "edgepack", "build", str(stories_dir), "--formats", "gguf-q8_0,gguf-f16", "--out",
             str(out)]
-    for marker in ("[3/5]", "[4/5]", "[5/5]"):  # kill at the start of quality, of measuring, of bundling
+    # kill at the start of quality, after its first variant, at the start of measuring, of bundling
+    for marker in ("[3/5]", "gguf-q8_0: pass", "[4/5]", "[5/5]"):
         process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         seen = ""
         for line in process.stderr:
@@ -264,6 +265,12 @@ def test_a_build_killed_midway_resumes_and_never_leaves_a_bundle_that_verifies(s
     verify_bundle(Path(result["bundle"]))
     verify_bundle(Path(result["archive"]))
     assert not list(out.glob(".*partial"))
+    # a build of one of those variants alone is all cache hits (its quality entry stands on its own)
+    alone = subprocess.run([*args[:6], "gguf-q8_0", "--out", str(tmp_path / "alone"), "--json"], env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert alone.returncode == 0, alone.stderr
+    stages = {s["name"]: s for s in json.loads(alone.stdout)["stages"]}
+    assert (stages["quality"]["ran"], stages["quality"]["cached"]) == (0, 1)
 
 
 @pytest.mark.slow
