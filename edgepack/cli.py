@@ -478,7 +478,7 @@ def serve(path: Path, host: str | None, port: int | None, api_key: str | None, a
                           api_key=api_key, max_queue=max_queue, router=router)
     STDERR.print(f"serving {defaults.model_id} on http://{config.host}:{config.port}/v1 (loading the model; "
                  "GET /health answers 200 once it is ready)", highlight=False)
-    serve_path(path, config, threads=threads, context=context)
+    serve_path(defaults, config, threads=threads, context=context)
 
 
 @main.group()

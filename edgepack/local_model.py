@@ -111,9 +111,13 @@ def _options(generation: dict[str, Any]) -> dict[str, Any]:
 
 def load(path: str | Path, threads: int | None = None, context: int | None = None) -> LocalModel:
     """Load a bundle (verified) or a variant for chat/complete/serve in this process."""
+    return open_local(defaults_for(Path(path)), threads, context)
+
+
+def open_local(defaults: ServeDefaults, threads: int | None = None, context: int | None = None) -> LocalModel:
+    """Open what `defaults_for` described (and, for a bundle, verified)."""
     from runtimes.registry import open_runtime
 
-    defaults = defaults_for(Path(path))
     runtime = open_runtime(defaults.model_path, LoadOptions(threads=threads or defaults.threads,
                                                             context_length=context or defaults.context),
                            defaults.engine)

@@ -14,7 +14,6 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
@@ -24,7 +23,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from edgepack.api_responses import GenerationPlan, StreamEvents, plan_request, visible, whole_response
 from edgepack.api_schema import ApiError, ChatRequest, CompletionRequest, error_body
 from edgepack.errors import EdgepackError
-from edgepack.local_model import LocalModel
+from edgepack.local_model import LocalModel, ServeDefaults
 from edgepack.router import (ROUTE_HEADER, RouterConfig, Upstream, UpstreamError, confidence_of, low_confidence,
                              rule_reason)
 from edgepack.server_metrics import Metrics
@@ -378,11 +377,11 @@ def run_server(model: LocalModel, config: ServerConfig) -> None:
     _uvicorn_server(create_app(config, model=model), config).run()
 
 
-def serve_path(path: Path, config: ServerConfig, threads: int | None = None, context: int | None = None) -> None:
-    """`edgepack serve`: verify a bundle first (a bundle that fails is refused before anything listens), start
-    listening, and load the model in the background."""
-    from edgepack.local_model import defaults_for, load
+def serve_path(defaults: ServeDefaults, config: ServerConfig, threads: int | None = None,
+               context: int | None = None) -> None:
+    """`edgepack serve`: `defaults` come from `defaults_for`, which refused a bundle that fails verification before
+    anything listens; start listening, and load the model in the background."""
+    from edgepack.local_model import open_local
 
-    defaults_for(path)  # raises for a missing path or a bundle that fails verification
-    app = create_app(config, loader=lambda: load(path, threads=threads, context=context))
+    app = create_app(config, loader=lambda: open_local(defaults, threads=threads, context=context))
     _uvicorn_server(app, config).run()
