@@ -108,8 +108,8 @@ LAUNCHD_PLIST = """<?xml version="1.0" encoding="UTF-8"?>
 """
 
 DOCKERFILE = """# Container for {bundle_name}. Build from the bundle folder:
-#   docker build -t edgepack-{bundle_name} -f deploy/Dockerfile .
-#   docker run {run_flags}-p {port}:{port} edgepack-{bundle_name}
+#   docker build -t edgepack-{image_name} -f deploy/Dockerfile .
+#   docker run {run_flags}-p {port}:{port} edgepack-{image_name}
 FROM {base}
 {toolchain}WORKDIR /bundle
 COPY . /bundle
@@ -156,7 +156,8 @@ def _dockerfile(ctx: DeployContext) -> str:
     if jetson and ctx.engine == "llamacpp":
         install = 'ENV CMAKE_ARGS="-DGGML_CUDA=on"\n' + install
     run_flags = "--runtime nvidia " if jetson else ""
-    return _fill(DOCKERFILE, ctx, base=base, toolchain=toolchain, install=install, run_flags=run_flags)
+    return _fill(DOCKERFILE, ctx, base=base, toolchain=toolchain, install=install, run_flags=run_flags,
+                 image_name=ctx.bundle_name.lower())  # image names must be lower case
 
 
 def deploy_files(ctx: DeployContext) -> dict[str, tuple[str, bool]]:

@@ -72,7 +72,7 @@ def test_an_archive_round_trips(tmp_path: Path):
 
 
 def context_for(target_name: str, kind: str = "gguf-q8_0", engine: str = "llamacpp") -> DeployContext:
-    return DeployContext(bundle_name=f"m-{target_name}", model_id="m", variant_kind=kind, engine=engine,
+    return DeployContext(bundle_name=f"M-{target_name}", model_id="m", variant_kind=kind, engine=engine,
                          model_path=f"model/{kind}.gguf" if kind.startswith("gguf") else "model", context=4096,
                          threads=6, port=8080, target=resolve_target(target_name), has_wheels=False)
 
@@ -82,8 +82,9 @@ def test_jetson_gets_an_l4t_container_with_cuda_llama_cpp_and_a_memory_cap():
     dockerfile = files["deploy/Dockerfile"][0]
     assert f"FROM {JETSON_BASE_IMAGE}" in dockerfile and 'CMAKE_ARGS="-DGGML_CUDA=on"' in dockerfile
     assert "--runtime nvidia" in dockerfile
-    unit = files["deploy/edgepack-m-jetson-orin-nano-8gb.service"][0]
-    assert "MemoryMax=5632M" in unit and "ExecStart=/opt/edgepack/m-jetson-orin-nano-8gb/run.sh" in unit
+    assert "docker build -t edgepack-m-jetson-orin-nano-8gb " in dockerfile
+    unit = files["deploy/edgepack-M-jetson-orin-nano-8gb.service"][0]
+    assert "MemoryMax=5632M" in unit and "ExecStart=/opt/edgepack/M-jetson-orin-nano-8gb/run.sh" in unit
     assert files["deploy/Modelfile"][0].splitlines()[3:5] == ["FROM ../model/gguf-q8_0.gguf", "PARAMETER num_ctx 4096"]
     assert files["run.sh"][1] is True
 
