@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -91,6 +90,3 @@ class StageCache:
             record = fill(work)
             (work / RECORD).write_text(json.dumps(record, indent=1, default=str))
         return record, final
-
-    def clear(self, stage: str, key: str) -> None:
-        shutil.rmtree(self.entry(stage, key), ignore_errors=True)

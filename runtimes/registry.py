@@ -59,11 +59,3 @@ def open_runtime(path: Path, options: LoadOptions | None = None, engine: str | N
         if unavailable else ""
     raise EdgepackError(f"{path} is not a variant edgepack can run: expected a .gguf file (llamacpp), a directory "
                         f"with model.onnx (onnxrt) or a Hugging Face model directory with safetensors (torch){also}")
-
-
-def engine_name_for(path: Path) -> str:
-    """The name of the engine that would load `path` (without loading it)."""
-    for name, cls in runtime_classes().items():
-        if cls.can_load(Path(path)):
-            return name
-    raise EdgepackError(f"{path} is not a variant any registered engine can run")
