@@ -22,6 +22,9 @@ from edgepack.targets import TargetProfile
 from edgepack.versions import library_versions
 
 DEFAULT_PORT = 8080
+# the device the server asks its engine for, by the target's accelerator (it falls back to the CPU, and says so,
+# where the installed engine cannot offload)
+SERVE_DEVICE = {"none": "cpu", "cuda": "cuda", "jetson-gpu": "cuda", "metal": "metal"}
 BUNDLE_VERSIONS = ("llama-cpp-python", "onnxruntime", "transformers", "gguf", "optimum-onnx", "torch")
 
 
@@ -114,7 +117,8 @@ def write_bundle(request: BundleRequest) -> Bundle:
                       "files": list(wheel_set.files), "requirements": list(wheel_set.requirements),
                       "sources": [{"file": s.file, "build_command": s.build_command} for s in wheel_set.sources]}
         server = {"host": "127.0.0.1", "port": DEFAULT_PORT, "context": request.context, "threads": request.threads,
-                  "engine": request.engine, "model_path": model_path, "model_id": request.model["name"]}
+                  "engine": request.engine, "device": SERVE_DEVICE[request.target.accelerator],
+                  "model_path": model_path, "model_id": request.model["name"]}
         report = {**request.report, "server": server, "wheels": wheels}
         (work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         (work / "report.md").write_text(render_markdown(report))

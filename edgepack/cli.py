@@ -161,7 +161,8 @@ def _inspect_bundle(path: Path, as_json: bool) -> None:
     for r in summary.rejected:
         console.print(f"  not {r['name']}: {r['reason']} ({r['detail']})", highlight=False)
     server = summary.server
-    console.print(f"server: {server.get('engine')} on {server.get('model_path')}, context {server.get('context')}, "
+    console.print(f"server: {server.get('engine')} ({server.get('device')}) on {server.get('model_path')}, context "
+                  f"{server.get('context')}, "
                   f"{server.get('threads')} threads, {server.get('host')}:{server.get('port')}", highlight=False)
     table = Table(title="files")
     table.add_column("path")
@@ -431,6 +432,8 @@ def verify(bundle: Path, as_json: bool) -> None:
               help="Requests that may wait for the engine; past this the answer is 503 with Retry-After.")
 @click.option("--threads", type=int, default=None, help="Engine threads (default: the bundle's or physical cores).")
 @click.option("--context", type=int, default=None, help="Context to allocate (default: the bundle's).")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "metal"]), default=None,
+              help="Default: the bundle's (its target's GPU; the CPU where the engine cannot offload), else cpu.")
 @click.option("--policy", type=click.Choice(["local", "remote", "auto"]), default=None,
               help="Routing: local only, always upstream, or auto (rules, then the local answer's confidence).")
 @click.option("--upstream", "upstream_url", default=None, help="Upstream OpenAI-compatible base URL (…/v1).")
@@ -445,7 +448,8 @@ def verify(bundle: Path, as_json: bool) -> None:
               help="Router settings file (from `edgepack route calibrate`); options above override it.")
 @handles_errors
 def serve(path: Path, host: str | None, port: int | None, api_key: str | None, api_key_file: Path | None,
-          max_queue: int, threads: int | None, context: int | None, policy: str | None, upstream_url: str | None,
+          max_queue: int, threads: int | None, context: int | None, device: str | None, policy: str | None,
+          upstream_url: str | None,
           upstream_model: str | None, upstream_key_env: str | None, upstream_timeout: float | None,
           min_mean_logprob: float | None, min_token_logprob: float | None, patterns: tuple[str, ...],
           router_config: Path | None) -> None:
@@ -478,7 +482,7 @@ def serve(path: Path, host: str | None, port: int | None, api_key: str | None, a
                           api_key=api_key, max_queue=max_queue, router=router)
     STDERR.print(f"serving {defaults.model_id} on http://{config.host}:{config.port}/v1 (loading the model; "
                  "GET /health answers 200 once it is ready)", highlight=False)
-    serve_path(defaults, config, threads=threads, context=context)
+    serve_path(defaults, config, threads=threads, context=context, device=device)
 
 
 @main.group()

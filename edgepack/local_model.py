@@ -8,7 +8,7 @@ on the engine; callers wait on a lock.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,6 +23,7 @@ class ServeDefaults:
     engine: str | None
     context: int | None
     threads: int | None
+    device: str = "cpu"
     host: str = "127.0.0.1"
     port: int = 8080
 
@@ -43,7 +44,7 @@ def defaults_for(path: Path) -> ServeDefaults:
         server = read_manifest(path)["server"]
         return ServeDefaults(model_id=server["model_id"], model_path=path / server["model_path"],
                              engine=server["engine"], context=server["context"], threads=server["threads"],
-                             host=server["host"], port=server["port"])
+                             device=server["device"], host=server["host"], port=server["port"])
     if path.is_file() and path.name.endswith((".tar.gz", ".tgz")):
         raise EdgepackError(f"{path} is a bundle archive: extract it first (tar xzf) and serve the folder")
     return ServeDefaults(model_id=path.stem if path.is_file() else path.name, model_path=path, engine=None,
@@ -51,10 +52,12 @@ def defaults_for(path: Path) -> ServeDefaults:
 
 
 class LocalModel:
-    def __init__(self, runtime: Runtime, model_id: str, defaults: ServeDefaults | None = None) -> None:
+    def __init__(self, runtime: Runtime, model_id: str, defaults: ServeDefaults | None = None,
+                 device_note: str | None = None) -> None:
         self.runtime = runtime
         self.model_id = model_id
         self.defaults = defaults
+        self.device_note = device_note  # why the model runs on another device than the one asked for
         self._lock = threading.Lock()
 
     @property
@@ -109,16 +112,28 @@ def _options(generation: dict[str, Any]) -> dict[str, Any]:
     return generation
 
 
-def load(path: str | Path, threads: int | None = None, context: int | None = None) -> LocalModel:
+def load(path: str | Path, threads: int | None = None, context: int | None = None,
+         device: str | None = None) -> LocalModel:
     """Load a bundle (verified) or a variant for chat/complete/serve in this process."""
-    return open_local(defaults_for(Path(path)), threads, context)
+    return open_local(defaults_for(Path(path)), threads, context, device)
 
 
-def open_local(defaults: ServeDefaults, threads: int | None = None, context: int | None = None) -> LocalModel:
-    """Open what `defaults_for` described (and, for a bundle, verified)."""
+def open_local(defaults: ServeDefaults, threads: int | None = None, context: int | None = None,
+               device: str | None = None) -> LocalModel:
+    """Open what `defaults_for` described (and, for a bundle, verified). A GPU the installed engine cannot use
+    (a llama-cpp-python built without CUDA, an onnxruntime without its CUDA provider) falls back to the CPU, and
+    the model says why in `device_note`."""
     from runtimes.registry import open_runtime
 
-    runtime = open_runtime(defaults.model_path, LoadOptions(threads=threads or defaults.threads,
-                                                            context_length=context or defaults.context),
-                           defaults.engine)
-    return LocalModel(runtime, defaults.model_id, defaults)
+    device = device or defaults.device
+    options = LoadOptions(threads=threads or defaults.threads, context_length=context or defaults.context,
+                          device=device)
+    note = None
+    try:
+        runtime = open_runtime(defaults.model_path, options, defaults.engine)
+    except EdgepackError as exc:
+        if device == "cpu" or "unknown device" in str(exc):
+            raise
+        note = f"running on the CPU: {exc}"
+        runtime = open_runtime(defaults.model_path, replace(options, device="cpu"), defaults.engine)
+    return LocalModel(runtime, defaults.model_id, defaults, device_note=note)

@@ -36,7 +36,7 @@ _TOP_LEVEL: dict[str, type | tuple[type, ...]] = {
 }
 _MODEL = {"name": str, "architecture": str, "parameter_count": int, "context_length": int, "fingerprint": str}
 _VARIANT = {"kind": str, "engine": str, "path": str, "bytes": int, "sha256": str}
-_SERVER = {"host": str, "port": int, "context": int, "threads": int, "engine": str, "model_path": str,
+_SERVER = {"host": str, "port": int, "context": int, "threads": int, "engine": str, "device": str, "model_path": str,
            "model_id": str}
 _FILE = {"path": str, "bytes": int, "sha256": str}
 

@@ -67,7 +67,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"\nNote: {note}")
     lines += ["", "## Running it", "",
               f"`./run.sh` (or `run.bat`) starts the OpenAI-compatible server on 127.0.0.1:{report['server']['port']} "
-              f"with `{report['server']['engine']}` and {report['server']['threads']} threads; `deploy/` has a systemd "
+              f"with `{report['server']['engine']}` on {report['server']['device']} (the CPU where the installed "
+              f"engine cannot offload) and {report['server']['threads']} threads; `deploy/` has a systemd "
               "unit, a launchd plist, a Dockerfile" + (" and an Ollama Modelfile" if chosen.startswith("gguf-") else "")
               + ". `edgepack verify .` checks every file against `edgepack.json`."]
     wheels = report.get("wheels")

@@ -113,7 +113,8 @@ def create_app(config: ServerConfig, loader: Callable[[], LocalModel] | None = N
     @app.get("/health")
     async def health() -> JSONResponse:
         if state.model is not None:
-            return JSONResponse({"status": "ok", "model": state.model.model_id, "routing": state.config.router.policy,
+            return JSONResponse({"status": "ok", "model": state.model.model_id, "device": state.model.runtime.device,
+                                 "device_note": state.model.device_note, "routing": state.config.router.policy,
                                  "answers": state.metrics.answers(), "local_share": state.metrics.local_share()})
         if state.load_error:
             return JSONResponse({"status": "error", "error": state.load_error}, status_code=500)
@@ -378,10 +379,10 @@ def run_server(model: LocalModel, config: ServerConfig) -> None:
 
 
 def serve_path(defaults: ServeDefaults, config: ServerConfig, threads: int | None = None,
-               context: int | None = None) -> None:
+               context: int | None = None, device: str | None = None) -> None:
     """`edgepack serve`: `defaults` come from `defaults_for`, which refused a bundle that fails verification before
     anything listens; start listening, and load the model in the background."""
     from edgepack.local_model import open_local
 
-    app = create_app(config, loader=lambda: open_local(defaults, threads=threads, context=context))
+    app = create_app(config, loader=lambda: open_local(defaults, threads=threads, context=context, device=device))
     _uvicorn_server(app, config).run()

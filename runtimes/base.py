@@ -76,6 +76,7 @@ class Runtime(ABC):
     path: Path
     context_length: int
     eos_token_ids: frozenset[int]
+    device: str  # where it runs, in the engine's own words
 
     # -- what each engine implements -----------------------------------------------------------
 

@@ -213,6 +213,11 @@ def test_a_build_for_another_target_predicts_and_explains(host_build, stories_di
     manifest = json.loads((bundle / "edgepack.json").read_text())
     assert all(p["is_prediction"] for p in manifest["performance"])
     assert "python:3.11-slim" in (bundle / "deploy" / "Dockerfile").read_text()
+    assert manifest["server"]["device"] == "cpu"  # a Raspberry Pi has no GPU for LLMs
+    jetson = run_edgepack(["build", str(stories_dir), "--target", "jetson-orin-nano-8gb", "--formats", BUILD_FORMATS,
+                           "--out", str(tmp_path), "--json"], build_env)
+    jetson_manifest = json.loads((Path(json.loads(jetson.stdout)["bundle"]) / "edgepack.json").read_text())
+    assert jetson_manifest["server"]["device"] == "cuda"
 
 
 def test_nothing_fits_exits_6_and_writes_no_bundle(host_build, stories_dir, build_env, tmp_path: Path):

@@ -300,3 +300,27 @@ def test_health_says_loading_until_the_model_is_loaded_and_why_a_load_failed(tin
         finally:
             server.should_exit = True
             thread.join(timeout=10)
+
+
+def test_a_gpu_the_engine_cannot_use_falls_back_to_the_cpu_and_says_so(tiny_gguf):
+    from edgepack.local_model import defaults_for, open_local
+
+    defaults = defaults_for(tiny_gguf)
+    try:
+        import llama_cpp
+
+        if llama_cpp.llama_supports_gpu_offload():
+            pytest.skip("this llama-cpp-python can offload to a GPU")
+    except ImportError:
+        pytest.skip("no llama-cpp-python")
+    model = open_local(replace(defaults, device="cuda"), context=CONTEXT)
+    try:
+        assert model.runtime.device == "cpu" and "no GPU offload" in model.device_note
+        running = start_server_thread(model, ServerConfig(port=0))
+        try:
+            health = httpx.get(f"{running.url}/health").json()
+            assert health["device"] == "cpu" and "running on the CPU" in health["device_note"]
+        finally:
+            running.stop()
+    finally:
+        model.close()
