@@ -36,3 +36,19 @@ def run_measured(command: list[str], env: dict[str, str] | None = None, cwd: str
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def llama_cpp_generate_timing(llm, prompt: list[int], new_tokens: int) -> tuple[float, float]:
+    """One greedy run of llama-cpp-python's own generate loop: (seconds to the first token, decode t/s after it).
+
+    llama-cpp-python reuses the cache of a prompt it has just seen, so only a fresh prompt's first token includes
+    its prefill."""
+    start = time.perf_counter()
+    first, count = None, 0
+    for _token in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+        count += 1
+        if first is None:
+            first = time.perf_counter()
+        if count == new_tokens:
+            break
+    return first - start, (new_tokens - 1) / (time.perf_counter() - first)

@@ -25,28 +25,16 @@ CALIBRATE_ON = {"llamacpp": "gguf-f16", "onnxrt": "onnx-fp32"}
 
 def direct_llama_cpp(path: Path, threads: int, prompt_tokens: int, new_tokens: int, runs: int) -> float:
     """Decode t/s from llama-cpp-python's own loop, measured in this process."""
-    import time
-
     from llama_cpp import Llama
 
+    from benchmarks.common import llama_cpp_generate_timing
     from edgepack.profiler import PROMPT_TEXT
 
     llm = Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads,
                 n_ctx=prompt_tokens + new_tokens + 8, verbose=False)
     prompt = llm.tokenize(PROMPT_TEXT.encode())[:prompt_tokens]
-
-    def one() -> float:
-        first, count = None, 0
-        for _ in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
-            count += 1
-            if first is None:
-                first = time.perf_counter()
-            if count == new_tokens:
-                break
-        return (new_tokens - 1) / (time.perf_counter() - first)
-
-    one()
-    return statistics.median(one() for _ in range(runs))
+    llama_cpp_generate_timing(llm, prompt, new_tokens)
+    return statistics.median(llama_cpp_generate_timing(llm, prompt, new_tokens)[1] for _ in range(runs))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 import httpx
 import psutil
 
+from benchmarks.common import llama_cpp_generate_timing
 from edgepack.profiler import PROMPT_TEXT
 
 PROMPT_TOKENS = 128
@@ -45,20 +46,9 @@ def raw_llama_cpp(path: Path, threads: int, new_tokens: int, text: str) -> dict:
     llm = Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=1024, verbose=False)
     prompt = llm.tokenize(text.encode())
     assert len(prompt) == PROMPT_TOKENS
-    results = []
-    # a warm-up on a different prompt, then the measured run: llama-cpp-python would reuse a repeated prompt's
-    # cache and skip its prefill
-    for tokens in (prompt[::-1], prompt):
-        start = time.perf_counter()
-        first, count = None, 0
-        for _token in llm.generate(tokens, top_k=1, temp=0.0, reset=True):
-            count += 1
-            if first is None:
-                first = time.perf_counter()
-            if count == new_tokens:
-                break
-        results.append({"ttft_s": first - start, "decode_tps": (new_tokens - 1) / (time.perf_counter() - first)})
-    return results[-1]
+    llama_cpp_generate_timing(llm, prompt[::-1], new_tokens)  # warm up on another prompt (see the helper)
+    ttft, decode = llama_cpp_generate_timing(llm, prompt, new_tokens)
+    return {"ttft_s": ttft, "decode_tps": decode}
 
 
 def http_stream(url: str, model_id: str, prompt: str, max_tokens: int) -> dict:

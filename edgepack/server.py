@@ -187,18 +187,11 @@ async def _serve(state: ServerState, body: ChatRequest | CompletionRequest, rout
     if reason is not None:
         return await _upstream_or_local(state, model, plan, body, route, forwarded, too_long)
     assert plan is not None
-    _admit(state)
-    ident = ("chatcmpl-" if plan.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
     if router.policy != "auto":
-        state.metrics.count_route("local")
-        if body.stream:
-            return _streaming(state, model, plan, ident, _chunks(state, model, plan), "local")
-        try:
-            chunks = await _generate_all(state, model, plan)
-        finally:
-            state.in_flight -= 1
-        return JSONResponse(whole_response(model, plan, ident, chunks), headers={ROUTE_HEADER: "local"})
+        return await _answer_locally(state, model, plan, body.stream, "local")
     # auto: the whole local answer first, with its log-probabilities, to judge it
+    _admit(state)
+    ident = _new_id(plan)
     scored = replace(plan, options=replace(plan.options, logprobs=True))
     try:
         chunks = await _generate_all(state, model, scored)
@@ -249,16 +242,26 @@ async def _upstream_or_local(state: ServerState, model: LocalModel, plan: Genera
             raise ApiError(502, f"{exc}, and the prompt is too long for the local model: "
                                 f"{too_long.body['error']['message']}", "server_error",
                            code="upstream_unavailable") from exc
+    return await _answer_locally(state, model, plan, body.stream, "local-fallback")
+
+
+def _new_id(plan: GenerationPlan) -> str:
+    return ("chatcmpl-" if plan.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+
+
+async def _answer_locally(state: ServerState, model: LocalModel, plan: GenerationPlan, stream: bool,
+                          route_name: str):
+    """Generate with the local model (a live stream, or the whole answer), marked with how it was routed."""
     _admit(state)
-    state.metrics.count_route("local-fallback")
-    ident = ("chatcmpl-" if plan.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
-    if body.stream:
-        return _streaming(state, model, plan, ident, _chunks(state, model, plan), "local-fallback")
+    state.metrics.count_route(route_name)
+    ident = _new_id(plan)
+    if stream:
+        return _streaming(state, model, plan, ident, _chunks(state, model, plan), route_name)
     try:
         chunks = await _generate_all(state, model, plan)
     finally:
         state.in_flight -= 1
-    return JSONResponse(whole_response(model, plan, ident, chunks), headers={ROUTE_HEADER: "local-fallback"})
+    return JSONResponse(whole_response(model, plan, ident, chunks), headers={ROUTE_HEADER: route_name})
 
 
 def _streaming(state: ServerState, model: LocalModel, plan: GenerationPlan, ident: str,
