@@ -112,7 +112,7 @@ def build(model: Path, target: TargetProfile, options: BuildOptions | None = Non
     say("[3/5] quality against the original model")
     quality, quality_run = quality_stage(cache, student.path, fingerprint, variants, options.gate,
                                          options.eval_text, list(options.tasks) or None, None, options.threads,
-                                         options.force)
+                                         options.force, options.show_progress)
 
     where = "measure here" if target.source == "detected" else f"measure here, predict for {target.name}"
     say(f"[4/5] {where}")
@@ -130,7 +130,8 @@ def build(model: Path, target: TargetProfile, options: BuildOptions | None = Non
                      variants)
     request = BundleRequest(
         out_dir=options.out_dir, name=name, build_key=digest_of({"report": report, "variant": chosen.sha256,
-                                                                 "threads": target.cpu_cores}),
+                                                                 "threads": target.cpu_cores,
+                                                                 "offline_wheels": options.offline_wheels}),
         model=report["model"], variant=chosen, engine=engine, target=target, report=report, context=context,
         threads=target.cpu_cores, offline_wheels=options.offline_wheels)
     bundle = write_bundle(request)

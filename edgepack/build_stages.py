@@ -111,7 +111,7 @@ def _keep_variant(cache: StageCache, key: str, variant: Variant) -> Variant:
 
 def quality_stage(cache: StageCache, model: Path, model_fingerprint: str, variants: list[Variant], gate: Gate,
                   eval_text: str | None, tasks: list | None, window: int | None, threads: int | None,
-                  force: bool) -> tuple[QualityReport, StageRun]:
+                  force: bool, show_progress: bool = True) -> tuple[QualityReport, StageRun]:
     """Each variant's metrics are cached ungated (the gate is applied afterwards, so changing the gate costs
     nothing); a variant is kept as soon as it is scored."""
     from edgepack.quality.evaluate import evaluate
@@ -140,7 +140,7 @@ def quality_stage(cache: StageCache, model: Path, model_fingerprint: str, varian
 
         ungated = Gate(max_ppl_increase=float("inf"), max_kld=float("inf"))
         evaluate(model, [v.path for v in missing], eval_text=text, tasks=tasks, gate=ungated, window=window,
-                 threads=threads, on_variant=keep)
+                 threads=threads, show_progress=show_progress, on_variant=keep)
     shared = records[variants[0].kind]["report"]
     gated = []
     for v in variants:

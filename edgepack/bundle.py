@@ -84,7 +84,7 @@ def existing_bundle(request: BundleRequest) -> Bundle | None:
         return None
     try:
         manifest = json.loads(manifest_path.read_text())
-        if manifest.get("build_key") != request.build_key or manifest.get("wheels") is None and request.offline_wheels:
+        if manifest.get("build_key") != request.build_key:
             return None
         verify_directory(directory)
     except (ValueError, BundleInvalidError):
