@@ -25,12 +25,12 @@ CALIBRATE_ON = {"llamacpp": "gguf-f16", "onnxrt": "onnx-fp32"}
 
 def direct_llama_cpp(path: Path, threads: int, prompt_tokens: int, new_tokens: int, runs: int) -> float:
     """Decode t/s from llama-cpp-python's own loop, measured in this process."""
-    from llama_cpp import Llama
+    from runtimes.llamacpp_amx import load_llama
 
     from benchmarks.common import llama_cpp_generate_timing
     from edgepack.profiler import PROMPT_TEXT
 
-    llm = Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads,
+    llm = load_llama(path, n_threads=threads, n_threads_batch=threads,
                 n_ctx=prompt_tokens + new_tokens + 8, verbose=False)
     prompt = llm.tokenize(PROMPT_TEXT.encode())[:prompt_tokens]
     llama_cpp_generate_timing(llm, prompt, new_tokens)

@@ -41,9 +41,9 @@ def free_port() -> int:
 
 def raw_llama_cpp(path: Path, threads: int, new_tokens: int, text: str) -> dict:
     """The child's side: llama-cpp-python's generate loop, greedy; TTFT and decode t/s of one run."""
-    from llama_cpp import Llama
+    from runtimes.llamacpp_amx import load_llama
 
-    llm = Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=1024, verbose=False)
+    llm = load_llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=1024, verbose=False)
     prompt = llm.tokenize(text.encode())
     assert len(prompt) == PROMPT_TOKENS
     llama_cpp_generate_timing(llm, prompt[::-1], new_tokens)  # warm up on another prompt (see the helper)

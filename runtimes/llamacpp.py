@@ -13,6 +13,7 @@ import numpy as np
 
 from edgepack.errors import EdgepackError
 from runtimes.base import DEFAULT_CONTEXT_CAP, LoadOptions, Runtime, physical_cores
+from runtimes.llamacpp_amx import load_llama
 
 
 @contextlib.contextmanager
@@ -41,8 +42,6 @@ def is_gguf(path: Path) -> bool:
 def open_gguf(path: Path, *, vocab_only: bool = False, n_ctx: int = 512, n_threads: int | None = None,
               n_gpu_layers: int = 0):
     """A llama_cpp.Llama over `path`, or a clear error when the file is not a loadable GGUF."""
-    from llama_cpp import Llama
-
     path = Path(path)
     if not path.is_file():
         raise EdgepackError(f"{path} does not exist; expected a .gguf file")
@@ -51,7 +50,7 @@ def open_gguf(path: Path, *, vocab_only: bool = False, n_ctx: int = 512, n_threa
     threads = n_threads or physical_cores()
     try:
         with quiet_native_stderr():
-            return Llama(model_path=str(path), vocab_only=vocab_only, n_ctx=n_ctx,
+            return load_llama(path, vocab_only=vocab_only, n_ctx=n_ctx,
                          n_threads=threads, n_threads_batch=threads, n_batch=min(max(n_ctx, 8), 512),
                          n_gpu_layers=n_gpu_layers, verbose=False)
     except (ValueError, RuntimeError) as exc:

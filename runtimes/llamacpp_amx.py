@@ -1,0 +1,88 @@
+"""Loading llama.cpp safely on CPUs with Intel AMX.
+
+llama-cpp-python compiles llama.cpp with -march=native. On AMX CPUs (Sapphire Rapids and later) ggml then puts
+quantized weights in its AMX "extra buffer type", whose matrix multiply raises SIGILL in ggml's worker threads
+(the tile permission is requested on the main thread only; upstream llama.cpp PR #26954, still open). Loading
+with `llama_model_params.use_extra_bufts = false` keeps the weights in plain CPU buffers: the same results at
+the same decode speed (measured on such a CPU, within 3%). We choose at load time rather than with build flags,
+so any llama-cpp-python build works, including one compiled on the device by a bundle's install.sh.
+
+EDGEPACK_LLAMACPP_EXTRA_BUFFERS=on|off overrides the choice (on: trust a llama.cpp that has the fix).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from pathlib import Path
+from typing import Iterator
+
+AMX_CPU_FLAGS = frozenset({"amx_tile", "amx_int8", "amx_bf16"})
+OVERRIDE_ENV = "EDGEPACK_LLAMACPP_EXTRA_BUFFERS"
+
+_params_lock = threading.Lock()
+
+
+def cpu_flags(cpuinfo_text: str) -> frozenset[str]:
+    """The x86 feature flags of Linux's /proc/cpuinfo ("flags : fpu vme ..."); empty when there are none."""
+    for line in cpuinfo_text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
+def this_cpu_flags() -> frozenset[str]:
+    try:
+        return cpu_flags(Path("/proc/cpuinfo").read_text(errors="replace"))
+    except OSError:  # not Linux: no /proc, and no AMX path in the builds people use there
+        return frozenset()
+
+
+def extra_buffers_allowed(flags: frozenset[str], override: str | None = None) -> bool:
+    """Whether llama.cpp may use its extra (repacked, AMX) buffer types on a CPU with these flags."""
+    if override:
+        setting = override.strip().lower()
+        if setting in ("on", "1", "true", "yes"):
+            return True
+        if setting in ("off", "0", "false", "no"):
+            return False
+        raise ValueError(f"{OVERRIDE_ENV}={override!r}; accepted: on, off")
+    return not (flags & AMX_CPU_FLAGS)
+
+
+def use_extra_buffers_here() -> bool:
+    return extra_buffers_allowed(this_cpu_flags(), os.environ.get(OVERRIDE_ENV))
+
+
+@contextlib.contextmanager
+def _default_model_params(use_extra_bufts: bool) -> Iterator[None]:
+    """llama_cpp.Llama builds its model parameters from llama_model_default_params() and exposes no
+    use_extra_bufts argument, so the default is changed for the duration of one load."""
+    import llama_cpp.llama_cpp as native
+
+    original = native.llama_model_default_params
+    if use_extra_bufts or "use_extra_bufts" not in dict(native.llama_model_params._fields_):
+        yield
+        return
+
+    def without_extra_buffers():
+        params = original()
+        params.use_extra_bufts = False
+        return params
+
+    with _params_lock:
+        native.llama_model_default_params = without_extra_buffers
+        try:
+            yield
+        finally:
+            native.llama_model_default_params = original
+
+
+def load_llama(model_path: str | os.PathLike[str], **kwargs):
+    """llama_cpp.Llama(model_path, **kwargs), with the extra buffer types off on AMX CPUs."""
+    from llama_cpp import Llama
+
+    with _default_model_params(use_extra_buffers_here()):
+        return Llama(model_path=str(model_path), **kwargs)
