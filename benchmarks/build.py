@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
-    from edgepack.cache import cache_root
+    from edgepack.core.cache import cache_root
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="edgepack-bench-build-") as scratch:

@@ -29,7 +29,7 @@ THEIRS = "llama.cpp convert_hf_to_gguf.py"
 
 def resolve_demo_model() -> Path:
     # in a child process, so this one never imports torch (a child's peak RSS starts from its parent's size)
-    code = "from edgepack.demo import resolve_model; print(resolve_model(None))"
+    code = "from edgepack.student.demo import resolve_model; print(resolve_model(None))"
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     return Path(out.stdout.strip().splitlines()[-1])
 
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
             console.print("fetching llama.cpp's converter from the llama-cpp-python source distribution ...")
             script = fetch_llama_cpp_converter(scratch / "src")
         ours_out, core_out, theirs_out = scratch / "ours", scratch / "core.gguf", scratch / "theirs.gguf"
-        core_code = ("import sys; from pathlib import Path; from converters.hf_to_gguf import convert_hf_to_gguf; "
+        core_code = ("import sys; from pathlib import Path; from converters.gguf.from_hf import convert_hf_to_gguf; "
                      "convert_hf_to_gguf(Path(sys.argv[1]), Path(sys.argv[2]), outtype='f16', force=True, "
                      "show_progress=False)")
         commands = {

@@ -25,10 +25,9 @@ CALIBRATE_ON = {"llamacpp": "gguf-f16", "onnxrt": "onnx-fp32"}
 
 def direct_llama_cpp(path: Path, threads: int, prompt_tokens: int, new_tokens: int, runs: int) -> float:
     """Decode t/s from llama-cpp-python's own loop, measured in this process."""
-    from runtimes.llamacpp_amx import load_llama
-
     from benchmarks.common import llama_cpp_generate_timing
-    from edgepack.profiler import PROMPT_TEXT
+    from edgepack.measure.profiler import PROMPT_TEXT
+    from runtimes.llamacpp_amx import load_llama
 
     llm = load_llama(path, n_threads=threads, n_threads_batch=threads,
                 n_ctx=prompt_tokens + new_tokens + 8, verbose=False)
@@ -55,11 +54,11 @@ def main(argv: list[str] | None = None) -> None:
     from rich.table import Table
 
     from benchmarks.runtimes import ensure_variants, variant_path
-    from edgepack.cache import cache_root
-    from edgepack.demo import resolve_model
-    from edgepack.predict import calibrate, predict
-    from edgepack.profiler import measure_variant, profile
-    from edgepack.targets import host_profile
+    from edgepack.core.cache import cache_root
+    from edgepack.measure.predict import calibrate, predict
+    from edgepack.measure.profiler import ProfileOptions, measure_variant, profile
+    from edgepack.measure.targets import host_profile
+    from edgepack.student.demo import resolve_model
     from runtimes.base import physical_cores
 
     console = Console(stderr=True, soft_wrap=True, width=160)
@@ -69,7 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     threads = physical_cores()
     paths = {kind: variant_path(root, model, kind) for kind in KINDS}
     console.print("profiling every variant (one process each) ...")
-    measured = profile(list(paths.values()), threads, args.prompt_tokens, args.new_tokens, args.runs)
+    options = ProfileOptions(threads=threads, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                             runs=args.runs)
+    measured = profile(list(paths.values()), options)
     by_kind = dict(zip(KINDS, measured.variants, strict=True))
 
     agreement = []
@@ -78,8 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         ours, direct = [], []
         for round_index in range(3):
             console.print(f"{kind}: round {round_index + 1}/3, edgepack's profiler then llama-cpp-python directly")
-            ours.append(measure_variant(paths[kind], threads, args.prompt_tokens, args.new_tokens,
-                                        args.runs).decode_tps)
+            ours.append(measure_variant(paths[kind], options).decode_tps)
             out = subprocess.run([sys.executable, "-m", "benchmarks.profiler", "--direct", str(paths[kind]),
                                   str(threads), "--runs", str(args.runs), "--prompt-tokens", str(args.prompt_tokens),
                                   "--new-tokens", str(args.new_tokens)], check=True, capture_output=True, text=True)

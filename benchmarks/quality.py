@@ -34,11 +34,11 @@ def main(argv: list[str] | None = None) -> None:
     from rich.table import Table
 
     from benchmarks.runtimes import ensure_variants, variant_path
-    from edgepack.cache import cache_root
+    from edgepack.core.cache import cache_root
 
     console = Console(stderr=True, soft_wrap=True)
     if args.model is None:
-        code = "from edgepack.demo import resolve_model; print(resolve_model(None))"
+        code = "from edgepack.student.demo import resolve_model; print(resolve_model(None))"
         out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
         model = Path(out.stdout.strip().splitlines()[-1])
     else:

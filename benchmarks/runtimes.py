@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from edgepack.profiler import PROMPT_TEXT
+from edgepack.measure.profiler import PROMPT_TEXT
 
 VARIANTS = [("gguf-f16", "llamacpp"), ("gguf-q8_0", "llamacpp"), ("gguf-q4_k_m", "llamacpp"),
             ("onnx-fp32", "onnxrt"), ("onnx-int8", "onnxrt"), ("onnx-int4", "onnxrt"), ("hf", "torch")]
@@ -40,7 +40,7 @@ def ensure_variants(model: Path, root: Path) -> None:
 
 def measure_ours(path: Path, prompt_tokens: int, new_tokens: int, runs: int, threads: int) -> dict:
     """Our runtimes, measured the way `edgepack profile` measures (warm-up, then the median of `runs`)."""
-    from edgepack.profiler import measure_in_this_process
+    from edgepack.measure.profiler import measure_in_this_process
 
     m = measure_in_this_process(path, threads, prompt_tokens, new_tokens, runs, prompt_tokens + new_tokens + 8)
     return {"prefill_tps": m.prefill_tps, "decode_tps": m.decode_tps, "decode_min": m.decode_tps_min,
@@ -115,8 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from edgepack.cache import cache_root
-    from edgepack.demo import resolve_model
+    from edgepack.core.cache import cache_root
+    from edgepack.student.demo import resolve_model
 
     console = Console(stderr=True, soft_wrap=True)
     model = Path(args.model) if args.model else resolve_model(None)

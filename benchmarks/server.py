@@ -28,7 +28,7 @@ import httpx
 import psutil
 
 from benchmarks.common import llama_cpp_generate_timing
-from edgepack.profiler import PROMPT_TEXT
+from edgepack.measure.profiler import PROMPT_TEXT
 
 PROMPT_TOKENS = 128
 
@@ -156,8 +156,8 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     from benchmarks.runtimes import ensure_variants, variant_path
-    from edgepack.cache import cache_root
-    from edgepack.demo import demo_student
+    from edgepack.core.cache import cache_root
+    from edgepack.student.demo import demo_student
     from runtimes.base import physical_cores
 
     threads = args.threads or physical_cores()

@@ -14,7 +14,7 @@ from typing import Any
 
 import gguf
 
-from edgepack.errors import UnsupportedModelError
+from edgepack.core.errors import UnsupportedModelError
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from edgepack.errors import EdgepackError, UnsupportedModelError
+from edgepack.core.errors import EdgepackError, UnsupportedModelError
 
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"

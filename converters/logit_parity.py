@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgepack.errors import ParityError
+from edgepack.core.errors import ParityError
 
 
 @dataclass(frozen=True)

@@ -6,17 +6,14 @@ prefer "quality": the lowest mean KL divergence; ties by speed. prefer "size": t
 
 from __future__ import annotations
 
-from edgepack.artifacts import Candidate, Decision, Rejection
-from edgepack.errors import EdgepackError, NothingPassedError
+from typing import Literal, get_args
 
-PREFERENCES = ("speed", "quality", "size")
+from edgepack.core.artifacts import Candidate, Decision, Rejection
+from edgepack.core.errors import EdgepackError, NothingFitsError, NothingPassedError
+
+Preference = Literal["speed", "quality", "size"]
+PREFERENCES: tuple[str, ...] = get_args(Preference)
 TIE_SHARE = 0.02  # decode speeds within 2% of each other count as a tie (run-to-run noise is about that)
-
-
-class NothingFitsError(EdgepackError):
-    """No variant both passes the gate and fits the target's memory budget."""
-
-    exit_code = 6
 
 
 def _mib(value: int) -> str:

@@ -10,21 +10,25 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Iterator, Sequence
+from typing import ClassVar, Literal, get_args
 
 import numpy as np
 
-from edgepack.errors import EdgepackError
+from edgepack.core.errors import EdgepackError
 from runtimes.sampling import Sampler, log_softmax
+
+Device = Literal["cpu", "cuda", "metal"]
+DEVICES: tuple[str, ...] = get_args(Device)
 
 
 @dataclass(frozen=True)
 class LoadOptions:
     threads: int | None = None  # None: one per physical core
     context_length: int | None = None  # None: the model's own, capped at DEFAULT_CONTEXT_CAP
-    device: str = "cpu"  # "cpu", "cuda" or "metal", where the engine supports it
+    device: Device = "cpu"  # where the engine supports it
 
 
 @dataclass(frozen=True)

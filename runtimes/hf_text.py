@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-from edgepack.errors import EdgepackError
+from edgepack.core.errors import EdgepackError
 
 
 class HFTokenizerText:

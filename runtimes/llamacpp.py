@@ -6,12 +6,12 @@ import contextlib
 import io
 import os
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
-from edgepack.errors import EdgepackError
+from edgepack.core.errors import EdgepackError
 from runtimes.base import DEFAULT_CONTEXT_CAP, LoadOptions, Runtime, physical_cores
 from runtimes.llamacpp_amx import load_llama
 
@@ -72,7 +72,7 @@ class LlamaCppRuntime(Runtime):
     def __init__(self, path: Path, options: LoadOptions | None = None) -> None:
         import llama_cpp
 
-        from converters.gguf_files import metadata_value, open_reader
+        from edgepack.core.gguf_file import metadata_value, open_reader
 
         options = options or LoadOptions()
         self.path = Path(path)

@@ -15,8 +15,9 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
+
+from edgepack.core.cpu import cpu_flags
 
 AMX_CPU_FLAGS = frozenset({"amx_tile", "amx_int8", "amx_bf16"})
 OVERRIDE_ENV = "EDGEPACK_LLAMACPP_EXTRA_BUFFERS"
@@ -24,23 +25,7 @@ OVERRIDE_ENV = "EDGEPACK_LLAMACPP_EXTRA_BUFFERS"
 _params_lock = threading.Lock()
 
 
-def cpu_flags(cpuinfo_text: str) -> frozenset[str]:
-    """The x86 feature flags of Linux's /proc/cpuinfo ("flags : fpu vme ..."); empty when there are none."""
-    for line in cpuinfo_text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return frozenset(value.split())
-    return frozenset()
-
-
-def this_cpu_flags() -> frozenset[str]:
-    try:
-        return cpu_flags(Path("/proc/cpuinfo").read_text(errors="replace"))
-    except OSError:  # not Linux: no /proc, and no AMX path in the builds people use there
-        return frozenset()
-
-
-def extra_buffers_allowed(flags: frozenset[str], override: str | None = None) -> bool:
+def extra_buffers_allowed(flags: set[str] | frozenset[str], override: str | None = None) -> bool:
     """Whether llama.cpp may use its extra (repacked, AMX) buffer types on a CPU with these flags."""
     if override:
         setting = override.strip().lower()
@@ -53,7 +38,7 @@ def extra_buffers_allowed(flags: frozenset[str], override: str | None = None) ->
 
 
 def use_extra_buffers_here() -> bool:
-    return extra_buffers_allowed(this_cpu_flags(), os.environ.get(OVERRIDE_ENV))
+    return extra_buffers_allowed(cpu_flags(), os.environ.get(OVERRIDE_ENV))
 
 
 @contextlib.contextmanager

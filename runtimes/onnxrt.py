@@ -9,12 +9,12 @@ logits land in one reused buffer.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from edgepack.errors import EdgepackError
+from edgepack.core.errors import EdgepackError
 from runtimes.base import DEFAULT_CONTEXT_CAP, LoadOptions, Runtime, physical_cores
 from runtimes.hf_text import HFTokenizerText, end_of_generation_ids
 

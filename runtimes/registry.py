@@ -7,7 +7,7 @@ import functools
 from importlib import metadata
 from pathlib import Path
 
-from edgepack.errors import EdgepackError
+from edgepack.core.errors import EdgepackError
 from runtimes.base import LoadOptions, Runtime
 
 RUNTIME_GROUP = "edgepack.runtimes"
@@ -24,6 +24,11 @@ def _load_entry_points() -> tuple[dict[str, type[Runtime]], dict[str, str]]:
         except ImportError as exc:
             missing[entry.name] = str(exc)
     return found, missing
+
+
+def runtime_names() -> tuple[str, ...]:
+    """Every registered engine's name, whether or not its library imports here (no engine is loaded)."""
+    return tuple(entry.name for entry in metadata.entry_points(group=RUNTIME_GROUP))
 
 
 def runtime_classes() -> dict[str, type[Runtime]]:

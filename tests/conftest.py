@@ -6,7 +6,6 @@ import warnings
 from pathlib import Path
 
 import pytest
-
 from synth_models import TINY_MODELS, build_tiny_model
 
 SHARED_MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
@@ -42,8 +41,8 @@ ALL_TINY_MODELS = sorted(TINY_MODELS)
 @pytest.fixture(scope="session")
 def tiny_gguf(tiny_model, tmp_path_factory) -> Path:
     """A tiny llama with a ChatML template as a GGUF F32: what the server and router tests serve."""
-    from edgepack.convert import convert
-    from edgepack.registry import ConvertOptions
+    from converters.registry import ConvertOptions
+    from edgepack.convert.stage import convert
 
     out = tmp_path_factory.mktemp("server-model")
     convert(tiny_model("llama-bpe"), ["gguf-f32"], out, ConvertOptions(show_progress=False))

@@ -50,9 +50,10 @@ def build(root: Path) -> None:
 
 
 def measure(root: Path) -> None:
-    from converters.hf_to_gguf import convert_hf_to_gguf
-    from edgepack.profiler import peak_rss_bytes  # VmHWM: ru_maxrss survives fork+exec (the parent's peak)
     from transformers import AutoTokenizer
+
+    from converters.gguf.from_hf import convert_hf_to_gguf
+    from edgepack.measure.profiler import peak_rss_bytes  # VmHWM: ru_maxrss survives fork+exec (the parent's peak)
 
     model_dir = root / "model"
     AutoTokenizer.from_pretrained(model_dir)  # warm the tokenizer code paths

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgepack.local_model import LocalModel, load
+from edgepack.serve.model import LocalModel, load
 
 MODEL_ID = "tiny-chat"
 CONTEXT = 256

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from edgepack.errors import EdgepackError
-from edgepack.manifest import BundleInvalidError
-from edgepack.verify import verify_bundle
+from edgepack.bundle.verify import verify_bundle
+from edgepack.core.errors import BundleInvalidError, EdgepackError
 
 BUILD_FORMATS = "gguf"  # the three GGUF kinds: a full pipeline in seconds on stories260K
 
@@ -336,8 +335,8 @@ def test_offline_wheels_install_with_no_index_and_serve(package_index, stories_d
 
 @pytest.mark.slow
 def test_wheels_for_jetson_carry_llama_cpp_as_source_with_its_build_command(package_index, tmp_path: Path):
-    from edgepack.targets import resolve_target
-    from edgepack.wheels import download_wheels, install_script
+    from edgepack.bundle.wheels import download_wheels, install_script
+    from edgepack.measure.targets import resolve_target
 
     jetson = resolve_target("jetson-orin-nano-8gb")
     wheel_set = download_wheels(tmp_path / "wheels", "llamacpp", jetson)

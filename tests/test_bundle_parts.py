@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from edgepack.archive import extracted, write_tar_gz
-from edgepack.build import variant_kinds
-from edgepack.deploy_files import JETSON_BASE_IMAGE, DeployContext, deploy_files
-from edgepack.errors import EdgepackError
-from edgepack.manifest import BundleInvalidError
-from edgepack.stage_cache import StageCache
-from edgepack.targets import resolve_target
+from edgepack.bundle.archive import extracted, write_tar_gz
+from edgepack.bundle.deploy_files import JETSON_BASE_IMAGE, DeployContext, deploy_files
+from edgepack.core.errors import BundleInvalidError, EdgepackError
+from edgepack.measure.targets import resolve_target
+from edgepack.pipeline.build import variant_kinds
+from edgepack.pipeline.stage_cache import StageCache
 
 
 def make_tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:

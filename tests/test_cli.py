@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from edgepack.fileio import sha256_file
+from edgepack.core.fileio import sha256_file
 
 
 def edgepack(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -74,7 +74,7 @@ def test_demo_student_converts_to_the_three_variants(tmp_path):
     assert set(kinds) == {"gguf-f16", "gguf-q8_0", "gguf-q4_k_m"}
     assert kinds["gguf-f16"]["bytes"] > kinds["gguf-q8_0"]["bytes"] > kinds["gguf-q4_k_m"]["bytes"]
 
-    from converters.gguf_files import metadata_value, open_reader
+    from edgepack.core.gguf_file import metadata_value, open_reader
     from runtimes import llamacpp
 
     reader = open_reader(tmp_path / "gguf-f16.gguf")

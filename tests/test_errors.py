@@ -8,11 +8,11 @@ import shutil
 import pytest
 import torch
 
-from converters.hf_to_gguf import convert_hf_to_gguf
-from converters.pretokenizers import identify_pretokenizer
-from edgepack.convert import convert
-from edgepack.errors import EdgepackError, UnsupportedModelError
-from edgepack.registry import ConvertOptions
+from converters.gguf.from_hf import convert_hf_to_gguf
+from converters.gguf.pretokenizers import identify_pretokenizer
+from converters.registry import ConvertOptions
+from edgepack.convert.stage import convert
+from edgepack.core.errors import EdgepackError, UnsupportedModelError
 
 QUIET = ConvertOptions(show_progress=False)
 
@@ -92,7 +92,7 @@ def test_unknown_kind_lists_accepted(tiny_model, tmp_path):
 
 
 def test_a_failure_mid_write_leaves_no_file(tiny_model, tmp_path, monkeypatch):
-    import converters.hf_to_gguf as hf_to_gguf
+    import converters.gguf.from_hf as hf_to_gguf
 
     real = hf_to_gguf._as_output_array
     calls = {"n": 0}

@@ -9,16 +9,15 @@ import gguf
 import numpy as np
 import pytest
 import torch
-
 from conftest import ALL_TINY_MODELS
-from converters.gguf_files import metadata_value, open_reader
-from converters.gguf_parity import check_logit_parity
-from converters.hf_to_gguf import permute_for_interleaved_rope, unpermute_from_interleaved_rope
-from edgepack.convert import convert
-from edgepack.fileio import sha256_file
-from edgepack.inspect import inspect_gguf
-from edgepack.registry import ConvertOptions
 from native_generation import llama_cpp_greedy
+
+from converters.gguf.from_hf import permute_for_interleaved_rope, unpermute_from_interleaved_rope
+from converters.gguf.parity import check_logit_parity
+from converters.registry import ConvertOptions
+from edgepack.convert.stage import convert
+from edgepack.core.fileio import sha256_file
+from edgepack.core.gguf_file import inspect_gguf, metadata_value, open_reader
 from runtimes import llamacpp
 
 QUIET = ConvertOptions(show_progress=False)
@@ -133,9 +132,9 @@ def test_logit_parity_catches_a_wrong_weight(tiny_model, tmp_path, monkeypatch):
     """The F32 check is real: a GGUF whose q/k rows were not permuted for llama.cpp's rope fails it."""
     import dataclasses
 
-    import converters.hf_to_gguf as hf_to_gguf
+    import converters.gguf.from_hf as hf_to_gguf
     from converters.architectures import architecture_by_name
-    from edgepack.errors import ParityError
+    from edgepack.core.errors import ParityError
 
     model_dir = tiny_model("llama-spm")
     unpermuted = dataclasses.replace(architecture_by_name("llama"), permute_qk=False)

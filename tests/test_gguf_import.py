@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from converters.gguf_parity import check_logit_parity, check_tokenizer_parity
-from converters.gguf_to_hf import import_gguf
-from edgepack.convert import convert
-from edgepack.errors import EdgepackError, UnsupportedModelError
-from edgepack.registry import ConvertOptions
+from converters.gguf.parity import check_logit_parity, check_tokenizer_parity
+from converters.gguf.to_hf import import_gguf
+from converters.registry import ConvertOptions
+from edgepack.convert.stage import convert
+from edgepack.core.errors import EdgepackError, UnsupportedModelError
 
 QUIET = ConvertOptions(show_progress=False)
 

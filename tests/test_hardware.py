@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from edgepack.hardware import RecordedProbe, detect, int8_isa
+from edgepack.measure.hardware import RecordedProbe, detect, int8_isa
 
 DEVICES = Path(__file__).parent / "data" / "devices"
 

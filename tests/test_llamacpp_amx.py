@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from runtimes.llamacpp_amx import AMX_CPU_FLAGS, OVERRIDE_ENV, cpu_flags, extra_buffers_allowed
+from edgepack.core.cpu import cpu_flags
+from runtimes.llamacpp_amx import AMX_CPU_FLAGS, OVERRIDE_ENV, extra_buffers_allowed
 
 CPUINFO = Path(__file__).parent / "data" / "cpuinfo"
 
@@ -37,16 +38,17 @@ def test_the_override_wins_and_a_bad_value_is_refused():
         extra_buffers_allowed(amx, "maybe")
 
 
-def test_cpuinfo_without_flags_line_reads_as_no_flags():
-    assert cpu_flags("processor\t: 0\nFeatures\t: fp asimd\n") == frozenset()
+def test_an_arm_cpu_keeps_the_extra_buffers():
+    flags = cpu_flags("processor\t: 0\nFeatures\t: fp asimd asimddp\n")
+    assert flags == {"fp", "asimd", "asimddp"} and extra_buffers_allowed(flags) is True
 
 
 @pytest.mark.parametrize("kind", ["gguf-q8_0", "gguf-q4_k_m"])
 def test_quantized_gguf_generates_in_a_child_process_on_this_cpu(tiny_model, tmp_path, kind):
     """On an AMX CPU this crashed the process with SIGILL before the extra buffers were turned off; the child
     keeps a crash from taking pytest down and shows up as its signal."""
-    from edgepack.convert import convert
-    from edgepack.registry import ConvertOptions
+    from converters.registry import ConvertOptions
+    from edgepack.convert.stage import convert
 
     convert(tiny_model("llama-bpe"), [kind], tmp_path, ConvertOptions(show_progress=False))
     script = ("import sys; from runtimes.llamacpp import LlamaCppRuntime; from runtimes.base import "

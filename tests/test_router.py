@@ -20,11 +20,11 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
-
-from edgepack.errors import EdgepackError
-from edgepack.router import RouterConfig
-from edgepack.server import ServerConfig, start_server_thread
 from serving_helpers import CONTEXT, MESSAGES, MODEL_ID, open_model
+
+from edgepack.core.errors import EdgepackError
+from edgepack.serve.app import ServerConfig, start_server_thread
+from edgepack.serve.router import RouterConfig
 
 CLOUD_ID = "cloud-model"
 SECRET = "sk-test-upstream-0123456789abcdef"

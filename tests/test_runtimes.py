@@ -8,9 +8,9 @@ import threading
 import numpy as np
 import pytest
 
-from edgepack.convert import convert
-from edgepack.errors import EdgepackError
-from edgepack.registry import ConvertOptions
+from converters.registry import ConvertOptions
+from edgepack.convert.stage import convert
+from edgepack.core.errors import EdgepackError
 from runtimes.base import GenerationOptions, IncrementalDecoder, LoadOptions
 from runtimes.registry import open_runtime
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from edgepack.artifacts import Candidate
-from edgepack.errors import EdgepackError, NothingPassedError
-from edgepack.select import NothingFitsError, select
+from edgepack.core.artifacts import Candidate
+from edgepack.core.errors import EdgepackError, NothingFitsError, NothingPassedError
+from edgepack.select import select
 
 MIB = 2**20
 

@@ -13,10 +13,10 @@ from dataclasses import replace
 import httpx
 import openai
 import pytest
-
-from edgepack.local_model import LocalModel
-from edgepack.server import ServerConfig, start_server_thread
 from serving_helpers import CONTEXT, MESSAGES, MODEL_ID, open_model
+
+from edgepack.serve.app import ServerConfig, start_server_thread
+from edgepack.serve.model import LocalModel
 
 
 @pytest.fixture(scope="module")
@@ -239,8 +239,8 @@ def test_embedded_load_chat_complete_and_serve(tiny_gguf):
 
 
 def test_an_onnx_variant_is_served_the_same_way(tiny_model, tmp_path):
-    from edgepack.convert import convert
-    from edgepack.registry import ConvertOptions
+    from converters.registry import ConvertOptions
+    from edgepack.convert.stage import convert
 
     convert(tiny_model("llama-bpe"), ["onnx-fp32"], tmp_path, ConvertOptions(show_progress=False))
     model = open_model(tmp_path / "onnx-fp32")
@@ -260,7 +260,7 @@ def test_an_onnx_variant_is_served_the_same_way(tiny_model, tmp_path):
 def test_health_says_loading_until_the_model_is_loaded_and_why_a_load_failed(tiny_gguf):
     import uvicorn
 
-    from edgepack.server import create_app
+    from edgepack.serve.app import create_app
 
     release = threading.Event()
 
@@ -303,7 +303,7 @@ def test_health_says_loading_until_the_model_is_loaded_and_why_a_load_failed(tin
 
 
 def test_a_gpu_the_engine_cannot_use_falls_back_to_the_cpu_and_says_so(tiny_gguf):
-    from edgepack.local_model import defaults_for, open_local
+    from edgepack.serve.session import defaults_for, open_session
 
     defaults = defaults_for(tiny_gguf)
     try:
@@ -313,7 +313,7 @@ def test_a_gpu_the_engine_cannot_use_falls_back_to_the_cpu_and_says_so(tiny_gguf
             pytest.skip("this llama-cpp-python can offload to a GPU")
     except ImportError:
         pytest.skip("no llama-cpp-python")
-    model = open_local(replace(defaults, device="cuda"), context=CONTEXT)
+    model = open_session(replace(defaults, device="cuda"), context=CONTEXT)
     try:
         assert model.runtime.device == "cpu" and "no GPU offload" in model.device_note
         running = start_server_thread(model, ServerConfig(port=0))

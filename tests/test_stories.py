@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-
-from edgepack.convert import convert
-from edgepack.registry import ConvertOptions
 from native_generation import llama_cpp_greedy, transformers_greedy
+
+from converters.registry import ConvertOptions
+from edgepack.convert.stage import convert
 from runtimes import llamacpp, torch_reference
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from edgepack.errors import EdgepackError
-from edgepack.hardware import RecordedProbe, detect
-from edgepack.targets import host_profile, load_profile, resolve_target, shipped_profiles
+from edgepack.core.errors import EdgepackError
+from edgepack.measure.hardware import RecordedProbe, detect
+from edgepack.measure.targets import host_profile, load_profile, resolve_target, shipped_profiles
 
 REQUIRED = {"jetson-orin-nano-8gb", "jetson-orin-nx-16gb", "jetson-agx-orin-64gb", "raspberry-pi-5-8gb",
             "apple-m1-8gb", "apple-m2-16gb", "apple-m3-pro-36gb", "x86-avx2-16gb", "x86-avx512-32gb",

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from edgepack.artifacts import QualityReport, VariantQuality
-from edgepack.progress import progress_bar, say
+from edgepack.core.artifacts import QualityReport, VariantQuality
+from edgepack.core.progress import progress_bar, say
 from edgepack.quality.gate import Gate
 from edgepack.quality.metrics import perplexity, score_positions, summarise
 from edgepack.quality.reference import DEFAULT_EVAL_TEXT, DEFAULT_TOP_K, make_windows, reference_for, text_sha256
@@ -26,16 +27,39 @@ def variant_name(path: Path) -> str:
     return path.stem if path.is_file() else path.name
 
 
-def evaluate(model_path: Path, variant_paths: list[Path], *, eval_text: str | None = None,
-             tasks: list[Task] | None = None, gate: Gate | None = None, window: int | None = None,
-             threads: int | None = None, top_k: int = DEFAULT_TOP_K, show_progress: bool = True,
+@dataclass(frozen=True)
+class EvalOptions:
+    eval_text: str | None = None  # None: edgepack's built-in text
+    tasks: tuple[Task, ...] = ()
+    gate: Gate = field(default_factory=Gate)
+    window: int | None = None  # evaluation window in tokens; None: DEFAULT_WINDOW (capped at the model's context)
+    threads: int | None = None
+    top_k: int = DEFAULT_TOP_K  # reference log-probabilities kept per position
+    show_progress: bool = True
+
+    @property
+    def text(self) -> str:
+        return self.eval_text if self.eval_text is not None else DEFAULT_EVAL_TEXT.read_text(encoding="utf-8")
+
+
+def split_reference(paths: list[Path]) -> tuple[Path | None, list[Path]]:
+    """`edgepack eval [MODEL] VARIANT...`: the first path is the reference model when it is a Hugging Face
+    directory (transformers loads it) and variants follow; else every path is a variant."""
+    if len(paths) >= 2 and TorchRuntime.can_load(paths[0]):
+        return paths[0], list(paths[1:])
+    return None, list(paths)
+
+
+def evaluate(model_path: Path, variant_paths: list[Path], options: EvalOptions | None = None,
              on_variant: Callable[[VariantQuality, dict], None] | None = None) -> QualityReport:
     """`on_variant(result, reference)` is called with each variant's result as soon as it is measured, and the
     report-wide fields (the reference's perplexity, the tokens scored, ...), so the build can cache it whole."""
-    gate = gate or Gate()
-    text = eval_text if eval_text is not None else DEFAULT_EVAL_TEXT.read_text(encoding="utf-8")
+    options = options or EvalOptions()
+    gate, tasks, threads, top_k, show_progress = (options.gate, list(options.tasks), options.threads, options.top_k,
+                                                  options.show_progress)
+    text = options.text
     reference = TorchRuntime(Path(model_path), LoadOptions(threads=threads))
-    window = min(window or DEFAULT_WINDOW, reference.context_length)
+    window = min(options.window or DEFAULT_WINDOW, reference.context_length)
     windows = make_windows(reference, text, window)
     with progress_bar("reference logits", len(windows.windows), show_progress) as advance:
         ref_positions = reference_for(reference, Path(model_path), text, windows, window, top_k,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from edgepack.errors import EdgepackError
+from edgepack.core.artifacts import QualityReport
+from edgepack.core.errors import EdgepackError, NothingPassedError
 
 
 @dataclass(frozen=True)
@@ -12,6 +13,14 @@ class Gate:
     max_ppl_increase: float = 0.05  # perplexity may rise by at most this fraction over the reference's
     max_kld: float = 0.05  # mean KL divergence (nats per token) from the reference
     min_task_accuracy: float | None = None  # absolute share of tasks answered right, when tasks are given
+
+    @classmethod
+    def from_options(cls, max_ppl_increase: str = "5%", max_kld: float = 0.05,
+                     min_task_accuracy: str | None = None) -> Gate:
+        """The gate from the command line's words: percentages or fractions."""
+        return cls(max_ppl_increase=parse_fraction(max_ppl_increase, "--max-ppl-increase"), max_kld=max_kld,
+                   min_task_accuracy=parse_fraction(min_task_accuracy, "--min-task-accuracy")
+                   if min_task_accuracy is not None else None)
 
     def as_dict(self) -> dict[str, float | None]:
         return asdict(self)
@@ -36,3 +45,9 @@ def parse_fraction(text: str, what: str) -> float:
         return float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
     except ValueError as exc:
         raise EdgepackError(f"{what}: {text!r} is not a number or a percentage (e.g. 5% or 0.05)") from exc
+
+
+def require_a_pass(report: QualityReport) -> None:
+    """Raise NothingPassedError (exit 5) when no variant of `report` passes its gate."""
+    if not report.passing:
+        raise NothingPassedError("no variant passes the quality gate")

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from edgepack.cache import cache_root
-from edgepack.fileio import atomic_output_file, sha256_file
+from edgepack.core.cache import cache_root
+from edgepack.core.errors import EdgepackError
+from edgepack.core.fileio import atomic_output_file, sha256_file
 from edgepack.quality.metrics import ReferencePositions, reference_positions
 
 CACHE_FORMAT = 1
@@ -33,6 +34,15 @@ class EvalWindows:
     @property
     def positions(self) -> int:
         return sum(len(w) - 1 for w in self.windows)
+
+
+def read_eval_text(path: Path | None) -> str | None:
+    """`--eval-text FILE`'s text; None when no file is given (the built-in text is used)."""
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise EdgepackError(f"evaluation text {path} does not exist")
+    return Path(path).read_text(encoding="utf-8")
 
 
 def make_windows(runtime, text: str, window: int) -> EvalWindows:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgepack.errors import EdgepackError
+from edgepack.core.errors import EdgepackError
 from runtimes.base import GenerationOptions
 
 MATCHES = ("exact", "contains", "json")

@@ -1,0 +1,60 @@
+"""`edgepack targets` and `edgepack profile`: the devices we build for, and measuring variants here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from edgepack.cli.rendering import print_json, stdout_console, table
+from edgepack.core.artifacts import to_json_dict
+
+
+@click.command()
+@click.option("--profile", "profile_file", type=click.Path(path_type=Path), default=None,
+              help="Validate and show a profile file of your own instead of listing.")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON on stdout.")
+def targets(profile_file: Path | None, as_json: bool) -> None:
+    """List the target device profiles (profiles/*.toml and host, detected from this machine)."""
+    from edgepack.measure.targets import all_targets, load_profile
+
+    profiles = [load_profile(profile_file)] if profile_file is not None else all_targets()
+    if as_json:
+        print_json({"targets": [to_json_dict(p) for p in profiles]})
+        return
+    stdout_console().print(table(
+        "targets", ("name", "arch", "accelerator", "cores", "memory GiB", "budget GiB", "bandwidth GB/s", "engines",
+                    "wheel platform"),
+        [(p.name, p.arch, p.accelerator, str(p.cpu_cores), f"{p.memory_total_gib:g}", f"{p.memory_budget_gib:g}",
+          f"{p.memory_bandwidth_gbps:g}" if p.memory_bandwidth_gbps else "to measure", ", ".join(p.engines),
+          p.python_platform) for p in profiles]))
+
+
+@click.command()
+@click.argument("variants", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--threads", type=int, default=None, help="Default: one per physical core.")
+@click.option("--prompt-tokens", type=int, default=128, show_default=True)
+@click.option("--new-tokens", type=int, default=64, show_default=True)
+@click.option("--runs", type=int, default=3, show_default=True, help="Measured runs after one warm-up.")
+@click.option("--json", "as_json", is_flag=True, help="Print the measurements as JSON on stdout.")
+def profile(variants: tuple[Path, ...], threads: int | None, prompt_tokens: int, new_tokens: int, runs: int,
+            as_json: bool) -> None:
+    """Measure VARIANTs on this machine, each in a fresh process: load, memory, TTFT, prefill and decode t/s."""
+    from edgepack.measure.profiler import ProfileOptions
+    from edgepack.measure.profiler import profile as run_profile
+
+    result = run_profile(list(variants), ProfileOptions(threads=threads, prompt_tokens=prompt_tokens,
+                                                        new_tokens=new_tokens, runs=runs))
+    if as_json:
+        print_json(to_json_dict(result))
+        return
+    console = stdout_console()
+    console.print(table(
+        f"this machine: memory bandwidth {result.memory_bandwidth_gbps:.1f} GB/s (measured)",
+        ("variant", "engine", "threads", "load s", "peak RSS MiB", "model MiB", "TTFT ms", "prefill t/s",
+         "decode t/s", "decode min-max"),
+        [(m.name, m.engine, str(m.threads), f"{m.load_s:.2f}", f"{m.peak_rss_mib:.0f}", f"{m.model_rss_mib:.0f}",
+          f"{m.ttft_s * 1000:.0f}", f"{m.prefill_tps:.1f}", f"{m.decode_tps:.1f}",
+          f"{m.decode_tps_min:.1f}-{m.decode_tps_max:.1f}") for m in result.variants]))
+    for line in result.notes:
+        console.print(f"note: {line}", highlight=False)

@@ -1,0 +1,60 @@
+"""`edgepack eval`: variants against the original model's logits, and the gate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from edgepack.cli.rendering import print_json, quality_table, stdout_console
+from edgepack.core.artifacts import to_json_dict
+
+
+def gate_options(command):
+    """The gate's options, shared by `eval` and `build`."""
+    for option in reversed((
+            click.option("--max-ppl-increase", default="5%", show_default=True, help="Gate: perplexity rise allowed."),
+            click.option("--max-kld", type=float, default=0.05, show_default=True,
+                         help="Gate: mean KL divergence allowed."),
+            click.option("--min-task-accuracy", default=None, help="Gate: share of tasks right (e.g. 80% or 0.8)."))):
+        command = option(command)
+    return command
+
+
+@click.command("eval")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--eval-text", type=click.Path(path_type=Path), default=None,
+              help="Evaluation text (default: edgepack's built-in text of ~2,400 words).")
+@click.option("--tasks", "tasks_file", type=click.Path(path_type=Path), default=None,
+              help="JSONL of {prompt|messages, expected, match: exact|contains|json}.")
+@gate_options
+@click.option("--context", "window", type=int, default=None, help="Evaluation window in tokens (default 512).")
+@click.option("--threads", type=int, default=None)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+def eval_command(paths: tuple[Path, ...], eval_text: Path | None, tasks_file: Path | None, max_ppl_increase: str,
+                 max_kld: float, min_task_accuracy: str | None, window: int | None, threads: int | None,
+                 as_json: bool) -> None:
+    """Measure VARIANTs against [MODEL] (a Hugging Face directory; default: the demo student).
+
+    Usage: edgepack eval [MODEL] VARIANT... Exit 5 when no variant passes the gate."""
+    from edgepack.quality.evaluate import EvalOptions, evaluate, split_reference
+    from edgepack.quality.gate import Gate, require_a_pass
+    from edgepack.quality.reference import read_eval_text
+    from edgepack.quality.tasks import load_tasks
+    from edgepack.student import resolve_model
+
+    model, variants = split_reference(list(paths))
+    options = EvalOptions(eval_text=read_eval_text(eval_text),
+                          tasks=tuple(load_tasks(tasks_file)) if tasks_file is not None else (),
+                          gate=Gate.from_options(max_ppl_increase, max_kld, min_task_accuracy), window=window,
+                          threads=threads)
+    report = evaluate(resolve_model(model), variants, options)
+    if as_json:
+        print_json(to_json_dict(report))
+    else:
+        console = stdout_console()
+        console.print(quality_table(report))
+        for v in report.variants:
+            if v.reasons:
+                console.print(f"{v.name} fails the gate: {'; '.join(v.reasons)}", highlight=False)
+    require_a_pass(report)

@@ -1,0 +1,122 @@
+"""The typed artifacts passed between pipeline stages. Each is frozen and serialises to JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+# why selection passed over a variant (edgepack/select.py)
+RejectionReason = Literal["gate", "does not fit", "slower", "larger", "lower quality"]
+
+
+def to_json_dict(artifact: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a dataclass artifact (paths become strings)."""
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, dict):
+            return {key: convert(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [convert(item) for item in value]
+        return value
+
+    return convert(dataclasses.asdict(artifact))
+
+
+@dataclass(frozen=True)
+class StudentModel:
+    """A Hugging Face model directory, as the converters understand it."""
+
+    path: Path
+    architecture: str  # our architecture name, e.g. "llama", "qwen3"
+    hf_model_type: str  # config.json's model_type
+    parameter_count: int
+    context_length: int
+    tokenizer_kind: str  # "bpe" (byte-level, GPT-2 style) or "spm" (SentencePiece)
+    has_chat_template: bool
+    dtype: str  # the dtype the weights are stored in, e.g. "bfloat16"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One converted build of a model: a file (GGUF) or a directory (ONNX) of a given kind."""
+
+    kind: str  # e.g. "gguf-q4_k_m"
+    path: Path
+    files: tuple[str, ...]  # relative to path's parent for a file, to path for a directory
+    bytes: int
+    sha256: str
+    converter: str  # what made it, e.g. "edgepack 0.1.0 hf->gguf + llama.cpp quantize"
+    library_versions: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class VariantQuality:
+    """One variant measured against the reference logits of the original model."""
+
+    name: str
+    path: Path
+    engine: str
+    perplexity: float
+    ppl_ratio: float  # perplexity / the reference's
+    kld_mean: float
+    kld_p99: float
+    same_top1: float  # share of positions whose most likely token is the reference's
+    rms_delta_p: float  # RMS of (reference - variant) probability of the actual next token
+    task_accuracy: float | None
+    passed: bool
+    reasons: tuple[str, ...]  # why it failed the gate (empty when it passed)
+    seconds: float
+
+
+@dataclass(frozen=True)
+class QualityReport:
+    model: Path
+    eval_text_sha256: str
+    eval_tokens: int
+    positions_scored: int
+    window: int
+    top_k_stored: int
+    reference_perplexity: float
+    reference_task_accuracy: float | None
+    tasks: int
+    gate: dict[str, float | None]
+    variants: tuple[VariantQuality, ...]
+
+    @property
+    def passing(self) -> tuple[VariantQuality, ...]:
+        return tuple(v for v in self.variants if v.passed)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One variant as selection sees it: its quality verdict, what it needs, how fast it decodes there."""
+
+    name: str
+    bytes: int  # size on disk
+    passed_gate: bool
+    gate_reasons: tuple[str, ...]
+    kld_mean: float
+    ppl_ratio: float
+    memory_bytes: int  # needed on the target (measured or predicted)
+    decode_tps: float | None  # on the target (measured or predicted); None when unknown
+    measured: bool  # True: measured on the target itself; False: predicted
+
+
+@dataclass(frozen=True)
+class Rejection:
+    name: str
+    reason: RejectionReason
+    detail: str  # the numbers behind it
+
+
+@dataclass(frozen=True)
+class Decision:
+    chosen: str
+    prefer: str
+    budget_bytes: int
+    why: str
+    rejected: tuple[Rejection, ...]

@@ -1,0 +1,191 @@
+"""Measure variants on this device: each in a fresh child process, so its memory is its own.
+
+Per variant: load time, peak RSS (and what the model added to it), time to first token, prefill t/s at a given
+prompt length, decode t/s over a given number of tokens (a warm-up run, then the median of several with min/max),
+threads and context. The device's memory bandwidth is measured once.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgepack.core.errors import EdgepackError
+from edgepack.core.progress import progress_bar
+from edgepack.measure.bandwidth import measure_bandwidth_gbps
+
+# a fixed text, cut to the prompt length in tokens
+PROMPT_TEXT = (
+    "The harbour town woke slowly. Fishing boats came in one after another, their decks stacked with crates, and "
+    "the gulls followed them in long noisy circles. At the market, a woman sold bread from a cart, a boy counted "
+    "coins on an upturned barrel, and an old man repaired a net with quick, sure fingers. "
+) * 40
+
+
+@dataclass(frozen=True)
+class Measurement:
+    name: str
+    path: Path
+    engine: str
+    threads: int
+    context: int
+    prompt_tokens: int
+    new_tokens: int
+    runs: int
+    load_s: float
+    peak_rss_mib: float
+    model_rss_mib: float  # peak RSS less the process's RSS before the model was loaded
+    engine_memory_mib: float  # what the engine reports it holds: weights + KV cache
+    ttft_s: float
+    prefill_tps: float
+    decode_tps: float
+    decode_tps_min: float
+    decode_tps_max: float
+
+
+@dataclass(frozen=True)
+class DeviceMeasurements:
+    memory_bandwidth_gbps: float
+    power_watts: float | None
+    variants: tuple[Measurement, ...]
+    notes: tuple[str, ...]
+
+
+def peak_rss_bytes() -> int:
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def measure_in_this_process(path: Path, threads: int, prompt_tokens: int, new_tokens: int, runs: int,
+                            context: int | None) -> Measurement:
+    """The child's side: load, warm up, run; a Measurement of one variant."""
+    import llama_cpp  # noqa: F401  (the engines' libraries are loaded first, so they do not count as the model)
+    import onnxruntime  # noqa: F401
+    import psutil
+    import transformers  # noqa: F401
+
+    from runtimes.base import GenerationOptions, LoadOptions
+    from runtimes.registry import open_runtime
+
+    before = psutil.Process().memory_info().rss
+    started = time.perf_counter()
+    runtime = open_runtime(path, LoadOptions(threads=threads, context_length=context or prompt_tokens + new_tokens + 8))
+    load_s = time.perf_counter() - started
+    prompt = runtime.tokenize(PROMPT_TEXT)[:prompt_tokens]
+    if len(prompt) < prompt_tokens:
+        raise EdgepackError(f"the profiling prompt gives only {len(prompt)} tokens; ask for fewer")
+    options = GenerationOptions(max_tokens=new_tokens, ignore_eos=True)
+
+    def one_run() -> tuple[float, float]:
+        start = time.perf_counter()
+        first = None
+        for chunk in runtime.generate(prompt, options):
+            if first is None and chunk.token_id is not None:
+                first = time.perf_counter()
+        end = time.perf_counter()
+        return first - start, (new_tokens - 1) / (end - first)
+
+    one_run()
+    results = [one_run() for _ in range(runs)]
+    ttft = statistics.median(r[0] for r in results)
+    decode = [r[1] for r in results]
+    peak = peak_rss_bytes()
+    return Measurement(
+        name=path.stem if path.is_file() else path.name, path=path, engine=runtime.name, threads=threads,
+        context=runtime.context_length, prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=runs,
+        load_s=load_s, peak_rss_mib=peak / 2**20, model_rss_mib=(peak - before) / 2**20,
+        engine_memory_mib=runtime.memory_bytes() / 2**20, ttft_s=ttft, prefill_tps=prompt_tokens / ttft,
+        decode_tps=statistics.median(decode), decode_tps_min=min(decode), decode_tps_max=max(decode))
+
+
+@dataclass(frozen=True)
+class ProfileOptions:
+    threads: int | None = None  # None: one per physical core
+    prompt_tokens: int = 128
+    new_tokens: int = 64
+    runs: int = 3  # measured runs after one warm-up
+    context: int | None = None  # None: just what the prompt and the new tokens need
+    show_progress: bool = True
+
+    @property
+    def thread_count(self) -> int:
+        from runtimes.base import physical_cores
+
+        return self.threads or physical_cores()
+
+
+def measure_variant(path: Path, options: ProfileOptions | None = None) -> Measurement:
+    """Measure one variant in a fresh child process."""
+    o = options or ProfileOptions()
+    command = [sys.executable, "-m", "edgepack.measure.profiler", str(path), str(o.thread_count),
+               str(o.prompt_tokens), str(o.new_tokens), str(o.runs), str(o.context or 0)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise EdgepackError(f"profiling {path} failed: {last}")
+    data = json.loads(done.stdout.strip().splitlines()[-1])
+    data["path"] = Path(data["path"])
+    return Measurement(**data)
+
+
+def read_power_watts() -> float | None:
+    """Board power where a sensor is readable: NVIDIA GPUs through nvidia-smi, Jetson INA3221 rails via sysfs."""
+    import glob
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=power.draw", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=5)
+        if out.returncode == 0 and out.stdout.strip():
+            return sum(float(v) for v in out.stdout.split())
+    except (OSError, subprocess.SubprocessError, ValueError):
+        pass
+    rails = glob.glob("/sys/bus/i2c/drivers/ina3221/*/hwmon/hwmon*/in*_input")
+    currents = glob.glob("/sys/bus/i2c/drivers/ina3221/*/hwmon/hwmon*/curr*_input")
+    if rails and len(rails) == len(currents):
+        total = 0.0
+        for volt, curr in zip(sorted(rails), sorted(currents), strict=True):
+            total += int(Path(volt).read_text()) / 1000 * int(Path(curr).read_text()) / 1000
+        return total
+    return None
+
+
+def profile(paths: list[Path], options: ProfileOptions | None = None) -> DeviceMeasurements:
+    """Each variant measured in its own process, and this machine's memory bandwidth."""
+    options = options or ProfileOptions()
+    for path in paths:
+        if not Path(path).exists():
+            raise EdgepackError(f"{path} does not exist; expected a .gguf file or an ONNX variant directory")
+    threads = options.thread_count
+    notes = []
+    bandwidth = measure_bandwidth_gbps(threads)
+    power = read_power_watts()
+    if power is None:
+        notes.append("no power sensor readable here (nvidia-smi, Jetson INA3221): tokens per joule not measured")
+    measured = []
+    with progress_bar("profiling", len(paths), options.show_progress) as advance:
+        for path in map(Path, paths):
+            measured.append(measure_variant(path, options))
+            advance(1)
+    return DeviceMeasurements(memory_bandwidth_gbps=bandwidth, power_watts=power, variants=tuple(measured),
+                              notes=tuple(notes))
+
+
+if __name__ == "__main__":  # the child process of measure_variant
+    import dataclasses
+
+    path_arg, threads_arg, prompt_arg, new_arg, runs_arg, context_arg = sys.argv[1:7]
+    result = measure_in_this_process(Path(path_arg), int(threads_arg), int(prompt_arg), int(new_arg), int(runs_arg),
+                                     int(context_arg) or None)
+    print(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(result).items()}))

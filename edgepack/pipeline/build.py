@@ -1,0 +1,184 @@
+"""`edgepack build`: convert -> quality -> measure here (and predict for the target) -> select -> bundle.
+
+Every stage's output is cached by content hash (edgepack/pipeline/stage_cache.py), so a build that was interrupted
+resumes where it stopped and a repeated build only re-checks the bundle. The stages themselves are in stages.py.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from converters.registry import ConvertOptions, converters
+from converters.registry import formats as registered_formats
+from edgepack.bundle.write import Bundle, BundleRequest, write_bundle
+from edgepack.core.artifacts import Decision, QualityReport, StudentModel, Variant, to_json_dict
+from edgepack.core.cache import cache_root
+from edgepack.core.errors import EdgepackError
+from edgepack.core.progress import say
+from edgepack.measure.on_target import candidates, performance_on_target
+from edgepack.measure.predict import Prediction
+from edgepack.measure.profiler import DeviceMeasurements, ProfileOptions
+from edgepack.measure.targets import TargetProfile
+from edgepack.pipeline.stage_cache import StageCache, digest_of, directory_fingerprint
+from edgepack.pipeline.stages import StageInput, StageRun, convert_stage, measure_stage, quality_stage
+from edgepack.quality.evaluate import EvalOptions
+from edgepack.quality.gate import Gate
+from edgepack.quality.tasks import Task
+from edgepack.select import Preference, select
+from runtimes.base import DEFAULT_CONTEXT_CAP
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    out_dir: Path = Path("dist")
+    formats: tuple[str, ...] = ()  # formats and/or variant kinds; () is every registered format
+    context: int | None = None  # the context the server allocates; default min(model's, 4096)
+    gate: Gate = field(default_factory=Gate)
+    tasks: tuple[Task, ...] = ()
+    eval_text: str | None = None
+    prefer: Preference = "speed"
+    offline_wheels: bool = False
+    force: bool = False
+    threads: int | None = None  # for measuring here; default: one per physical core
+    allow_pickle: bool = False
+    show_progress: bool = True
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    bundle: Bundle
+    decision: Decision
+    quality: QualityReport
+    performance: tuple[Prediction, ...]
+    measurements: DeviceMeasurements
+    variants: tuple[Variant, ...]
+    target: TargetProfile
+    stages: tuple[StageRun, ...]
+    seconds: float
+
+
+def parse_formats(text: str | None) -> tuple[str, ...]:
+    """`--formats gguf,onnx-int8`; None (not given) is every registered format."""
+    if text is None:
+        return ()
+    items = tuple(item.strip() for item in text.split(",") if item.strip())
+    if not items:
+        raise EdgepackError(f"--formats is empty; accepted: {', '.join(registered_formats())}, or variant kinds "
+                            "such as gguf-q8_0")
+    return items
+
+
+def variant_kinds(formats: tuple[str, ...], target: TargetProfile) -> list[str]:
+    """`--formats` items are formats (gguf, onnx: their default kinds) or kinds; only the target's formats stay."""
+    registered = {converter.name: converter for converter in converters()}
+    examples = ", ".join(converter.default_kinds[-1] for converter in registered.values())
+    kinds: list[str] = []
+    for item in formats or tuple(registered):
+        item = item.strip().lower()
+        kinds += registered[item].default_kinds if item in registered else (item,)
+    if not kinds:
+        raise EdgepackError(f"--formats is empty; accepted: {', '.join(registered)}, or variant kinds such as "
+                            f"{examples}")
+    for kind in kinds:
+        fmt = kind.split("-", 1)[0]
+        if fmt not in registered:
+            raise EdgepackError(f"--formats: {kind!r} is not a format or variant kind; accepted: "
+                                f"{', '.join(registered)}, or kinds such as {examples}")
+        if fmt not in target.formats:
+            raise EdgepackError(f"--formats: {kind} is a {fmt} variant, and target {target.name} runs "
+                                f"{', '.join(target.formats)} only")
+    return list(dict.fromkeys(kinds))
+
+
+def _host_description() -> str:
+    from edgepack.measure.hardware import detect
+
+    device = detect()
+    return f"{device.cpu_model or 'unknown CPU'}, {device.physical_cores} cores, " \
+           f"{(device.ram_total_bytes or 0) / 2**30:.0f} GiB"
+
+
+def build(model: Path, target: TargetProfile, options: BuildOptions | None = None) -> BuildResult:
+    from edgepack.student.load import load_student
+    from runtimes.base import physical_cores
+
+    options = options or BuildOptions()
+    started = time.perf_counter()
+    student = load_student(model, allow_pickle=options.allow_pickle)
+    context = options.context or min(student.context_length, DEFAULT_CONTEXT_CAP)
+    if context < 16 or context > student.context_length:
+        raise EdgepackError(f"--context {context}: must be between 16 and the model's context length "
+                            f"({student.context_length})")
+    kinds = variant_kinds(options.formats, target)
+    threads = options.threads or physical_cores()
+    say(f"[1/5] fingerprinting {student.path.name}")
+    stage = StageInput(StageCache(cache_root() / "build"), student.path, directory_fingerprint(student.path),
+                       options.force)
+    fingerprint = stage.fingerprint
+
+    say(f"[2/5] convert: {', '.join(kinds)}")
+    convert_options = ConvertOptions(allow_pickle=options.allow_pickle, show_progress=options.show_progress,
+                                     int8_isa=target.int8_isa)
+    variants, convert_run = convert_stage(stage, kinds, convert_options)
+
+    say("[3/5] quality against the original model")
+    quality, quality_run = quality_stage(stage, variants, EvalOptions(
+        eval_text=options.eval_text, tasks=options.tasks, gate=options.gate, threads=options.threads,
+        show_progress=options.show_progress))
+
+    where = "measure here" if target.source == "detected" else f"measure here, predict for {target.name}"
+    say(f"[4/5] {where}")
+    measurements, shapes, measure_run = measure_stage(stage, variants, ProfileOptions(threads=threads))
+    performance = performance_on_target(variants, measurements, target, context, shapes)
+    decision = select(candidates(variants, quality, performance), int(target.memory_budget_gib * 2**30),
+                      options.prefer)
+
+    say(f"[5/5] bundle: {decision.chosen}")
+    bundle_started = time.perf_counter()
+    chosen = next(v for v in variants if v.kind == decision.chosen)
+    engine = next(p.engine for p in performance if p.variant == chosen.kind)
+    name = f"{student.path.name}-{target.name}"
+    report = _report(student, fingerprint, target, context, quality, performance, measurements, decision,
+                     variants)
+    request = BundleRequest(
+        out_dir=options.out_dir, name=name, build_key=digest_of({"report": report, "variant": chosen.sha256,
+                                                                 "threads": target.cpu_cores,
+                                                                 "offline_wheels": options.offline_wheels}),
+        model=report["model"], variant=chosen, engine=engine, target=target, report=report, context=context,
+        threads=target.cpu_cores, offline_wheels=options.offline_wheels)
+    bundle = write_bundle(request)
+    bundle_run = StageRun("bundle", time.perf_counter() - bundle_started, 0 if bundle.reused else 1,
+                          1 if bundle.reused else 0)
+    return BuildResult(bundle=bundle, decision=decision, quality=quality, performance=tuple(performance),
+                       measurements=measurements, variants=tuple(variants), target=target,
+                       stages=(convert_run, quality_run, measure_run, bundle_run),
+                       seconds=time.perf_counter() - started)
+
+
+def _without_paths(data: dict[str, Any]) -> dict[str, Any]:
+    """This machine's paths stay out of a bundle: a variant is named by its kind."""
+    return {key: value for key, value in data.items() if key != "path"}
+
+
+def _report(student: StudentModel, fingerprint: str, target: TargetProfile, context: int, quality: QualityReport,
+            performance: list[Prediction], measurements: DeviceMeasurements, decision: Decision,
+            variants: list[Variant]) -> dict[str, Any]:
+    quality_data = to_json_dict(quality)
+    quality_data["model"] = student.path.name
+    quality_data["variants"] = [_without_paths(v) for v in quality_data["variants"]]
+    host = to_json_dict(measurements)
+    host["variants"] = [_without_paths(m) for m in host["variants"]]
+    return {
+        "model": {"name": student.path.name, "architecture": student.architecture,
+                  "hf_model_type": student.hf_model_type, "parameter_count": student.parameter_count,
+                  "context_length": student.context_length, "tokenizer_kind": student.tokenizer_kind,
+                  "dtype": student.dtype, "fingerprint": fingerprint},
+        "target": to_json_dict(replace(target, source=target.source if target.source == "detected"
+                                       else Path(target.source).name)),
+        "context": context, "build_host": _host_description(), "quality": quality_data,
+        "performance": [to_json_dict(p) for p in performance], "host_measurements": host,
+        "decision": to_json_dict(decision), "variant_bytes": {v.kind: v.bytes for v in variants},
+    }

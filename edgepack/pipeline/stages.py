@@ -1,0 +1,210 @@
+"""The build's stages, each cached per variant in the StageCache: convert, quality, measure.
+
+Every function returns the same typed artifacts the stage modules return; what was cached and what was run is
+reported through `StageRun`, so the build can say it and time it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from converters.registry import ConvertOptions, converter_for
+from edgepack.convert.stage import convert
+from edgepack.core.artifacts import QualityReport, Variant, VariantQuality
+from edgepack.core.progress import say
+from edgepack.core.versions import library_versions
+from edgepack.measure.predict import ModelShape, model_shape
+from edgepack.measure.profiler import DeviceMeasurements, Measurement, ProfileOptions, measure_variant, read_power_watts
+from edgepack.pipeline.stage_cache import StageCache, digest_of
+from edgepack.quality.evaluate import EvalOptions
+from edgepack.quality.gate import Gate
+
+CONVERT_LIBRARIES = ("gguf", "llama-cpp-python", "transformers", "torch", "tokenizers", "optimum-onnx",
+                     "onnxruntime", "onnx")
+QUALITY_LIBRARIES = ("llama-cpp-python", "onnxruntime", "transformers", "torch", "numpy")
+MEASURE_LIBRARIES = ("llama-cpp-python", "onnxruntime")
+
+
+@dataclass(frozen=True)
+class StageInput:
+    """What every cached stage works from: the cache, the student model and its content fingerprint."""
+
+    cache: StageCache
+    model: Path
+    fingerprint: str
+    force: bool = False  # recompute instead of reading the cache
+
+
+@dataclass(frozen=True)
+class StageRun:
+    name: str
+    seconds: float
+    ran: int  # items computed now
+    cached: int  # items taken from the cache
+
+
+def _variant_from_record(record: dict[str, Any], entry: Path) -> Variant:
+    return Variant(kind=record["kind"], path=entry / record["path"], files=tuple(record["files"]),
+                   bytes=record["bytes"], sha256=record["sha256"], converter=record["converter"],
+                   library_versions=record["library_versions"])
+
+
+def _remove_dead_work_dirs(directory: Path) -> None:
+    """Scratch directories of builds that were killed (their process no longer exists)."""
+    if not directory.is_dir():
+        return
+    for work in directory.glob(".work-*"):
+        pid = int(work.name.split("-")[1])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(work, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
+def convert_stage(stage: StageInput, kinds: list[str], options: ConvertOptions) -> tuple[list[Variant], StageRun]:
+    """One cache entry per kind; the missing kinds are converted together per converter (so GGUF quantizations
+    share one float base), and each converter's results are kept as soon as it finishes."""
+    cache, model, model_fingerprint, force = stage.cache, stage.model, stage.fingerprint, stage.force
+    started = time.perf_counter()
+    versions = library_versions(CONVERT_LIBRARIES)
+
+    def key(kind: str) -> str:
+        relevant = converter_for(kind).cache_options(kind, options)
+        return digest_of({"stage": "convert", "model": model_fingerprint, "kind": kind, "options": relevant,
+                          "versions": versions})
+
+    found: dict[str, Variant] = {}
+    missing: list[str] = []
+    for kind in kinds:
+        record = None if force else cache.load("convert", key(kind))
+        if record is None:
+            missing.append(kind)
+        else:
+            found[kind] = _variant_from_record(record, cache.entry("convert", key(kind)))
+    groups: dict[int, list[str]] = {}
+    for kind in missing:
+        groups.setdefault(id(converter_for(kind)), []).append(kind)
+    stage_dir = cache.root / "convert"
+    _remove_dead_work_dirs(stage_dir)
+    for group in groups.values():
+        work = stage_dir / f".work-{os.getpid()}-{group[0]}"
+        shutil.rmtree(work, ignore_errors=True)
+        try:
+            for variant in convert(model, group, work, replace(options, force=True)):
+                found[variant.kind] = _keep_variant(cache, key(variant.kind), variant)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    variants = [found[kind] for kind in kinds]
+    return variants, StageRun("convert", time.perf_counter() - started, len(missing), len(kinds) - len(missing))
+
+
+def _keep_variant(cache: StageCache, key: str, variant: Variant) -> Variant:
+    def fill(directory: Path) -> dict[str, Any]:
+        os.replace(variant.path, directory / variant.path.name)
+        record = asdict(variant)
+        record["path"] = variant.path.name
+        return record
+
+    record, entry = cache.store("convert", key, fill)
+    return _variant_from_record(record, entry)
+
+
+def quality_stage(stage: StageInput, variants: list[Variant], options: EvalOptions) -> tuple[QualityReport, StageRun]:
+    """Each variant's metrics are cached ungated (the gate is applied afterwards, so changing the gate costs
+    nothing); a variant is kept as soon as it is scored."""
+    from edgepack.quality.evaluate import evaluate
+    from edgepack.quality.reference import text_sha256
+
+    cache, model, force, gate, tasks = stage.cache, stage.model, stage.force, options.gate, options.tasks
+    started = time.perf_counter()
+    text = options.text
+    base = {"stage": "quality", "record": 2, "model": stage.fingerprint, "text": text_sha256(text),
+            "tasks": digest_of([asdict(t) for t in tasks] if tasks else None), "window": options.window,
+            "versions": library_versions(QUALITY_LIBRARIES)}
+    keys = {v.kind: digest_of({**base, "variant": v.sha256}) for v in variants}
+    records: dict[str, dict[str, Any]] = {}
+    for v in variants:
+        record = None if force else cache.load("quality", keys[v.kind])
+        if record is not None:
+            records[v.kind] = record
+    missing = [v for v in variants if v.kind not in records]
+    if missing:
+        by_path = {v.path: v.kind for v in missing}
+
+        def keep(result: VariantQuality, shared: dict[str, Any]) -> None:
+            kind = by_path[result.path]
+            record = {"variant": asdict(result), "report": shared}
+            cache.store("quality", keys[kind], lambda _directory: record)
+            records[kind] = record
+
+        ungated = Gate(max_ppl_increase=float("inf"), max_kld=float("inf"))
+        evaluate(model, [v.path for v in missing], replace(options, eval_text=text, gate=ungated), on_variant=keep)
+    shared = records[variants[0].kind]["report"]
+    gated = []
+    for v in variants:
+        data = dict(records[v.kind]["variant"])
+        data["path"] = v.path
+        data["name"] = v.kind
+        data["reasons"] = gate.reasons(data["ppl_ratio"], data["kld_mean"], data["task_accuracy"])
+        data["passed"] = not data["reasons"]
+        gated.append(VariantQuality(**data))
+    report = QualityReport(model=model, gate=gate.as_dict(), variants=tuple(gated), **shared)
+    return report, StageRun("quality", time.perf_counter() - started, len(missing), len(variants) - len(missing))
+
+
+def host_identity() -> dict[str, Any]:
+    from edgepack.measure.hardware import detect
+
+    device = detect()
+    return {"cpu": device.cpu_model, "cores": device.physical_cores, "ram": device.ram_total_bytes,
+            "machine": device.machine}
+
+
+def measure_stage(stage: StageInput, variants: list[Variant], options: ProfileOptions
+                  ) -> tuple[DeviceMeasurements, dict[str, ModelShape], StageRun]:
+    """Each variant measured on this machine in its own process (cached per variant and host), with its shape
+    (layers, KV heads, weight bytes) for predictions; the memory bandwidth once per host."""
+    from edgepack.measure.bandwidth import measure_bandwidth_gbps
+
+    cache, force, threads = stage.cache, stage.force, options.thread_count
+    prompt_tokens, new_tokens, runs = options.prompt_tokens, options.new_tokens, options.runs
+    options = replace(options, threads=threads)
+    started = time.perf_counter()
+    host = host_identity()
+    versions = library_versions(MEASURE_LIBRARIES)
+    bandwidth_key = digest_of({"stage": "bandwidth", "host": host, "threads": threads})
+    record = None if force else cache.load("bandwidth", bandwidth_key)
+    if record is None:
+        say("measuring this machine's memory bandwidth")
+        gbps = measure_bandwidth_gbps(threads)
+        record, _ = cache.store("bandwidth", bandwidth_key, lambda _directory: {"gbps": gbps})
+    bandwidth = record["gbps"]
+    measured, ran = [], 0
+    shapes: dict[str, ModelShape] = {}
+    for v in variants:
+        key = digest_of({"stage": "measure", "record": 2, "host": host, "variant": v.sha256, "threads": threads,
+                         "prompt": prompt_tokens, "new": new_tokens, "runs": runs, "versions": versions})
+        record = None if force else cache.load("measure", key)
+        if record is None:
+            say(f"measuring {v.kind} on this machine ({threads} threads, {prompt_tokens}-token prompt, "
+                f"{new_tokens} new tokens, {runs} runs)")
+            m = measure_variant(v.path, options)
+            fresh = {"measurement": asdict(m), "shape": asdict(model_shape(v.path))}
+            record, _ = cache.store("measure", key, lambda _directory, r=fresh: r)
+            ran += 1
+        data = dict(record["measurement"])
+        data["path"], data["name"] = v.path, v.kind
+        measured.append(Measurement(**data))
+        shapes[v.kind] = ModelShape(**record["shape"])
+    power = read_power_watts()
+    notes = () if power is not None else ("no power sensor readable here: tokens per joule not measured",)
+    result = DeviceMeasurements(memory_bandwidth_gbps=bandwidth, power_watts=power, variants=tuple(measured),
+                                notes=notes)
+    return result, shapes, StageRun("measure", time.perf_counter() - started, ran, len(variants) - ran)

@@ -1,0 +1,138 @@
+"""From an OpenAI request to a generation plan, and from generated chunks to OpenAI's response and stream shapes."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from edgepack.core.errors import ApiError
+from edgepack.serve.protocol import ChatRequest, CompletionRequest
+from edgepack.serve.session import ModelSession
+from runtimes.base import GenerationChunk, GenerationOptions
+
+PlanKind = Literal["chat", "completion"]
+
+
+@dataclass
+class GenerationPlan:
+    """A validated request, ready for the engine."""
+
+    prompt_ids: list[int]
+    options: GenerationOptions
+    kind: PlanKind
+    include_usage: bool
+
+
+def plan_request(model: ModelSession, request: ChatRequest | CompletionRequest) -> GenerationPlan:
+    """Check a request against what this server and model can do; the prompt's tokens and generation options."""
+    problem = request.unsupported()
+    if problem is not None:
+        raise ApiError(400, f"unsupported value: {problem}", param=problem.split(":")[0])
+    if isinstance(request, ChatRequest):
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in request.messages]
+        prompt_ids, kind, logprobs = model.prompt_ids(messages=messages), "chat", request.logprobs
+    else:
+        prompt_ids, kind, logprobs = model.prompt_ids(prompt=request.text()), "completion", request.logprobs is not None
+    limit = request.limit()
+    context = model.context_length
+    if len(prompt_ids) + (limit or 1) > context:
+        asked = f" plus max_tokens {limit}" if limit else ""
+        raise ApiError(400, f"This model's maximum context length is {context} tokens; the request has "
+                            f"{len(prompt_ids)} prompt tokens{asked}. Shorten the prompt or lower max_tokens.",
+                       param="messages" if kind == "chat" else "prompt", code="context_length_exceeded")
+    options = GenerationOptions(max_tokens=limit or context - len(prompt_ids), temperature=request.temperature,
+                                top_p=request.top_p, seed=request.seed, stop=request.stops(), logprobs=logprobs)
+    include_usage = bool(request.stream_options and request.stream_options.include_usage)
+    return GenerationPlan(prompt_ids, options, kind, include_usage)
+
+
+def logprob_entry(model: ModelSession, token_id: int, logprob: float) -> dict[str, Any]:
+    text = model.runtime.detokenize([token_id])
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8")), "top_logprobs": []}
+
+
+def visible(model: ModelSession, chunk: GenerationChunk) -> bool:
+    """A generated token the client sees (an end-of-generation token is not one)."""
+    return chunk.token_id is not None and not (chunk.finish_reason and chunk.token_id in model.runtime.eos_token_ids)
+
+
+def usage(plan: GenerationPlan, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": len(plan.prompt_ids), "completion_tokens": completion_tokens,
+            "total_tokens": len(plan.prompt_ids) + completion_tokens}
+
+
+def whole_response(model: ModelSession, plan: GenerationPlan, ident: str,
+                    chunks: list[GenerationChunk]) -> dict[str, Any]:
+    text = "".join(c.text for c in chunks)
+    shown = [c for c in chunks if visible(model, c)]
+    finish = next((c.finish_reason for c in reversed(chunks) if c.finish_reason), "length")
+    base = {"id": ident, "created": int(time.time()), "model": model.model_id,
+            "usage": usage(plan, len(shown))}
+    if plan.kind == "chat":
+        logprobs = {"content": [logprob_entry(model, c.token_id, c.logprob) for c in shown
+                                if c.logprob is not None]} if plan.options.logprobs else None
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                  "finish_reason": finish}
+        return {**base, "object": "chat.completion", "choices": [choice]}
+    logprobs = None
+    if plan.options.logprobs:
+        tokens = [model.runtime.detokenize([c.token_id]) for c in shown]
+        offsets, at = [], 0
+        for token in tokens:
+            offsets.append(at)
+            at += len(token)
+        logprobs = {"tokens": tokens, "token_logprobs": [c.logprob for c in shown], "top_logprobs": None,
+                    "text_offset": offsets}
+    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
+    return {**base, "object": "text_completion", "choices": [choice]}
+
+
+def sse(payload: dict[str, Any] | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
+
+
+class StreamEvents:
+    """The server-sent events of one streamed answer, chat or completion."""
+
+    def __init__(self, model: ModelSession, plan: GenerationPlan, ident: str) -> None:
+        self.model, self.plan, self.ident = model, plan, ident
+        self.chat = plan.kind == "chat"
+        self.object = "chat.completion.chunk" if self.chat else "text_completion"
+        self.created = int(time.time())
+
+    def _event(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        return sse({"id": self.ident, "object": self.object, "created": self.created, "model": self.model.model_id,
+                    "choices": choices, **extra})
+
+    def _choice(self, text: str | None, finish: str | None, logprob: dict[str, Any] | None = None,
+                role: bool = False) -> dict[str, Any]:
+        if not self.chat:
+            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+        return {"index": 0, "delta": delta, "logprobs": {"content": [logprob]} if logprob else None,
+                "finish_reason": finish}
+
+    def role(self) -> bytes:
+        return self._event([self._choice(None, None, role=True)])
+
+    def piece(self, chunk: GenerationChunk) -> bytes | None:
+        """The event for one generated chunk, or None when it adds nothing the client sees."""
+        shown = visible(self.model, chunk)
+        logprob = logprob_entry(self.model, chunk.token_id, chunk.logprob) \
+            if shown and chunk.logprob is not None and self.chat and self.plan.options.logprobs else None
+        if not chunk.text and logprob is None:
+            return None
+        return self._event([self._choice(chunk.text, None, logprob)])
+
+    def finish(self, reason: str) -> bytes:
+        return self._event([self._choice(None, reason)])
+
+    def usage(self, completion_tokens: int) -> bytes:
+        return self._event([], usage=usage(self.plan, completion_tokens))
+
+    def done(self) -> bytes:
+        return sse("[DONE]")

@@ -1,0 +1,103 @@
+"""A model loaded for serving: a verified bundle, or a variant path directly, as one engine behind a lock.
+
+The server (edgepack.serve.app) runs on a ModelSession; `edgepack.load` returns the richer LocalModel
+(edgepack.serve.model). One generation runs at a time on the engine; callers wait on the lock.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from edgepack.core.errors import EdgepackError
+from runtimes.base import GenerationChunk, GenerationOptions, LoadOptions, Runtime
+
+
+@dataclass(frozen=True)
+class ServeDefaults:
+    model_id: str
+    model_path: Path
+    engine: str | None
+    context: int | None
+    threads: int | None
+    device: str = "cpu"
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+def defaults_for(path: Path) -> ServeDefaults:
+    """A bundle (verified first; one that fails is refused) gives its manifest's server settings; a variant path
+    gives the engine's own defaults."""
+    from edgepack.bundle.inspect import is_bundle
+
+    path = Path(path)
+    if not path.exists():
+        raise EdgepackError(f"{path} does not exist; expected a bundle directory or a variant (.gguf file, ONNX "
+                            "directory)")
+    if path.is_dir() and is_bundle(path):
+        from edgepack.bundle.verify import read_manifest, verify_directory
+
+        verify_directory(path)  # raises BundleInvalidError (exit 7) with what is wrong
+        server = read_manifest(path)["server"]
+        return ServeDefaults(model_id=server["model_id"], model_path=path / server["model_path"],
+                             engine=server["engine"], context=server["context"], threads=server["threads"],
+                             device=server["device"], host=server["host"], port=server["port"])
+    if path.is_file() and path.name.endswith((".tar.gz", ".tgz")):
+        raise EdgepackError(f"{path} is a bundle archive: extract it first (tar xzf) and serve the folder")
+    return ServeDefaults(model_id=path.stem if path.is_file() else path.name, model_path=path, engine=None,
+                         context=None, threads=None)
+
+
+class ModelSession:
+    """One loaded engine and the lock that lets one generation run on it at a time."""
+
+    def __init__(self, runtime: Runtime, model_id: str, defaults: ServeDefaults | None = None,
+                 device_note: str | None = None) -> None:
+        self.runtime = runtime
+        self.model_id = model_id
+        self.defaults = defaults
+        self.device_note = device_note  # why the model runs on another device than the one asked for
+        self._lock = threading.Lock()
+
+    @property
+    def context_length(self) -> int:
+        return self.runtime.context_length
+
+    def prompt_ids(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None) -> list[int]:
+        if messages is not None:
+            return self.runtime.chat_prompt_ids(messages)
+        return self.runtime.tokenize(prompt or "")
+
+    def stream_ids(self, prompt_ids: list[int], options: GenerationOptions,
+                   cancel: threading.Event | None = None) -> Iterator[GenerationChunk]:
+        """Stream from token ids, holding the engine for the whole generation."""
+        self.runtime.check_prompt_fits(prompt_ids, 1)
+        with self._lock:
+            yield from self.runtime.generate(prompt_ids, options, cancel)
+
+    def close(self) -> None:
+        self.runtime.close()
+
+
+
+def open_session(defaults: ServeDefaults, threads: int | None = None, context: int | None = None,
+                 device: str | None = None, cls: type[ModelSession] | None = None) -> ModelSession:
+    """Open what `defaults_for` described (and, for a bundle, verified). A GPU the installed engine cannot use
+    (a llama-cpp-python built without CUDA, an onnxruntime without its CUDA provider) falls back to the CPU, and
+    the model says why in `device_note`."""
+    from runtimes.registry import open_runtime
+
+    device = device or defaults.device
+    options = LoadOptions(threads=threads or defaults.threads, context_length=context or defaults.context,
+                          device=device)
+    note = None
+    try:
+        runtime = open_runtime(defaults.model_path, options, defaults.engine)
+    except EdgepackError as exc:
+        if device == "cpu" or "unknown device" in str(exc):
+            raise
+        note = f"running on the CPU: {exc}"
+        runtime = open_runtime(defaults.model_path, replace(options, device="cpu"), defaults.engine)
+    return (cls or ModelSession)(runtime, defaults.model_id, defaults, device_note=note)

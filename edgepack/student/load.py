@@ -1,0 +1,27 @@
+"""Describe a Hugging Face model directory as a StudentModel (what the converters will see)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from converters.architectures import architecture_for_config
+from converters.gguf.hparams import read_hparams
+from converters.gguf.vocab import tokenizer_kind
+from converters.hf_model import HFModelDir
+from edgepack.core.artifacts import StudentModel
+
+
+def load_student(path: Path, allow_pickle: bool = False) -> StudentModel:
+    model = HFModelDir(path, allow_pickle=allow_pickle)
+    arch = architecture_for_config(model.config)
+    hp = read_hparams(model.config)
+    return StudentModel(
+        path=model.path,
+        architecture=arch.name,
+        hf_model_type=str(model.config.get("model_type")),
+        parameter_count=model.parameter_count,
+        context_length=hp.context_length,
+        tokenizer_kind=tokenizer_kind(model),
+        has_chat_template=bool(model.chat_template),
+        dtype=model.stored_dtype,
+    )
