@@ -6,7 +6,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from synth_models import TINY_MODELS, build_tiny_model
+from synth_models import build_tiny_model
 
 SHARED_MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
 STORIES_DIR = SHARED_MODELS / "stories260K-hf"
@@ -35,7 +35,6 @@ def stories_dir() -> Path:
     return STORIES_DIR
 
 
-ALL_TINY_MODELS = sorted(TINY_MODELS)
 
 
 @pytest.fixture(scope="session")

@@ -18,36 +18,6 @@ ENGINES = ("torch", "onnxrt", "llamacpp")
 QUIET = ConvertOptions(show_progress=False)
 
 
-@pytest.fixture(scope="module")
-def variants(tiny_model, tmp_path_factory):
-    """variants(name) -> {engine: path} of the full-precision variants of a tiny model (made once)."""
-    root = tmp_path_factory.mktemp("runtime-variants")
-    made: dict[str, dict[str, object]] = {}
-
-    def get(name: str) -> dict:
-        if name not in made:
-            out = root / name
-            convert(tiny_model(name), ["gguf-f32", "onnx-fp32"], out, QUIET)
-            made[name] = {"torch": tiny_model(name), "onnxrt": out / "onnx-fp32", "llamacpp": out / "gguf-f32.gguf"}
-        return made[name]
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def runtimes(variants):
-    opened: dict[tuple[str, str], object] = {}
-
-    def get(name: str, engine: str):
-        if (name, engine) not in opened:
-            opened[(name, engine)] = open_runtime(variants(name)[engine], LoadOptions(context_length=256))
-        return opened[(name, engine)]
-
-    yield get
-    for runtime in opened.values():
-        runtime.close()
-
-
 @pytest.mark.parametrize("engine", ENGINES)
 def test_engine_is_chosen_from_the_path(variants, engine):
     runtime = open_runtime(variants("llama-bpe")[engine], LoadOptions(context_length=64))

@@ -12,7 +12,7 @@ import pytest
 from edgepack.core.cpu import cpu_flags
 from runtimes.llamacpp_amx import AMX_CPU_FLAGS, OVERRIDE_ENV, extra_buffers_allowed
 
-CPUINFO = Path(__file__).parent / "data" / "cpuinfo"
+CPUINFO = Path(__file__).parents[1] / "data" / "cpuinfo"
 
 
 def test_recorded_amx_xeon_turns_the_extra_buffers_off():
@@ -57,6 +57,6 @@ def test_quantized_gguf_generates_in_a_child_process_on_this_cpu(tiny_model, tmp
               "print(out.completion_tokens)")
     env = {k: v for k, v in os.environ.items() if k != OVERRIDE_ENV}
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path / f"{kind}.gguf")], capture_output=True,
-                          text=True, timeout=120, env=env, cwd=Path(__file__).resolve().parents[1])
+                          text=True, timeout=120, env=env, cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
     assert done.stdout.split()[-1] == "8"

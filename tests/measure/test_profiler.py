@@ -7,7 +7,6 @@ from dataclasses import replace
 import pytest
 
 from converters.registry import ConvertOptions
-from edgepack.convert.stage import convert
 from edgepack.measure.bandwidth import measure_bandwidth_gbps
 from edgepack.measure.predict import ModelShape, bytes_per_token, calibrate, kv_cache_bytes, model_shape, predict
 from edgepack.measure.profiler import ProfileOptions, profile
@@ -22,13 +21,6 @@ def test_kv_cache_arithmetic_for_known_shapes():
     llama3_8b = ModelShape(layers=32, kv_heads=8, head_dim=128, weight_bytes=0)
     assert kv_cache_bytes(llama3_8b, 8192, 2) == 1_073_741_824  # 1 GiB at 8k context in f16
     assert bytes_per_token(replace(llama3_8b, weight_bytes=1000), 0, "llamacpp") == 1000
-
-
-@pytest.fixture(scope="module")
-def tiny_variants(tiny_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("profiled")
-    made = convert(tiny_model("llama-bpe"), ["gguf-f16", "gguf-q8_0", "onnx-fp32"], out, QUIET)
-    return {v.kind: v.path for v in made}
 
 
 def test_model_shape_from_gguf_and_onnx(tiny_variants):

@@ -16,7 +16,7 @@ from edgepack.measure.targets import host_profile, load_profile, resolve_target,
 REQUIRED = {"jetson-orin-nano-8gb", "jetson-orin-nx-16gb", "jetson-agx-orin-64gb", "raspberry-pi-5-8gb",
             "apple-m1-8gb", "apple-m2-16gb", "apple-m3-pro-36gb", "x86-avx2-16gb", "x86-avx512-32gb",
             "cuda-rtx4090-24gb"}
-GOOD = Path(__file__).resolve().parents[1] / "profiles" / "raspberry-pi-5-8gb.toml"
+GOOD = Path(__file__).resolve().parents[2] / "profiles" / "raspberry-pi-5-8gb.toml"
 
 
 def test_shipped_profiles_load_and_are_consistent():
@@ -32,7 +32,7 @@ def test_shipped_profiles_load_and_are_consistent():
 
 
 def test_every_number_in_a_profile_has_its_source_in_a_comment():
-    for path in (Path(__file__).resolve().parents[1] / "profiles").glob("*.toml"):
+    for path in (Path(__file__).resolve().parents[2] / "profiles").glob("*.toml"):
         for line in path.read_text().splitlines():
             if line.startswith("memory_bandwidth_gbps"):
                 assert "#" in line, f"{path.name}: bandwidth without a source"
@@ -65,12 +65,12 @@ def test_invalid_toml_and_unknown_target(tmp_path):
 
 
 def test_host_profile_from_detection():
-    jetson = host_profile(detect(RecordedProbe.load(Path(__file__).parent / "data" / "devices" /
+    jetson = host_profile(detect(RecordedProbe.load(Path(__file__).parents[1] / "data" / "devices" /
                                                     "jetson-orin-nano.json")))
     assert jetson.accelerator == "jetson-gpu" and jetson.arch == "aarch64" and jetson.int8_isa == "arm64"
     # available less 1 GiB headroom (4.64), rounded down to a 0.25 GiB step
     assert jetson.memory_budget_gib == 4.5 and 5912340 * 1024 / 2**30 - 1.0 == pytest.approx(4.64, abs=0.01)
-    gpu = host_profile(detect(RecordedProbe.load(Path(__file__).parent / "data" / "devices" / "x86-rtx4090.json")))
+    gpu = host_profile(detect(RecordedProbe.load(Path(__file__).parents[1] / "data" / "devices" / "x86-rtx4090.json")))
     assert gpu.accelerator == "cuda" and gpu.memory_total_gib == pytest.approx(24564 / 1024, abs=0.01)
     here = host_profile()
     assert here.name == "host" and here.memory_budget_gib > 0 and here.memory_bandwidth_gbps is None

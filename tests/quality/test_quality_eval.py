@@ -21,13 +21,6 @@ SHORT_TEXT = ("The lighthouse keeper counted the ships every evening. On Tuesday
               "3 ferries and one old sailing yacht. Shopping list: bread, flour, eggs and honey. ") * 6
 
 
-@pytest.fixture(scope="module")
-def tiny_variants(tiny_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("quality-variants")
-    made = convert(tiny_model("qwen3-bpe"), ["gguf-f32", "gguf-q4_k_m", "onnx-fp32", "onnx-int4"], out, QUIET)
-    return {v.kind: v.path for v in made}
-
-
 def test_full_precision_variants_match_the_reference(tiny_model, tiny_variants):
     report = evaluate(tiny_model("qwen3-bpe"), [tiny_variants["gguf-f32"], tiny_variants["onnx-fp32"],
                                                 tiny_variants["gguf-q4_k_m"], tiny_variants["onnx-int4"]],

@@ -8,7 +8,7 @@ import pytest
 
 from edgepack.measure.hardware import RecordedProbe, detect, int8_isa
 
-DEVICES = Path(__file__).parent / "data" / "devices"
+DEVICES = Path(__file__).parents[1] / "data" / "devices"
 
 
 def recorded(name: str):

@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import cli_runner
 import pytest
 
 from edgepack.bundle.verify import verify_bundle
@@ -31,11 +32,7 @@ def build_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 def run_edgepack(args: list[str], env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run([sys.executable, "-m", "edgepack", *args], capture_output=True, text=True, env=env,
-                          timeout=600)
-    if check and done.returncode != 0:
-        raise AssertionError(f"edgepack {' '.join(args)} exited {done.returncode}:\n{done.stderr[-3000:]}")
-    return done
+    return cli_runner.run_edgepack(args, env, check)
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +218,7 @@ def test_a_build_for_another_target_predicts_and_explains(host_build, stories_di
 
 def test_nothing_fits_exits_6_and_writes_no_bundle(host_build, stories_dir, build_env, tmp_path: Path):
     profile = tmp_path / "tiny.toml"
-    profile.write_text((Path(__file__).resolve().parents[1] / "profiles" / "raspberry-pi-5-8gb.toml").read_text()
+    profile.write_text((Path(__file__).resolve().parents[2] / "profiles" / "raspberry-pi-5-8gb.toml").read_text()
                        .replace('name = "raspberry-pi-5-8gb"', 'name = "tiny-device"')
                        .replace("memory_budget_gib = 6.5", "memory_budget_gib = 0.001"))
     out = tmp_path / "dist"

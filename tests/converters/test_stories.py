@@ -5,17 +5,7 @@ from __future__ import annotations
 import pytest
 from native_generation import llama_cpp_greedy, transformers_greedy
 
-from converters.registry import ConvertOptions
-from edgepack.convert.stage import convert
 from runtimes import llamacpp, torch_reference
-
-
-@pytest.fixture(scope="module")
-def stories_variants(stories_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("stories")
-    kinds = ["gguf-f32", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m"]
-    return {v.kind: v for v in convert(stories_dir, kinds, out, ConvertOptions(check_logits=True,
-                                                                                show_progress=False))}
 
 
 @pytest.mark.parametrize("prompt", ["Once upon a time", "The little dog"])

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
+from cli_runner import run_edgepack
 
 from edgepack.core.fileio import sha256_file
 
 
 def edgepack(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edgepack", *args], capture_output=True, text=True, timeout=timeout)
+    return run_edgepack(list(args), timeout=timeout)
 
 
 def test_convert_json_output(tiny_model, tmp_path):

@@ -9,8 +9,8 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import ALL_TINY_MODELS
 from native_generation import llama_cpp_greedy
+from synth_models import TINY_MODELS
 
 from converters.gguf.from_hf import permute_for_interleaved_rope, unpermute_from_interleaved_rope
 from converters.gguf.parity import check_logit_parity
@@ -38,7 +38,7 @@ def converted(tiny_model, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("name", ALL_TINY_MODELS)
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
 def test_every_architecture_converts_with_parity(name, tiny_model, converted):
     variants = converted(name)  # tokenizer parity on both files and F32 logit parity ran inside
     assert [v.kind for v in variants] == ["gguf-f32", "gguf-q4_k_m"]
@@ -65,7 +65,7 @@ def test_every_architecture_converts_with_parity(name, tiny_model, converted):
     assert {t.tensor_type for t in reader.tensors} == {gguf.GGMLQuantizationType.F32}
 
 
-@pytest.mark.parametrize("name", ALL_TINY_MODELS)
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
 def test_q4_k_m_uses_k_quants_and_generates(name, converted):
     q4 = converted(name)[1]
     shares = inspect_gguf(q4.path).quant_types
@@ -149,7 +149,7 @@ def test_streaming_conversion_keeps_memory_near_one_tensor(tmp_path):
     import subprocess
     import sys
 
-    script = Path(__file__).with_name("memory_probe.py")
+    script = Path(__file__).parents[1] / "memory_probe.py"
     for mode in ("build", "measure"):  # separate processes, so building the weights does not count
         result = subprocess.run([sys.executable, str(script), mode, str(tmp_path)], capture_output=True,
                                 text=True, timeout=600)
