@@ -122,3 +122,15 @@ def test_the_rule_catches_a_back_import(tmp_path, bad):
     source.write_text(f"import os\n\n\ndef f():\n    from {bad} import build\n")
     (line, imported), = [(n, m) for n, m in project_imports(source)]
     assert line == 5 and RANK[layer_of(imported)] > RANK[layer_of("edgepack.quality.gate")]
+
+
+def test_ruff_is_clean():
+    """The tree passes the linter with pyproject.toml's settings (pip install -e .[dev] brings ruff)."""
+    import shutil
+    import subprocess
+
+    ruff = shutil.which("ruff")
+    if ruff is None:
+        pytest.skip("ruff is not installed (pip install -e .[dev])")
+    done = subprocess.run([ruff, "check", "--no-cache", str(ROOT)], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:]

@@ -28,7 +28,7 @@ from edgepack.serve.protocol import ChatRequest, CompletionRequest
 from edgepack.serve.responses import GenerationPlan, StreamEvents, plan_request, visible, whole_response
 from edgepack.serve.router import ROUTE_HEADER, RouterConfig, Upstream, confidence_of, low_confidence, rule_reason
 from edgepack.serve.session import ModelSession, ServeDefaults, open_session
-from runtimes.base import GenerationChunk
+from runtimes.base import Device, GenerationChunk
 
 
 @dataclass(frozen=True)
@@ -399,7 +399,7 @@ def run_server(model: ModelSession, config: ServerConfig) -> None:
 
 
 def serve_path(defaults: ServeDefaults, config: ServerConfig, threads: int | None = None,
-               context: int | None = None, device: str | None = None) -> None:
+               context: int | None = None, device: Device | None = None) -> None:
     """`edgepack serve`: `defaults` come from `defaults_for`, which refused a bundle that fails verification before
     anything listens; start listening, and load the model in the background."""
     app = create_app(config, loader=lambda: open_session(defaults, threads=threads, context=context, device=device))

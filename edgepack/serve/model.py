@@ -10,7 +10,7 @@ from typing import Any
 
 from edgepack.serve.app import ServerConfig, run_server, start_server_thread
 from edgepack.serve.session import ModelSession, defaults_for, open_session
-from runtimes.base import GenerationOptions
+from runtimes.base import Device, GenerationOptions
 
 
 class LocalModel(ModelSession):
@@ -48,7 +48,7 @@ def _options(generation: dict[str, Any]) -> dict[str, Any]:
 
 
 def load(path: str | Path, threads: int | None = None, context: int | None = None,
-         device: str | None = None) -> LocalModel:
+         device: Device | None = None) -> LocalModel:
     """Load a bundle (verified) or a variant for chat/complete/serve in this process."""
     return open_session(defaults_for(Path(path)), threads, context, device, cls=LocalModel)  # type: ignore[return-value]
 

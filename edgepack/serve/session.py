@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edgepack.core.errors import EdgepackError
-from runtimes.base import GenerationChunk, GenerationOptions, LoadOptions, Runtime
+from runtimes.base import Device, GenerationChunk, GenerationOptions, LoadOptions, Runtime
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ class ServeDefaults:
     engine: str | None
     context: int | None
     threads: int | None
-    device: str = "cpu"
+    device: Device = "cpu"
     host: str = "127.0.0.1"
     port: int = 8080
 
@@ -83,7 +83,7 @@ class ModelSession:
 
 
 def open_session(defaults: ServeDefaults, threads: int | None = None, context: int | None = None,
-                 device: str | None = None, cls: type[ModelSession] | None = None) -> ModelSession:
+                 device: Device | None = None, cls: type[ModelSession] | None = None) -> ModelSession:
     """Open what `defaults_for` described (and, for a bundle, verified). A GPU the installed engine cannot use
     (a llama-cpp-python built without CUDA, an onnxruntime without its CUDA provider) falls back to the CPU, and
     the model says why in `device_note`."""
