@@ -1,5 +1,5 @@
 """Converter registry. Each output format is one module registered under the `edgepack.converters` entry-point
-group in pyproject.toml, and declares everything about itself once: its kinds, its default kinds, the options
+group in pyproject.toml under its format's name, and declares everything about itself once: its kinds, its default kinds, the options
 that change its output (and so enter the build cache's key) and the engines that run it. Nothing else in edgepack
 names a format."""
 
@@ -48,17 +48,38 @@ class Converter(Protocol):
 
 
 @functools.lru_cache(maxsize=1)
+def _load_entry_points() -> tuple[tuple[Converter, ...], dict[str, str]]:
+    """The converters whose libraries import here, and why each other one does not (a device that installed only
+    what serving a bundle needs converts nothing)."""
+    found, missing = [], {}
+    for entry in metadata.entry_points(group=CONVERTER_GROUP):
+        try:
+            found.append(entry.load())
+        except ImportError as exc:
+            missing[entry.name] = str(exc)
+    return tuple(found), missing
+
+
 def converters() -> tuple[Converter, ...]:
-    found = tuple(entry.load() for entry in metadata.entry_points(group=CONVERTER_GROUP))
+    """The converters usable here; an error that says why when there is none."""
+    found, missing = _load_entry_points()
+    if not found and missing:
+        raise EdgepackError("no converter can be loaded here: " + "; ".join(f"{k}: {v}" for k, v in missing.items())
+                            + " (install edgepack with its conversion dependencies: pip install edgepack)")
     if not found:
         raise EdgepackError("no converters are registered: install edgepack (pip install -e .) so its entry "
                             "points exist")
     return found
 
 
+def usable_converters() -> tuple[Converter, ...]:
+    """The converters usable here, possibly none (a device that only serves)."""
+    return _load_entry_points()[0]
+
+
 def formats() -> tuple[str, ...]:
-    """The registered formats, e.g. ("gguf", "onnx")."""
-    return tuple(converter.name for converter in converters())
+    """The registered formats, e.g. ("gguf", "onnx"): the entry points' names, read without importing them."""
+    return tuple(dict.fromkeys(entry.name for entry in metadata.entry_points(group=CONVERTER_GROUP)))
 
 
 def converter_named(format_name: str) -> Converter:

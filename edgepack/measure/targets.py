@@ -9,7 +9,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from converters.registry import converters, formats
+from converters.registry import formats, usable_converters
 from edgepack.core.cpu import INT8_ISAS
 from edgepack.core.errors import EdgepackError
 from edgepack.measure.hardware import DeviceInfo, detect
@@ -138,7 +138,7 @@ def host_profile(device: DeviceInfo | None = None) -> TargetProfile:
         memory_budget_reason=f"memory available now less {HOST_HEADROOM_GIB:g} GiB headroom, rounded down to "
                              f"{BUDGET_STEP_GIB:g} GiB",
         memory_bandwidth_gbps=None, formats=formats(),
-        engines=tuple(engine for converter in converters() for engine in converter.engines),
+        engines=tuple(engine for converter in usable_converters() for engine in converter.engines),
         python_platform=_wheel_platform(device), python_version=f"{sys.version_info.major}.{sys.version_info.minor}",
         int8_isa=device.int8_isa, notes="memory bandwidth is measured by the profiler", source="detected")
 
