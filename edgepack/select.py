@@ -6,9 +6,10 @@ prefer "quality": the lowest mean KL divergence; ties by speed. prefer "size": t
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal, get_args
 
-from edgepack.core.artifacts import Candidate, Decision, Rejection
+from edgepack.core.artifacts import Candidate, CrashedVariant, Decision, Rejection
 from edgepack.core.errors import EdgepackError, NothingFitsError, NothingPassedError
 
 Preference = Literal["speed", "quality", "size"]
@@ -89,3 +90,9 @@ def _why_not(c: Candidate, chosen: Candidate, prefer: str, fastest: float) -> Re
     if prefer == "quality":
         return Rejection(c.name, "lower quality", f"KLD {c.kld_mean:.4f} vs {chosen.kld_mean:.4f} for {chosen.name}")
     return Rejection(c.name, "larger", f"{_mib(c.bytes)} vs {_mib(chosen.bytes)} for {chosen.name}")
+
+
+def reject_crashed(decision: Decision, crashed: tuple[CrashedVariant, ...]) -> Decision:
+    """The decision, with a rejection for every variant whose engine crashed before it could be a candidate."""
+    extra = tuple(Rejection(c.name, "crashed", f"{c.stage} stage: {c.detail}") for c in crashed)
+    return replace(decision, rejected=decision.rejected + extra)

@@ -73,3 +73,25 @@ def test_without_the_plugin_its_kind_is_refused_with_what_is_accepted(tiny_model
                     {**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 2
     assert "unknown variant kind 'caesar-3'" in done.stderr and "gguf-q4_k_m" in done.stderr
+
+
+def test_an_engine_that_crashes_rejects_its_variant_and_the_build_goes_on(plugin_env, tiny_model, tmp_path):
+    """caesar-13's engine aborts the process as it loads: that variant is rejected with the signal's name, and the
+    build ships the other one."""
+    env = {**plugin_env, "EDGEPACK_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "dist"
+    done = run_edgepack(["build", str(tiny_model("llama-bpe")), "--target", "host", "--formats",
+                         "gguf-f16,caesar-13", "--out", str(out), "--json"], env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert result["chosen"] == "gguf-f16"
+    (crash,) = [r for r in result["decision"]["rejected"] if r["name"] == "caesar-13"]
+    assert crash["reason"] == "crashed" and "SIGABRT" in crash["detail"] and "quality stage" in crash["detail"]
+    assert run_edgepack(["verify", result["bundle"]], env).returncode == 0
+    report = (Path(result["bundle"]) / "report.md").read_text()
+    assert "caesar-13" in report and "SIGABRT" in report
+
+    # measuring it alone: the crash is reported, and with nothing measured the exit code is 8
+    variant = next((tmp_path / "cache" / "build" / "convert").rglob("caesar-13.caesar"))
+    done = run_edgepack(["profile", str(variant), "--runs", "1", "--new-tokens", "4", "--prompt-tokens", "8"], env)
+    assert done.returncode == 8 and "SIGABRT" in done.stderr + done.stdout

@@ -52,6 +52,11 @@ def render_markdown(report: dict[str, Any]) -> str:
                      f"{q['ppl_ratio']:.4f} | {q['kld_mean']:.4f} | {q['same_top1']:.1%} | "
                      f"{'pass' if q['passed'] else 'FAIL'} | {_mib(p['memory_bytes'])} | {_tps(p['decode_tps'])} | "
                      f"{verdict} |")
+    for c in quality.get("crashed", []):
+        lines.append(f"| {c['name']} | - | {_mib(report['variant_bytes'][c['name']])} | - | - | - | - | - | - | "
+                     f"crashed in the {c['stage']} stage: {c['cause']} |")
+    for c in quality.get("crashed", []):
+        lines += ["", f"`{c['name']}` was not shipped: {c['detail']}"]
     lines += ["", "## How the memory and speed figures were obtained", ""]
     for q in quality["variants"]:
         lines.append(f"- `{q['name']}`: {performance[q['name']]['basis']}.")

@@ -68,6 +68,7 @@ def build(model: Path | None, target_name: str | None, profile_file: Path | None
         rows.append((q.name, "pass" if q.passed else "FAIL", f"{q.kld_mean:.4f}", f"{q.ppl_ratio:.3f}",
                      f"{p.memory_bytes / 2**20:.0f}", "-" if p.decode_tps is None else f"{p.decode_tps:.1f}",
                      "predicted" if p.is_prediction else "measured", verdict))
+    rows += [(c.name, "-", "-", "-", "-", "-", "", f"crashed ({c.stage}): {c.cause}") for c in result.quality.crashed]
     console = stdout_console()
     console.print(table(f"{result.target.name}: chosen {result.decision.chosen}",
                         ("variant", "gate", "KLD", "PPL ratio", "memory MiB", "decode t/s", "", "verdict"), rows))

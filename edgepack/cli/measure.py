@@ -40,13 +40,14 @@ def targets(profile_file: Path | None, as_json: bool) -> None:
 def profile(variants: tuple[Path, ...], threads: int | None, prompt_tokens: int, new_tokens: int, runs: int,
             as_json: bool) -> None:
     """Measure VARIANTs on this machine, each in a fresh process: load, memory, TTFT, prefill and decode t/s."""
-    from edgepack.measure.profiler import ProfileOptions
+    from edgepack.measure.profiler import ProfileOptions, require_measured
     from edgepack.measure.profiler import profile as run_profile
 
     result = run_profile(list(variants), ProfileOptions(threads=threads, prompt_tokens=prompt_tokens,
                                                         new_tokens=new_tokens, runs=runs))
     if as_json:
         print_json(to_json_dict(result))
+        require_measured(result)
         return
     console = stdout_console()
     console.print(table(
@@ -58,3 +59,6 @@ def profile(variants: tuple[Path, ...], threads: int | None, prompt_tokens: int,
           f"{m.decode_tps_min:.1f}-{m.decode_tps_max:.1f}") for m in result.variants]))
     for line in result.notes:
         console.print(f"note: {line}", highlight=False)
+    for c in result.crashed:
+        console.print(f"{c.name} CRASHED: {c.detail}", highlight=False)
+    require_measured(result)

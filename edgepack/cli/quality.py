@@ -57,4 +57,6 @@ def eval_command(paths: tuple[Path, ...], eval_text: Path | None, tasks_file: Pa
         for v in report.variants:
             if v.reasons:
                 console.print(f"{v.name} fails the gate: {'; '.join(v.reasons)}", highlight=False)
+        for c in report.crashed:
+            console.print(f"{c.name} CRASHED: {c.detail}", highlight=False)
     require_a_pass(report)

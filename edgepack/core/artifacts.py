@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 # why selection passed over a variant (edgepack/select.py)
-RejectionReason = Literal["gate", "does not fit", "slower", "larger", "lower quality"]
+RejectionReason = Literal["gate", "does not fit", "slower", "larger", "lower quality", "crashed"]
 
 
 def to_json_dict(artifact: Any) -> dict[str, Any]:
@@ -73,6 +73,17 @@ class VariantQuality:
 
 
 @dataclass(frozen=True)
+class CrashedVariant:
+    """A variant whose engine crashed (a signal, an abort, out of memory) while a stage ran it."""
+
+    name: str
+    path: Path
+    stage: str  # "quality" or "measure"
+    cause: str  # e.g. "SIGILL (Illegal instruction)"
+    detail: str  # the whole message, with what to do
+
+
+@dataclass(frozen=True)
 class QualityReport:
     model: Path
     eval_text_sha256: str
@@ -85,6 +96,7 @@ class QualityReport:
     tasks: int
     gate: dict[str, float | None]
     variants: tuple[VariantQuality, ...]
+    crashed: tuple[CrashedVariant, ...] = ()  # scored by nobody: their engine crashed
 
     @property
     def passing(self) -> tuple[VariantQuality, ...]:

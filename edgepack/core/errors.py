@@ -9,6 +9,7 @@ with `exit_code`; the server answers an ApiError with its HTTP status and OpenAI
 | 5    | NothingPassedError     | no variant passes the quality gate                              |
 | 6    | NothingFitsError       | no variant that passes the gate fits the target's memory budget |
 | 7    | BundleInvalidError     | a bundle whose manifest or files do not check out               |
+| 8    | EngineCrashedError     | a native engine crashed (a build rejects that variant instead)  |
 """
 
 from __future__ import annotations
@@ -54,6 +55,20 @@ class BundleInvalidError(EdgepackError):
     """A bundle whose manifest or files do not check out."""
 
     exit_code = 7
+
+
+class EngineCrashedError(EdgepackError):
+    """A native engine (llama.cpp, ONNX Runtime) ended its process: a signal, an abort, the out-of-memory killer.
+    `cause` names it, e.g. "SIGILL (Illegal instruction)"."""
+
+    exit_code = 8
+
+    def __init__(self, message: str, cause: str = "") -> None:
+        super().__init__(message)
+        self.cause = cause
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.cause))
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,

@@ -15,7 +15,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgepack.core.errors import EdgepackError
+from edgepack.core.artifacts import CrashedVariant
+from edgepack.core.errors import EdgepackError, EngineCrashedError
+from edgepack.core.isolation import describe_exit
 from edgepack.core.progress import progress_bar
 from edgepack.measure.bandwidth import measure_bandwidth_gbps
 
@@ -54,6 +56,7 @@ class DeviceMeasurements:
     power_watts: float | None
     variants: tuple[Measurement, ...]
     notes: tuple[str, ...]
+    crashed: tuple[CrashedVariant, ...] = ()  # measured by nobody: their engine crashed
 
 
 def peak_rss_bytes() -> int:
@@ -132,6 +135,9 @@ def measure_variant(path: Path, options: ProfileOptions | None = None) -> Measur
     command = [sys.executable, "-m", "edgepack.measure.profiler", str(path), str(o.thread_count),
                str(o.prompt_tokens), str(o.new_tokens), str(o.runs), str(o.context or 0)]
     done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode < 0:  # a signal: the engine crashed
+        cause, hint = describe_exit(done.returncode)
+        raise EngineCrashedError(f"profiling {Path(path).name}: the engine crashed with {cause}; {hint}", cause=cause)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise EdgepackError(f"profiling {path} failed: {last}")
@@ -173,13 +179,28 @@ def profile(paths: list[Path], options: ProfileOptions | None = None) -> DeviceM
     power = read_power_watts()
     if power is None:
         notes.append("no power sensor readable here (nvidia-smi, Jetson INA3221): tokens per joule not measured")
-    measured = []
+    measured, crashed = [], []
     with progress_bar("profiling", len(paths), options.show_progress) as advance:
         for path in map(Path, paths):
-            measured.append(measure_variant(path, options))
+            try:
+                measured.append(measure_variant(path, options))
+            except EngineCrashedError as exc:
+                crashed.append(crashed_variant(path, "measure", exc))
             advance(1)
     return DeviceMeasurements(memory_bandwidth_gbps=bandwidth, power_watts=power, variants=tuple(measured),
-                              notes=tuple(notes))
+                              notes=tuple(notes), crashed=tuple(crashed))
+
+
+def require_measured(result: DeviceMeasurements) -> None:
+    """Raise EngineCrashedError (exit 8) when every variant's engine crashed."""
+    if result.crashed and not result.variants:
+        raise EngineCrashedError("no variant could be measured: " + "; ".join(c.detail for c in result.crashed),
+                                 cause=result.crashed[0].cause)
+
+
+def crashed_variant(path: Path, stage: str, error: EngineCrashedError) -> CrashedVariant:
+    return CrashedVariant(name=path.stem if path.is_file() else path.name, path=path, stage=stage,
+                          cause=error.cause, detail=str(error))
 
 
 if __name__ == "__main__":  # the child process of measure_variant

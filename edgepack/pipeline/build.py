@@ -16,7 +16,7 @@ from converters.registry import formats as registered_formats
 from edgepack.bundle.write import Bundle, BundleRequest, write_bundle
 from edgepack.core.artifacts import Decision, QualityReport, StudentModel, Variant, to_json_dict
 from edgepack.core.cache import cache_root
-from edgepack.core.errors import EdgepackError
+from edgepack.core.errors import EdgepackError, NothingPassedError
 from edgepack.core.progress import say
 from edgepack.measure.on_target import candidates, performance_on_target
 from edgepack.measure.predict import Prediction
@@ -27,7 +27,7 @@ from edgepack.pipeline.stages import StageInput, StageRun, convert_stage, measur
 from edgepack.quality.evaluate import EvalOptions
 from edgepack.quality.gate import Gate
 from edgepack.quality.tasks import Task
-from edgepack.select import Preference, select
+from edgepack.select import Preference, reject_crashed, select
 from runtimes.base import DEFAULT_CONTEXT_CAP
 
 
@@ -131,10 +131,19 @@ def build(model: Path, target: TargetProfile, options: BuildOptions | None = Non
 
     where = "measure here" if target.source == "detected" else f"measure here, predict for {target.name}"
     say(f"[4/5] {where}")
-    measurements, shapes, measure_run = measure_stage(stage, variants, ProfileOptions(threads=threads))
-    performance = performance_on_target(variants, measurements, target, context, shapes)
-    decision = select(candidates(variants, quality, performance), int(target.memory_budget_gib * 2**30),
-                      options.prefer)
+    scored = {q.name for q in quality.variants}
+    measurements, shapes, measure_run = measure_stage(stage, [v for v in variants if v.kind in scored],
+                                                      ProfileOptions(threads=threads))
+    # a variant whose engine crashed in either stage is rejected for it, and the build goes on with the others
+    measured = {m.name for m in measurements.variants}
+    usable = [v for v in variants if v.kind in measured]
+    quality = replace(quality, variants=tuple(q for q in quality.variants if q.name in measured),
+                      crashed=quality.crashed + measurements.crashed)
+    if not usable:
+        raise NothingPassedError("no variant could be run: " + "; ".join(c.detail for c in quality.crashed))
+    performance = performance_on_target(usable, measurements, target, context, shapes)
+    decision = reject_crashed(select(candidates(usable, quality, performance), int(target.memory_budget_gib * 2**30),
+                                     options.prefer), quality.crashed)
 
     say(f"[5/5] bundle: {decision.chosen}")
     bundle_started = time.perf_counter()
@@ -169,8 +178,10 @@ def _report(student: StudentModel, fingerprint: str, target: TargetProfile, cont
     quality_data = to_json_dict(quality)
     quality_data["model"] = student.path.name
     quality_data["variants"] = [_without_paths(v) for v in quality_data["variants"]]
+    quality_data["crashed"] = [_without_paths(c) for c in quality_data["crashed"]]
     host = to_json_dict(measurements)
     host["variants"] = [_without_paths(m) for m in host["variants"]]
+    host["crashed"] = [_without_paths(c) for c in host["crashed"]]
     return {
         "model": {"name": student.path.name, "architecture": student.architecture,
                   "hf_model_type": student.hf_model_type, "parameter_count": student.parameter_count,

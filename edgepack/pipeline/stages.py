@@ -9,17 +9,25 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from converters.registry import ConvertOptions, converter_for
 from edgepack.convert.stage import convert
 from edgepack.core.artifacts import QualityReport, Variant, VariantQuality
+from edgepack.core.errors import EngineCrashedError
 from edgepack.core.progress import say
 from edgepack.core.versions import library_versions
 from edgepack.measure.predict import ModelShape, model_shape
-from edgepack.measure.profiler import DeviceMeasurements, Measurement, ProfileOptions, measure_variant, read_power_watts
+from edgepack.measure.profiler import (
+    DeviceMeasurements,
+    Measurement,
+    ProfileOptions,
+    crashed_variant,
+    measure_variant,
+    read_power_watts,
+)
 from edgepack.pipeline.stage_cache import StageCache, digest_of
 from edgepack.quality.evaluate import EvalOptions
 from edgepack.quality.gate import Gate
@@ -145,17 +153,25 @@ def quality_stage(stage: StageInput, variants: list[Variant], options: EvalOptio
             records[kind] = record
 
         ungated = Gate(max_ppl_increase=float("inf"), max_kld=float("inf"))
-        evaluate(model, [v.path for v in missing], replace(options, eval_text=text, gate=ungated), on_variant=keep)
-    shared = records[variants[0].kind]["report"]
+        fresh = evaluate(model, [v.path for v in missing], replace(options, eval_text=text, gate=ungated),
+                         on_variant=keep)
+        by_kind = {v.path: v.kind for v in variants}
+        crashed = tuple(replace(c, name=by_kind[c.path]) for c in fresh.crashed)  # never cached: a retry may pass
+        shared = {f.name: getattr(fresh, f.name) for f in fields(QualityReport)
+                  if f.name not in ("model", "gate", "variants", "crashed")}
+    else:
+        crashed, shared = (), records[variants[0].kind]["report"]
     gated = []
     for v in variants:
+        if v.kind not in records:
+            continue  # crashed
         data = dict(records[v.kind]["variant"])
         data["path"] = v.path
         data["name"] = v.kind
         data["reasons"] = gate.reasons(data["ppl_ratio"], data["kld_mean"], data["task_accuracy"])
         data["passed"] = not data["reasons"]
         gated.append(VariantQuality(**data))
-    report = QualityReport(model=model, gate=gate.as_dict(), variants=tuple(gated), **shared)
+    report = QualityReport(model=model, gate=gate.as_dict(), variants=tuple(gated), **shared, crashed=crashed)
     return report, StageRun("quality", time.perf_counter() - started, len(missing), len(variants) - len(missing))
 
 
@@ -186,7 +202,7 @@ def measure_stage(stage: StageInput, variants: list[Variant], options: ProfileOp
         gbps = measure_bandwidth_gbps(threads)
         record, _ = cache.store("bandwidth", bandwidth_key, lambda _directory: {"gbps": gbps})
     bandwidth = record["gbps"]
-    measured, ran = [], 0
+    measured, crashed, ran = [], [], 0
     shapes: dict[str, ModelShape] = {}
     for v in variants:
         key = digest_of({"stage": "measure", "record": 2, "host": host, "variant": v.sha256, "threads": threads,
@@ -195,7 +211,11 @@ def measure_stage(stage: StageInput, variants: list[Variant], options: ProfileOp
         if record is None:
             say(f"measuring {v.kind} on this machine ({threads} threads, {prompt_tokens}-token prompt, "
                 f"{new_tokens} new tokens, {runs} runs)")
-            m = measure_variant(v.path, options)
+            try:
+                m = measure_variant(v.path, options)
+            except EngineCrashedError as exc:  # not cached: a retry may pass
+                crashed.append(replace(crashed_variant(v.path, "measure", exc), name=v.kind))
+                continue
             fresh = {"measurement": asdict(m), "shape": asdict(model_shape(v.path))}
             record, _ = cache.store("measure", key, lambda _directory, r=fresh: r)
             ran += 1
@@ -206,5 +226,5 @@ def measure_stage(stage: StageInput, variants: list[Variant], options: ProfileOp
     power = read_power_watts()
     notes = () if power is not None else ("no power sensor readable here: tokens per joule not measured",)
     result = DeviceMeasurements(memory_bandwidth_gbps=bandwidth, power_watts=power, variants=tuple(measured),
-                                notes=notes)
+                                notes=notes, crashed=tuple(crashed))
     return result, shapes, StageRun("measure", time.perf_counter() - started, ran, len(variants) - ran)

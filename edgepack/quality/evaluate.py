@@ -5,16 +5,25 @@ from __future__ import annotations
 import gc
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from edgepack.core.artifacts import QualityReport, VariantQuality
+from edgepack.core.artifacts import CrashedVariant, QualityReport, VariantQuality
+from edgepack.core.errors import EngineCrashedError
+from edgepack.core.isolation import call_isolated
 from edgepack.core.progress import progress_bar, say
 from edgepack.quality.gate import Gate
-from edgepack.quality.metrics import perplexity, score_positions, summarise
-from edgepack.quality.reference import DEFAULT_EVAL_TEXT, DEFAULT_TOP_K, make_windows, reference_for, text_sha256
+from edgepack.quality.metrics import ReferencePositions, perplexity, score_positions, summarise
+from edgepack.quality.reference import (
+    DEFAULT_EVAL_TEXT,
+    DEFAULT_TOP_K,
+    EvalWindows,
+    make_windows,
+    reference_for,
+    text_sha256,
+)
 from edgepack.quality.tasks import Task, task_accuracy
 from runtimes.base import LoadOptions
 from runtimes.registry import open_runtime
@@ -74,29 +83,42 @@ def evaluate(model_path: Path, variant_paths: list[Path], options: EvalOptions |
               "reference_perplexity": reference_ppl, "reference_task_accuracy": reference_accuracy,
               "tasks": len(tasks or [])}
 
-    results = []
+    results, crashed = [], []
     for path in map(Path, variant_paths):
-        started = time.perf_counter()
-        runtime = open_runtime(path, LoadOptions(threads=threads, context_length=window))
-        scores = []
-        with progress_bar(f"{variant_name(path)} ({runtime.name})", len(windows.windows), show_progress) as advance:
-            for tokens, positions in zip(windows.windows, ref_positions, strict=True):
-                scores.append(score_positions(positions, runtime.logits(tokens)[:-1]))
-                advance(1)
-        summary = summarise(scores)
-        accuracy = task_accuracy(runtime, tasks) if tasks else None
-        ratio = summary.perplexity / reference_ppl
-        reasons = gate.reasons(ratio, summary.kld_mean, accuracy)
-        results.append(VariantQuality(
-            name=variant_name(path), path=path, engine=runtime.name, perplexity=summary.perplexity,
-            ppl_ratio=ratio, kld_mean=summary.kld_mean, kld_p99=summary.kld_p99, same_top1=summary.same_top1,
-            rms_delta_p=summary.rms_delta_p, task_accuracy=accuracy, passed=not reasons, reasons=reasons,
-            seconds=time.perf_counter() - started))
-        runtime.close()
-        del runtime
-        gc.collect()
+        try:
+            scored = call_isolated(f"scoring {variant_name(path)}", score_variant, path, windows, ref_positions,
+                                   reference_ppl, tasks, window, threads, show_progress)
+        except EngineCrashedError as exc:
+            crashed.append(CrashedVariant(name=variant_name(path), path=path, stage="quality", cause=exc.cause,
+                                          detail=str(exc)))
+            if show_progress:
+                say(f"{variant_name(path)}: CRASHED: {exc}")
+            continue
+        reasons = gate.reasons(scored.ppl_ratio, scored.kld_mean, scored.task_accuracy)
+        results.append(replace(scored, passed=not reasons, reasons=reasons))
         if on_variant is not None:
             on_variant(results[-1], shared)
         if show_progress:
             say(f"{results[-1].name}: {'pass' if results[-1].passed else 'FAIL: ' + '; '.join(reasons)}")
-    return QualityReport(model=Path(model_path), gate=gate.as_dict(), variants=tuple(results), **shared)
+    return QualityReport(model=Path(model_path), gate=gate.as_dict(), variants=tuple(results), **shared,
+                         crashed=tuple(crashed))
+
+
+def score_variant(path: Path, windows: EvalWindows, ref_positions: list[ReferencePositions], reference_ppl: float,
+                  tasks: list[Task], window: int, threads: int | None, show_progress: bool) -> VariantQuality:
+    """One variant against the reference, ungated; run in a child process (edgepack.core.isolation)."""
+    started = time.perf_counter()
+    runtime = open_runtime(path, LoadOptions(threads=threads, context_length=window))
+    scores = []
+    with progress_bar(f"{variant_name(path)} ({runtime.name})", len(windows.windows), show_progress) as advance:
+        for tokens, positions in zip(windows.windows, ref_positions, strict=True):
+            scores.append(score_positions(positions, runtime.logits(tokens)[:-1]))
+            advance(1)
+    summary = summarise(scores)
+    accuracy = task_accuracy(runtime, tasks) if tasks else None
+    runtime.close()
+    return VariantQuality(
+        name=variant_name(path), path=path, engine=runtime.name, perplexity=summary.perplexity,
+        ppl_ratio=summary.perplexity / reference_ppl, kld_mean=summary.kld_mean, kld_p99=summary.kld_p99,
+        same_top1=summary.same_top1, rms_delta_p=summary.rms_delta_p, task_accuracy=accuracy, passed=False,
+        reasons=(), seconds=time.perf_counter() - started)

@@ -2,11 +2,14 @@
 runs it, each registered through an entry point (tests/test_plugins.py writes the distribution's metadata).
 
 A caesar-N variant predicts that the byte after byte b is b + N: a model simple enough that the test knows its
-output by hand."""
+output by hand. caesar-13 is the fault injected on purpose: its engine aborts the process as it loads (as a
+native library does on a failed assertion), so tests can check that a crash rejects one variant and nothing
+else."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -61,6 +64,8 @@ class CaesarRuntime(Runtime):
             raise EdgepackError(f"{path} is not a {SUFFIX} file")
         self.path = Path(path)
         self.shift = int(self.path.read_text().split()[0])
+        if self.shift == 13:
+            os.abort()
         self.context_length = (options or LoadOptions()).context_length or 256
         self.eos_token_ids = frozenset()
         self.device = "cpu"
