@@ -19,7 +19,7 @@ from edgepack.core.errors import EdgepackError
 from edgepack.core.progress import say
 from edgepack.measure.targets import TargetProfile
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SERVE_PACKAGES = ("click", "rich", "psutil", "numpy", "fastapi", "uvicorn", "httpx", "tomli")
 ENGINE_PACKAGES = {"llamacpp": ("llama-cpp-python",), "onnxrt": ("onnxruntime", "transformers", "tokenizers")}
 # scikit-build-core looks for these on the device and asks for them as build requirements when absent

@@ -20,7 +20,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-PROFILES_DIR = Path(__file__).resolve().parents[1] / "profiles"
+PROFILES_DIR = Path(__file__).resolve().parents[2] / "profiles"  # beside the edgepack package, here and in the wheel
 ARCHES = ("aarch64", "arm64", "x86_64")
 SYSTEMS = ("linux", "macos", "windows")
 ACCELERATORS = ("none", "cuda", "metal", "jetson-gpu")
