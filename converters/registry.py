@@ -1,7 +1,7 @@
 """Converter registry. Each output format is one module registered under the `edgepack.converters` entry-point
-group in pyproject.toml under its format's name, and declares everything about itself once: its kinds, its default kinds, the options
-that change its output (and so enter the build cache's key) and the engines that run it. Nothing else in edgepack
-names a format."""
+group in pyproject.toml, under its format's name, and declares everything about itself once: its kinds, its
+default kinds, the options that change its output (and so enter the build cache's key) and the engines that run
+it. Nothing else in edgepack names a format."""
 
 from __future__ import annotations
 
