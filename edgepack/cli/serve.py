@@ -20,6 +20,8 @@ from runtimes.base import DEVICES
 @click.option("--api-key-file", type=click.Path(path_type=Path), default=None, help="Read the API key from a file.")
 @click.option("--max-queue", type=int, default=16, show_default=True,
               help="Requests that may wait for the engine; past this the answer is 503 with Retry-After.")
+@click.option("--max-body-mb", type=float, default=4.0, show_default=True,
+              help="Largest request body accepted; a larger one gets 413 before it is parsed.")
 @click.option("--threads", type=int, default=None, help="Engine threads (default: the bundle's or physical cores).")
 @click.option("--context", type=int, default=None, help="Context to allocate (default: the bundle's).")
 @click.option("--device", type=click.Choice(DEVICES), default=None,
@@ -37,8 +39,8 @@ from runtimes.base import DEVICES
 @click.option("--router-config", type=click.Path(path_type=Path), default=None,
               help="Router settings file (from `edgepack route calibrate`); options above override it.")
 def serve(path: Path, host: str | None, port: int | None, api_key: str | None, api_key_file: Path | None,
-          max_queue: int, threads: int | None, context: int | None, device: str | None, policy: str | None,
-          upstream_url: str | None, upstream_model: str | None, upstream_key_env: str | None,
+          max_queue: int, max_body_mb: float, threads: int | None, context: int | None, device: str | None,
+          policy: str | None, upstream_url: str | None, upstream_model: str | None, upstream_key_env: str | None,
           upstream_timeout: float | None, min_mean_logprob: float | None, min_token_logprob: float | None,
           patterns: tuple[str, ...], router_config: Path | None) -> None:
     """Serve a bundle (verified first; one that fails is refused) or a variant over the OpenAI API, optionally
@@ -54,7 +56,8 @@ def serve(path: Path, host: str | None, port: int | None, api_key: str | None, a
     key = read_api_key(api_key, api_key_file)
     defaults = defaults_for(path)
     config = ServerConfig(host=host or defaults.host, port=port if port is not None else defaults.port,
-                          api_key=key, max_queue=max_queue, router=router)
+                          api_key=key, max_queue=max_queue, router=router,
+                          max_body_bytes=int(max_body_mb * 2**20))
     note(f"serving {defaults.model_id} on http://{config.host}:{config.port}/v1 (loading the model; "
          "GET /health answers 200 once it is ready)")
     serve_path(defaults, config, threads=threads, context=context, device=device)

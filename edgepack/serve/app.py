@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import threading
 import time
@@ -30,6 +31,53 @@ from edgepack.serve.router import ROUTE_HEADER, RouterConfig, Upstream, confiden
 from edgepack.serve.session import ModelSession, ServeDefaults, open_session
 from runtimes.base import Device, GenerationChunk
 
+DEFAULT_MAX_BODY_BYTES = 4 * 2**20
+
+
+class BodyLimit:
+    """Refuse a request body over `max_bytes` with 413 in OpenAI's error shape, by its Content-Length or, for a
+    chunked body, as soon as the bytes read pass the limit; a body within it is handed on as it came."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await self._refuse(send)
+            return
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await self._refuse(send)
+                return
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send) -> None:
+        response = JSONResponse(error_body(f"the request body is larger than this server accepts "
+                                           f"({self.max_bytes} bytes; see --max-body-mb)",
+                                           code="request_too_large"), status_code=413)
+        await response({"type": "http"}, None, send)
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -39,10 +87,13 @@ class ServerConfig:
     max_queue: int = 16  # requests waiting for the engine beyond the one it runs
     retry_after_s: int = 2
     router: RouterConfig = field(default_factory=RouterConfig)
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get 413 before anything parses them
 
     def __post_init__(self) -> None:
         if self.max_queue < 0:
             raise EdgepackError(f"--max-queue {self.max_queue}: must be 0 or more")
+        if self.max_body_bytes < 1024:
+            raise EdgepackError(f"the request body limit ({self.max_body_bytes} bytes) must be at least 1 KiB")
 
 
 def read_api_key(api_key: str | None, api_key_file: Path | None) -> str | None:
@@ -96,6 +147,7 @@ def create_app(config: ServerConfig, loader: Callable[[], ModelSession] | None =
 
     app = FastAPI(title="edgepack", lifespan=lifespan)
     app.state.edgepack = state
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -113,18 +165,23 @@ def create_app(config: ServerConfig, loader: Callable[[], ModelSession] | None =
             message = f"{where or 'body'}: {first.get('msg')}"
         return JSONResponse(error_body(message, param=where or None), status_code=400)
 
+    @functools.cache
+    def served_paths() -> frozenset[str]:
+        return frozenset(getattr(route, "path", "") for route in app.routes)
+
     @app.middleware("http")
     async def auth_and_count(request: Request, call_next):
-        route = request.url.path
+        route = request.scope["path"]  # never request.url: it is rebuilt from the Host header a client sends
+        label = route if route in served_paths() else "other"  # one series per route, not per path a client tries
         if config.api_key is not None and route.startswith("/v1/"):
             given = request.headers.get("authorization", "")
             expected = f"Bearer {config.api_key}"
             if not hmac.compare_digest(given.encode(), expected.encode()):
-                state.metrics.count_request(route, 401)
+                state.metrics.count_request(label, 401)
                 return JSONResponse(error_body("Incorrect or missing API key: send 'Authorization: Bearer <key>'",
                                                code="invalid_api_key"), status_code=401)
         response = await call_next(request)
-        state.metrics.count_request(route, response.status_code)
+        state.metrics.count_request(label, response.status_code)
         return response
 
     @app.get("/health")

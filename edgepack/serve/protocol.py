@@ -30,6 +30,11 @@ class ChatMessage(_Strict):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
+MAX_SEED = 2**63 - 1  # what the engines' random generators take
+MAX_STOPS = 4  # as OpenAI's API
+MAX_STOP_CHARS = 256  # stop matching holds back at most this much text
+
+
 class StreamOptions(_Strict):
     include_usage: bool = False
 
@@ -39,7 +44,7 @@ class _Sampling(_Strict):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -59,8 +64,10 @@ class _Sampling(_Strict):
             return "n: only 1 choice per request is supported"
         if self.presence_penalty or self.frequency_penalty:
             return "presence_penalty/frequency_penalty: only 0 is supported"
-        if self.stop is not None and len(self.stops()) > 4:
-            return "stop: at most 4 sequences"
+        if self.stop is not None and len(self.stops()) > MAX_STOPS:
+            return f"stop: at most {MAX_STOPS} sequences"
+        if any(len(stop) > MAX_STOP_CHARS or not stop for stop in self.stops()):
+            return f"stop: each sequence must have 1 to {MAX_STOP_CHARS} characters"
         return None
 
 

@@ -129,9 +129,71 @@ def test_api_key_is_required_on_v1_routes(tiny_gguf):
         assert httpx.get(f"{running.url}/health").status_code == 200  # health and metrics stay open locally
         metrics = httpx.get(f"{running.url}/metrics").text
         assert 'edgepack_requests_total{route="/v1/models",status="401"} 1' in metrics
+        # a Host header that makes a rebuilt URL's path empty (Starlette < 1.0.1) must not skip the key check
+        assert raw_status(running.url, b"GET /v1/models HTTP/1.1\r\nHost: x?\r\nConnection: close\r\n\r\n") == 401
     finally:
         running.stop()
         model.close()
+
+
+def raw_status(url: str, request: bytes) -> int:
+    """The status of a request sent byte for byte over a socket (no client library normalises it)."""
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(request)
+        head = connection.recv(64)
+    return int(head.split()[1])
+
+
+def test_bodies_over_the_limit_are_refused_before_parsing(tiny_gguf):
+    model = open_model(tiny_gguf)
+    running = start_server_thread(model, ServerConfig(port=0, max_body_bytes=64 * 1024))
+    try:
+        big = {"model": MODEL_ID, "prompt": "sea " * 40_000, "max_tokens": 1}  # ~160 KB
+        declared = httpx.post(f"{running.url}/v1/completions", json=big)
+        assert declared.status_code == 413 and declared.json()["error"]["code"] == "request_too_large"
+
+        def chunked():  # no Content-Length: the limit is counted as the body arrives
+            yield b'{"model": "tiny-chat", "prompt": "'
+            for _ in range(40):
+                yield b"sea " * 1000
+            yield b'"}'
+
+        streamed = httpx.post(f"{running.url}/v1/completions", content=chunked(),
+                              headers={"content-type": "application/json"})
+        assert streamed.status_code == 413 and "65536 bytes" in streamed.json()["error"]["message"]
+        small = httpx.post(f"{running.url}/v1/completions", json={"model": MODEL_ID, "prompt": "sea", "max_tokens": 2})
+        assert small.status_code == 200
+    finally:
+        running.stop()
+        model.close()
+
+
+def test_metrics_keep_one_series_for_every_unknown_path(client, server):
+    def series() -> set[str]:
+        text = httpx.get(f"{server.url}/metrics").text
+        return {line.rsplit(" ", 1)[0] for line in text.splitlines() if line.startswith("edgepack_requests_total")}
+
+    httpx.get(f"{server.url}/health")
+    series()  # /metrics itself is counted once it has answered
+    before = series()
+    with httpx.Client() as session:
+        for index in range(300):
+            session.get(f"{server.url}/probe-{index}/%0a{'x' * (index % 7)}")
+    added = series() - before
+    assert added <= {'edgepack_requests_total{route="other",status="404"}'}
+    assert 'edgepack_requests_total{route="other",status="404"}' in series()
+
+
+@pytest.mark.parametrize(("field", "value", "says"), [
+    ("seed", -1, "seed"), ("seed", 2**64, "seed"), ("stop", ["x" * 300], "stop"), ("stop", ["a", "b", "c", "d", "e"],
+                                                                                  "stop"), ("stop", [""], "stop")])
+def test_out_of_range_seeds_and_stops_are_client_errors(client, server, field, value, says):
+    answer = httpx.post(f"{server.url}/v1/completions",
+                        json={"model": MODEL_ID, "prompt": "sea", "max_tokens": 2, field: value})
+    assert answer.status_code == 400 and says in answer.json()["error"]["message"]
 
 
 class GatedModel(LocalModel):
