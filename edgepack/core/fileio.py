@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -70,3 +71,30 @@ def atomic_output_dir(final: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def safe_name_problem(value: str) -> str | None:
+    """Why `value` cannot be part of generated file names, unit names, image tags and shell lines; None if it can."""
+    if not SAFE_NAME.fullmatch(value) or ".." in value:
+        return ("cannot name generated files; accepted: 1 to 128 letters, digits and . _ + - starting with a letter "
+                "or digit, without '..'")
+    return None
+
+
+def one_line_problem(value: str) -> str | None:
+    """Why free text cannot go on one line of a generated file (a comment, a description); None if it can."""
+    if CONTROL_CHARACTERS.search(value):
+        return "contains a newline or another control character; give one line of plain text"
+    return None
+
+
+def check_safe_name(value: str, what: str) -> str:
+    problem = safe_name_problem(value)
+    if problem:
+        raise EdgepackError(f"{what} {value!r} {problem}")
+    return value

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import re
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 from converters.registry import formats, usable_converters
 from edgepack.core.cpu import INT8_ISAS
 from edgepack.core.errors import EdgepackError
+from edgepack.core.fileio import one_line_problem, safe_name_problem
 from edgepack.measure.hardware import DeviceInfo, detect
 from runtimes.registry import runtime_names
 
@@ -86,6 +88,14 @@ def parse_profile(data: dict[str, Any], source: str) -> TargetProfile:
     for name in ("cpu_cores", "memory_total_gib", "memory_budget_gib", "memory_bandwidth_gbps"):
         if data[name] <= 0:
             raise fail(name, f"must be positive, got {data[name]}")
+    problems = {"name": safe_name_problem(data["name"])}
+    problems.update({name: one_line_problem(data.get(name, "")) for name in
+                     ("description", "memory_budget_reason", "python_platform", "notes")})
+    for name, problem in problems.items():
+        if problem:
+            raise fail(name, f"({data[name]!r}) {problem}")
+    if not re.fullmatch(r"3\.\d{1,2}", data["python_version"]):
+        raise fail("python_version", f"must be a Python version such as 3.11, got {data['python_version']!r}")
     if data["memory_budget_gib"] > data["memory_total_gib"]:
         raise fail("memory_budget_gib", f"({data['memory_budget_gib']}) is larger than memory_total_gib "
                                         f"({data['memory_total_gib']})")

@@ -17,6 +17,7 @@ from edgepack.bundle.write import Bundle, BundleRequest, write_bundle
 from edgepack.core.artifacts import Decision, QualityReport, StudentModel, Variant, to_json_dict
 from edgepack.core.cache import cache_root
 from edgepack.core.errors import EdgepackError, NothingPassedError
+from edgepack.core.fileio import check_safe_name
 from edgepack.core.progress import say
 from edgepack.measure.on_target import candidates, performance_on_target
 from edgepack.measure.predict import Prediction
@@ -112,6 +113,8 @@ def build(model: Path, target: TargetProfile, options: BuildOptions | None = Non
     if context < 16 or context > student.context_length:
         raise EdgepackError(f"--context {context}: must be between 16 and the model's context length "
                             f"({student.context_length})")
+    check_safe_name(student.path.name, "the model folder's name")  # it names the bundle: checked before any write
+    check_safe_name(target.name, "the target's name")
     kinds = variant_kinds(options.formats, target)
     threads = options.threads or physical_cores()
     say(f"[1/5] fingerprinting {student.path.name}")

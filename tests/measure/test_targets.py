@@ -45,6 +45,12 @@ def test_every_number_in_a_profile_has_its_source_in_a_comment():
     (lambda t: t.replace("cpu_cores = 4 ", 'cpu_cores = "four" '), "cpu_cores"),
     (lambda t: t.replace('formats = ["gguf", "onnx"]', 'formats = ["safetensors"]'), "formats"),
     (lambda t: t + 'colour = "red"\n', "colour"),
+    # names and text that reach generated files (unit names, shell lines, Dockerfiles, comments)
+    (lambda t: t.replace('name = "raspberry-pi-5-8gb"', 'name = "../../etc/cron.d/x"'), "name"),
+    (lambda t: t.replace('name = "raspberry-pi-5-8gb"', 'name = "pi\\nExecStartPre=/bin/sh"'), "name"),
+    (lambda t: t.replace('python_version = "3.11"', 'python_version = "3.11-slim\\nRUN rm -rf /"'), "python_version"),
+    (lambda t: t.replace('memory_budget_reason = "', 'memory_budget_reason = "x\\nMemoryMax=infinity '),
+     "memory_budget_reason"),
 ])
 def test_a_malformed_profile_names_the_field(tmp_path, edit, field):
     broken = tmp_path / "mine.toml"

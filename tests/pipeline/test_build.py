@@ -346,3 +346,12 @@ def test_wheels_for_jetson_carry_llama_cpp_as_source_with_its_build_command(pack
     assert any(n.startswith("scikit_build_core-") for n in names)
     assert any(n.startswith("tomli-") for n in names)  # Python 3.10 on JetPack 6 needs it
     assert 'CMAKE_ARGS="-DGGML_CUDA=on" "$PIP" install --no-index' in install_script(wheel_set)
+
+
+def test_a_model_folder_whose_name_cannot_name_files_is_refused_before_any_write(tiny_model, tmp_path, build_env):
+    odd = tmp_path / "my model;rm"
+    shutil.copytree(tiny_model("llama-bpe"), odd)
+    out = tmp_path / "dist"
+    done = run_edgepack(["build", str(odd), "--out", str(out), "--formats", "gguf-f16"], build_env, check=False)
+    assert done.returncode == 2 and "the model folder's name 'my model;rm' cannot name generated files" in done.stderr
+    assert not out.exists()
