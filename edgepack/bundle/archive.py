@@ -15,6 +15,9 @@ from edgepack.core.fileio import atomic_output_file
 
 # GGUF and ONNX weights hardly compress; a low level keeps the build fast for the same size within a few percent
 COMPRESS_LEVEL = 1
+# what a bundle may hold at most: a model of tens of GB, and wheels and files in the thousands
+MAX_MEMBERS = 20_000
+MAX_TOTAL_BYTES = 128 * 2**30
 
 
 def write_tar_gz(bundle_dir: Path, archive: Path) -> None:
@@ -42,20 +45,43 @@ def _refuse(member: tarfile.TarInfo, why: str) -> BundleInvalidError:
                               "regular files and directories under one top-level folder")
 
 
-def check_members(members: list[tarfile.TarInfo]) -> str:
-    """Every member must be a plain file or directory under one top-level folder; return that folder's name."""
+def check_members(members: list[tarfile.TarInfo], max_members: int = MAX_MEMBERS,
+                  max_bytes: int = MAX_TOTAL_BYTES) -> str:
+    """Every member must be a plain file or directory under one top-level folder, named with '/' only, none of them
+    a .venv/ (install.sh makes that on the device; no archive ships one), and the archive no bigger than the caps
+    in members and declared bytes (checked on the headers, before anything is written); return the folder's name.
+    tarfile's own data filter (Python >= 3.11.4) runs as well, for what it checks that this does not."""
+    if len(members) > max_members:
+        raise BundleInvalidError(f"refusing to extract the archive: {len(members)} members, more than the "
+                                 f"{max_members} a bundle may hold")
+    declared = sum(member.size for member in members)
+    if declared > max_bytes:
+        raise BundleInvalidError(f"refusing to extract the archive: its members declare {declared:,} bytes, more "
+                                 f"than the {max_bytes:,} a bundle may hold")
     roots = set()
     for member in members:
         path = PurePosixPath(member.name)
         drive_letter = len(member.name) > 1 and member.name[1] == ":"
         if member.name.startswith(("/", "\\")) or path.is_absolute() or drive_letter:
             raise _refuse(member, "has an absolute path")
+        if "\\" in member.name:
+            raise _refuse(member, "has a backslash in its name (a Windows path such as a\\..\\x)")
         if ".." in path.parts:
             raise _refuse(member, "climbs out of the tree with '..'")
         if member.issym() or member.islnk():
             raise _refuse(member, f"is a link (to {member.linkname!r})")
+        if member.issparse() or member.type == tarfile.GNUTYPE_SPARSE:
+            raise _refuse(member, "is a sparse file")
         if not (member.isfile() or member.isdir()):
             raise _refuse(member, "is a device, a FIFO or another special file")
+        if len(path.parts) > 1 and path.parts[1] in NOT_SHIPPED_DIRS:
+            raise _refuse(member, f"is inside {path.parts[1]}/, which install.sh makes on the device and no "
+                                  "archive ships")
+        if hasattr(tarfile, "data_filter"):
+            try:
+                tarfile.data_filter(member, "/nonexistent-edgepack-destination")
+            except tarfile.FilterError as exc:
+                raise _refuse(member, f"fails tarfile's data filter ({exc})") from None
         roots.add(path.parts[0])
     if len(roots) != 1:
         raise BundleInvalidError(f"the archive must hold one top-level bundle folder; it holds {sorted(roots)}")

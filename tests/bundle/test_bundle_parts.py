@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from edgepack.bundle.archive import extracted, write_tar_gz
+from edgepack.bundle.archive import check_members, extracted, write_tar_gz
 from edgepack.bundle.deploy_files import JETSON_BASE_IMAGE, DeployContext, deploy_files
 from edgepack.core.errors import BundleInvalidError, EdgepackError
 from edgepack.measure.targets import resolve_target
@@ -44,6 +44,8 @@ def link_member(name: str, target: str, kind: bytes) -> tuple[tarfile.TarInfo, N
     ([file_member("bundle/ok"), link_member("bundle/hard", "../../outside", tarfile.LNKTYPE)], "is a link"),
     ([file_member("bundle/ok"), link_member("bundle/fifo", "", tarfile.FIFOTYPE)], "special file"),
     ([file_member("one/a"), file_member("two/b")], "one top-level bundle folder"),
+    ([file_member("bundle/ok"), file_member("bundle/a\\..\\..\\x")], "backslash"),
+    ([file_member("bundle/ok"), file_member("bundle/.venv/bin/python")], "inside .venv/"),
 ])
 def test_a_malicious_archive_is_refused_and_nothing_is_written(tmp_path: Path, members, why):
     archive = make_tar(tmp_path / "evil.tar.gz", members)
@@ -52,6 +54,22 @@ def test_a_malicious_archive_is_refused_and_nothing_is_written(tmp_path: Path, m
         with extracted(archive):
             pass
     assert set(tmp_path.parent.rglob("*")) == before
+
+
+def test_archive_caps_are_checked_on_the_headers_before_anything_is_written(tmp_path: Path):
+    """A zip bomb declares its size in the tar headers: refused from those, with nothing extracted."""
+    bomb = tarfile.TarInfo("bundle/model.gguf")
+    bomb.size = 10**12  # a terabyte that would compress to almost nothing
+    with pytest.raises(BundleInvalidError, match="declare 1,000,000,000,000 bytes"):
+        check_members([tarfile.TarInfo("bundle"), bomb])
+    many = [tarfile.TarInfo(f"bundle/f{index}") for index in range(11)]
+    with pytest.raises(BundleInvalidError, match="11 members, more than the 10"):
+        check_members(many, max_members=10)
+    assert check_members(many) == "bundle"
+    sparse = tarfile.TarInfo("bundle/sparse")
+    sparse.type = tarfile.GNUTYPE_SPARSE
+    with pytest.raises(BundleInvalidError, match="sparse"):
+        check_members([sparse])
 
 
 def test_an_archive_round_trips(tmp_path: Path):
