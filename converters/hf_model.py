@@ -77,6 +77,12 @@ class HFModelDir:
     def _files_from_index(self, index_name: str) -> list[Path]:
         index = json.loads((self.path / index_name).read_text())
         names = sorted(set(index.get("weight_map", {}).values()))
+        root = self.path.resolve()
+        outside = [name for name in names if not isinstance(name, str) or Path(name).is_absolute() or "\\" in name
+                   or root not in (root / name).resolve().parents]
+        if outside:
+            raise EdgepackError(f"{index_name} names shards outside the model folder: {', '.join(map(repr, outside))}; "
+                                "a shard is a file name inside the folder, such as model-00001-of-00002.safetensors")
         missing = [name for name in names if not (self.path / name).is_file()]
         if missing:
             raise EdgepackError(f"{index_name} lists shards that are missing: {', '.join(missing)}")

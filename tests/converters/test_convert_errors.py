@@ -44,6 +44,17 @@ def test_directory_without_weights(tiny_model, tmp_path):
         convert(model_dir, ["gguf-f16"], tmp_path / "out", QUIET)
 
 
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "sub\\..\\..\\x.safetensors"])
+def test_an_index_naming_shards_outside_the_folder_is_refused(tiny_model, tmp_path, shard):
+    model_dir = copy_model(tiny_model, "llama-bpe", tmp_path)
+    (model_dir / "model.safetensors").rename(tmp_path / "outside.safetensors")  # where "../" points
+    index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": shard}}
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(EdgepackError, match="names shards outside the model folder"):
+        convert(model_dir, ["gguf-f16"], tmp_path / "out", QUIET)
+    assert not (tmp_path / "out" / "gguf-f16.gguf").exists()
+
+
 def test_directory_without_tokenizer(tiny_model, tmp_path):
     model_dir = copy_model(tiny_model, "llama-bpe", tmp_path)
     (model_dir / "tokenizer.json").unlink()
