@@ -20,6 +20,9 @@ from runtimes.base import DEVICES
 @click.option("--api-key-file", type=click.Path(path_type=Path), default=None, help="Read the API key from a file.")
 @click.option("--max-queue", type=int, default=16, show_default=True,
               help="Requests that may wait for the engine; past this the answer is 503 with Retry-After.")
+@click.option("--allowed-host", "allowed_hosts", multiple=True,
+              help="Also answer requests whose Host header is NAME (repeatable); on 127.0.0.1 only this machine's "
+                   "names are answered otherwise (no DNS rebinding).")
 @click.option("--max-body-mb", type=float, default=4.0, show_default=True,
               help="Largest request body accepted; a larger one gets 413 before it is parsed.")
 @click.option("--threads", type=int, default=None, help="Engine threads (default: the bundle's or physical cores).")
@@ -32,6 +35,8 @@ from runtimes.base import DEVICES
 @click.option("--upstream-model", default=None, help="The upstream model's name.")
 @click.option("--upstream-key-env", default=None,
               help="Environment variable holding the upstream API key (default EDGEPACK_UPSTREAM_API_KEY).")
+@click.option("--allow-insecure-upstream", is_flag=True, default=None,
+              help="Accept a plain http:// upstream on another machine (prompts and key travel unencrypted).")
 @click.option("--upstream-timeout", type=float, default=None, help="Seconds before upstream counts as down (30).")
 @click.option("--min-mean-logprob", type=float, default=None, help="auto: below this mean logprob, go upstream.")
 @click.option("--min-token-logprob", type=float, default=None, help="auto: a token below this, go upstream.")
@@ -39,8 +44,9 @@ from runtimes.base import DEVICES
 @click.option("--router-config", type=click.Path(path_type=Path), default=None,
               help="Router settings file (from `edgepack route calibrate`); options above override it.")
 def serve(path: Path, host: str | None, port: int | None, api_key: str | None, api_key_file: Path | None,
-          max_queue: int, max_body_mb: float, threads: int | None, context: int | None, device: str | None,
-          policy: str | None, upstream_url: str | None, upstream_model: str | None, upstream_key_env: str | None,
+          max_queue: int, allowed_hosts: tuple[str, ...], max_body_mb: float, threads: int | None,
+          context: int | None, device: str | None, policy: str | None, upstream_url: str | None,
+          upstream_model: str | None, upstream_key_env: str | None, allow_insecure_upstream: bool | None,
           upstream_timeout: float | None, min_mean_logprob: float | None, min_token_logprob: float | None,
           patterns: tuple[str, ...], router_config: Path | None) -> None:
     """Serve a bundle (verified first; one that fails is refused) or a variant over the OpenAI API, optionally
@@ -52,12 +58,13 @@ def serve(path: Path, host: str | None, port: int | None, api_key: str | None, a
     router = RouterConfig.from_options(router_config, policy=policy, upstream_url=upstream_url,
                                        upstream_model=upstream_model, key_env=upstream_key_env,
                                        timeout_s=upstream_timeout, min_mean_logprob=min_mean_logprob,
-                                       min_token_logprob=min_token_logprob, patterns=patterns)
+                                       min_token_logprob=min_token_logprob, patterns=patterns,
+                                       allow_insecure_upstream=allow_insecure_upstream)
     key = read_api_key(api_key, api_key_file)
     defaults = defaults_for(path)
     config = ServerConfig(host=host or defaults.host, port=port if port is not None else defaults.port,
                           api_key=key, max_queue=max_queue, router=router,
-                          max_body_bytes=int(max_body_mb * 2**20))
+                          max_body_bytes=int(max_body_mb * 2**20), allowed_hosts=allowed_hosts)
     note(f"serving {defaults.model_id} on http://{config.host}:{config.port}/v1 (loading the model; "
          "GET /health answers 200 once it is ready)")
     serve_path(defaults, config, threads=threads, context=context, device=device)

@@ -27,7 +27,15 @@ from edgepack.core.errors import ApiError, EdgepackError, UpstreamError, error_b
 from edgepack.serve.metrics import Metrics
 from edgepack.serve.protocol import ChatRequest, CompletionRequest
 from edgepack.serve.responses import GenerationPlan, StreamEvents, plan_request, visible, whole_response
-from edgepack.serve.router import ROUTE_HEADER, RouterConfig, Upstream, confidence_of, low_confidence, rule_reason
+from edgepack.serve.router import (
+    ROUTE_HEADER,
+    RouterConfig,
+    Upstream,
+    confidence_of,
+    is_loopback_host,
+    low_confidence,
+    rule_reason,
+)
 from edgepack.serve.session import ModelSession, ServeDefaults, open_session
 from runtimes.base import Device, GenerationChunk
 
@@ -88,6 +96,16 @@ class ServerConfig:
     retry_after_s: int = 2
     router: RouterConfig = field(default_factory=RouterConfig)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get 413 before anything parses them
+    # Host headers answered besides this machine's own names; on a loopback address nothing else is (a web page
+    # cannot reach the server through a DNS name it controls), elsewhere anything is unless names are given
+    allowed_hosts: tuple[str, ...] = ()
+
+    def host_allowed(self, host_header: str) -> bool:
+        name = host_header.rsplit(":", 1)[0] if not host_header.endswith("]") else host_header
+        name = name.strip("[]").lower()
+        if is_loopback_host(name) or name in (h.lower() for h in self.allowed_hosts):
+            return True
+        return not self.allowed_hosts and not is_loopback_host(self.host)
 
     def __post_init__(self) -> None:
         if self.max_queue < 0:
@@ -173,6 +191,12 @@ def create_app(config: ServerConfig, loader: Callable[[], ModelSession] | None =
     async def auth_and_count(request: Request, call_next):
         route = request.scope["path"]  # never request.url: it is rebuilt from the Host header a client sends
         label = route if route in served_paths() else "other"  # one series per route, not per path a client tries
+        host = request.headers.get("host", "")
+        if not config.host_allowed(host):
+            state.metrics.count_request(label, 403)
+            return JSONResponse(error_body(f"Host {host!r} is not this server's address; start the server with "
+                                           "--allowed-host NAME to answer requests for that name",
+                                           code="host_not_allowed"), status_code=403)
         if config.api_key is not None and route.startswith("/v1/"):
             given = request.headers.get("authorization", "")
             expected = f"Bearer {config.api_key}"

@@ -12,6 +12,7 @@ file, a bundle, a log line or a response.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -19,6 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -28,6 +30,17 @@ Policy = Literal["local", "remote", "auto"]
 POLICIES: tuple[str, ...] = get_args(Policy)
 DEFAULT_KEY_ENV = "EDGEPACK_UPSTREAM_API_KEY"
 ROUTE_HEADER = "x-edgepack-route"
+
+
+def is_loopback_host(host: str) -> bool:
+    """localhost, 127.0.0.0/8 or ::1 (brackets allowed)."""
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -40,6 +53,7 @@ class RouterConfig:
     min_mean_logprob: float | None = None  # auto: below this mean token log-probability, ask upstream
     min_token_logprob: float | None = None  # auto: a token below this, ask upstream
     patterns: tuple[str, ...] = ()  # auto: a prompt matching any of these (regex) goes upstream
+    allow_insecure_upstream: bool = False  # plain http:// to a host other than this machine
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -56,6 +70,15 @@ class RouterConfig:
         """A server can route with this config (a calibration file alone may not name the upstream yet)."""
         if self.policy != "local" and not (self.upstream_url and self.upstream_model):
             raise EdgepackError(f"routing policy {self.policy!r} needs --upstream URL and --upstream-model NAME")
+        if self.upstream_url:
+            url = urlsplit(self.upstream_url)
+            if url.scheme not in ("http", "https") or not url.hostname:
+                raise EdgepackError(f"--upstream {self.upstream_url!r} is not an http(s) URL such as "
+                                    "https://api.example.com/v1")
+            if url.scheme == "http" and not is_loopback_host(url.hostname) and not self.allow_insecure_upstream:
+                raise EdgepackError(f"--upstream {self.upstream_url}: plain http:// would send the prompts and the "
+                                    "API key unencrypted to another machine; use https://, or pass "
+                                    "--allow-insecure-upstream for a network you trust")
 
     def to_file(self, path: Path) -> None:
         data = {k: v for k, v in asdict(self).items()}

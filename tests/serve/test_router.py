@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import socket
 import subprocess
 import sys
@@ -179,6 +180,20 @@ def test_policy_needs_an_upstream_and_bad_patterns_are_refused(tiny_gguf):
         RouterConfig(policy="auto", patterns=("(",))
     with pytest.raises(EdgepackError, match="routing policy 'sometimes'"):
         RouterConfig(policy="sometimes")
+
+
+@pytest.mark.parametrize(("url", "allow", "refused"), [
+    ("http://api.example.com/v1", False, "unencrypted"), ("ftp://api.example.com/v1", False, "not an http(s) URL"),
+    ("https://api.example.com/v1", False, None), ("http://127.0.0.1:9000/v1", False, None),
+    ("http://localhost:9000/v1", False, None), ("http://[::1]:9000/v1", False, None),
+    ("http://10.0.0.5:8000/v1", True, None)])
+def test_plain_http_upstreams_off_this_machine_need_a_flag(url, allow, refused):
+    config = RouterConfig(policy="remote", upstream_url=url, upstream_model="m", allow_insecure_upstream=allow)
+    if refused is None:
+        config.check_ready()
+    else:
+        with pytest.raises(EdgepackError, match=re.escape(refused)):
+            config.check_ready()
 
 
 def test_calibrate_keeps_the_asked_share_local_and_the_server_follows_it(tiny_gguf, cloud, tmp_path, monkeypatch):

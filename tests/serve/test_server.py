@@ -147,6 +147,25 @@ def raw_status(url: str, request: bytes) -> int:
     return int(head.split()[1])
 
 
+def test_a_host_header_that_is_not_this_server_is_refused(tiny_gguf):
+    """A web page on a DNS name its owner points at 127.0.0.1 (DNS rebinding) must not reach the local server."""
+    model = open_model(tiny_gguf)
+    running = start_server_thread(model, ServerConfig(port=0, allowed_hosts=("edge.local",)))
+    try:
+        port = running.url.rsplit(":", 1)[1]
+        for host, status in ((f"evil.example:{port}", 403), ("evil.example", 403), (f"localhost:{port}", 200),
+                             (f"127.0.0.1:{port}", 200), (f"[::1]:{port}", 200), (f"edge.local:{port}", 200)):
+            answer = httpx.get(f"{running.url}/v1/models", headers={"Host": host})
+            assert answer.status_code == status, host
+            if status == 403:
+                assert answer.json()["error"]["code"] == "host_not_allowed"
+    finally:
+        running.stop()
+        model.close()
+    assert ServerConfig(host="0.0.0.0").host_allowed("anything.example:80")  # a container's published port
+    assert not ServerConfig(host="0.0.0.0", allowed_hosts=("edge.local",)).host_allowed("anything.example")
+
+
 def test_bodies_over_the_limit_are_refused_before_parsing(tiny_gguf):
     model = open_model(tiny_gguf)
     running = start_server_thread(model, ServerConfig(port=0, max_body_bytes=64 * 1024))
