@@ -59,6 +59,7 @@ def open_session(model_file: Path, threads: int, device: str = "cpu"):
 
 class OnnxRuntime(HFTokenizerText, Runtime):
     name = "onnxrt"
+    prefill_chunk = 256  # tokens per forward pass while reading a prompt
 
     @classmethod
     def can_load(cls, path: Path) -> bool:
@@ -137,9 +138,15 @@ class OnnxRuntime(HFTokenizerText, Runtime):
         return outputs[0]
 
     def _prefill(self, prompt_ids: Sequence[int]) -> np.ndarray:
+        """The prompt in chunks of `prefill_chunk` tokens, so a long prompt allocates chunk x vocab logits, not
+        prompt x vocab (4,096 tokens of a 49,152-token vocabulary would be 805 MB); only the last is kept."""
         ids = np.asarray([list(prompt_ids)], dtype=np.int64)
-        logits = self._run(ids, 0, None).numpy()
-        return logits[0, -1].astype(np.float32)
+        past = 0
+        for start in range(0, ids.shape[1], self.prefill_chunk):
+            chunk = ids[:, start:start + self.prefill_chunk]
+            logits = self._run(chunk, past, None)
+            past += chunk.shape[1]
+        return logits.numpy()[0, -1].astype(np.float32)
 
     def _step(self, token_id: int) -> np.ndarray:
         self._step_ids[0, 0] = token_id
@@ -157,7 +164,8 @@ class OnnxRuntime(HFTokenizerText, Runtime):
         weights = sum(f.stat().st_size for f in self.path.iterdir() if f.name.startswith("model.onnx"))
         kv_cache = len(self._past_names) * self._kv_heads * self._head_dim * self.context_length * \
             np.dtype(self._kv_dtype).itemsize
-        return weights + kv_cache
+        prefill_logits = min(self.prefill_chunk, self.context_length) * self._vocab * 4
+        return weights + kv_cache + prefill_logits
 
     def close(self) -> None:
         self._present = []

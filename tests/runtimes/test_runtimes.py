@@ -199,3 +199,20 @@ def test_stories_logits_agree_across_engines(stories_runtimes):
     for engine in ("onnxrt", "llamacpp"):
         got = stories_runtimes[engine].logits(ids)
         assert np.abs(got - expected).max() < 1e-3 * np.abs(expected).max()
+
+
+def test_onnx_reads_a_long_prompt_in_chunks_with_the_same_result(variants):
+    """Chunked prefill (a bound on the logits it allocates) continues exactly as one pass over the prompt does."""
+    runtime = open_runtime(variants("llama-bpe")["onnxrt"], LoadOptions(context_length=256))
+    try:
+        prompt = list(range(5, 5 + 150))
+        whole = runtime.logits(prompt)[-1]
+        runtime.prefill_chunk = 32  # 150 tokens: four chunks of 32 and one of 22
+        chunked = runtime._prefill(prompt)
+        np.testing.assert_allclose(chunked, whole, atol=1e-4, rtol=1e-4)
+        options = GenerationOptions(max_tokens=8)
+        in_chunks = runtime.complete(prompt, options).token_ids
+        runtime.prefill_chunk = 512
+        assert runtime.complete(prompt, options).token_ids == in_chunks
+    finally:
+        runtime.close()
