@@ -216,23 +216,38 @@ class IncrementalDecoder:
 
 
 class StopMatcher:
-    """Holds back text that could be the start of a stop string; reports when one appears."""
+    """Holds back text that could be the start of a stop string; reports when one appears.
+
+    Each stop string is followed with a KMP automaton (how much of it the text ends with), so the work per
+    character is constant however long the stop strings are; held back is only what could still become one."""
 
     def __init__(self, stops: Sequence[str]) -> None:
         self.stops = [stop for stop in stops if stop]
+        self.fallback = [_kmp_failure(stop) for stop in self.stops]
+        self.matched = [0] * len(self.stops)  # characters of each stop that the text so far ends with
         self.pending = ""
 
     def feed(self, text: str) -> tuple[str, bool]:
         if not self.stops:
             return text, False
         self.pending += text
-        hits = [(self.pending.find(stop), stop) for stop in self.stops if stop in self.pending]
-        if hits:
-            at = min(index for index, _ in hits)
+        hit = False
+        for char in text:
+            for index, stop in enumerate(self.stops):
+                matched = self.matched[index]
+                while matched and stop[matched] != char:
+                    matched = self.fallback[index][matched - 1]
+                if stop[matched] == char:
+                    matched += 1
+                if matched == len(stop):
+                    hit, matched = True, 0
+                self.matched[index] = matched
+        if hit:  # the earliest start of any stop in what was held back and what came now
+            at = min(self.pending.find(stop) for stop in self.stops if stop in self.pending)
             out, self.pending = self.pending[:at], ""
+            self.matched = [0] * len(self.stops)
             return out, True
-        keep = max((n for stop in self.stops for n in range(1, len(stop)) if self.pending.endswith(stop[:n])),
-                   default=0)
+        keep = max(self.matched)
         out = self.pending[: len(self.pending) - keep]
         self.pending = self.pending[len(self.pending) - keep:]
         return out, False
@@ -243,3 +258,16 @@ class StopMatcher:
             return out
         out, self.pending = out + self.pending, ""
         return out
+
+
+def _kmp_failure(pattern: str) -> list[int]:
+    """failure[i]: the length of the longest proper prefix of pattern[:i + 1] that is also its suffix."""
+    failure = [0] * len(pattern)
+    length = 0
+    for i in range(1, len(pattern)):
+        while length and pattern[i] != pattern[length]:
+            length = failure[length - 1]
+        if pattern[i] == pattern[length]:
+            length += 1
+        failure[i] = length
+    return failure

@@ -58,3 +58,42 @@ def test_incremental_decoder_holds_partial_utf8():
     decoder = IncrementalDecoder(detokenize, [])
     pieces = [decoder.add(byte) for byte in data]
     assert pieces == ["a", "", "ñ", "", "", "", "🙂", "b"]
+
+
+def reference_stop_feed(pending: str, text: str, stops: list[str]) -> tuple[str, str, bool]:
+    """The stop rule stated plainly (quadratic, for checking): cut at the earliest start of any stop in the text
+    held back plus the new text; else hold back the longest end of it that begins some stop."""
+    pending += text
+    starts = [pending.find(stop) for stop in stops if stop in pending]
+    if starts:
+        return pending[:min(starts)], "", True
+    keep = max((n for stop in stops for n in range(1, len(stop)) if pending.endswith(stop[:n])), default=0)
+    return pending[:len(pending) - keep], pending[len(pending) - keep:], False
+
+
+def test_stop_matching_agrees_with_the_plain_rule_on_random_streams():
+    rng = np.random.default_rng(0)
+    alphabet = "ab<|>"
+    for _ in range(400):
+        stops = ["".join(rng.choice(list(alphabet), size=int(rng.integers(1, 6))))
+                 for _ in range(int(rng.integers(1, 4)))]
+        matcher, pending, expected, got = StopMatcher(stops), "", [], []
+        for _ in range(int(rng.integers(1, 12))):
+            piece = "".join(rng.choice(list(alphabet), size=int(rng.integers(0, 5))))
+            out, pending, stopped = reference_stop_feed(pending, piece, stops)
+            expected.append(out)
+            mine, mine_stopped = matcher.feed(piece)
+            got.append(mine)
+            assert mine_stopped == stopped, (stops, expected, got)
+            if stopped:
+                break
+        assert got == expected, (stops, expected, got)
+
+
+def test_a_long_stop_string_is_matched_across_many_pieces():
+    stop = "ab" * 128  # 256 characters, the server's limit
+    matcher = StopMatcher([stop])
+    emitted = [matcher.feed("x" + "ab" * 127 + "a")[0]]  # one character short, with a near miss before it
+    assert emitted == ["x"]
+    out, stopped = matcher.feed("b tail")
+    assert stopped and out == ""
