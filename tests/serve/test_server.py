@@ -118,7 +118,8 @@ def test_openai_client_sees_the_right_exceptions(client):
 
 def test_api_key_is_required_on_v1_routes(tiny_gguf):
     model = open_model(tiny_gguf)
-    running = start_server_thread(model, ServerConfig(port=0, api_key="s3cret"))
+    # "x?" is allowed as a Host so that the key check, not the host check, is what answers the crafted request
+    running = start_server_thread(model, ServerConfig(port=0, api_key="s3cret", allowed_hosts=("x?",)))
     try:
         wrong = openai.OpenAI(base_url=f"{running.url}/v1", api_key="nope", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
