@@ -21,7 +21,8 @@ from edgepack.measure.targets import TargetProfile
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SERVE_PACKAGES = ("click", "rich", "psutil", "numpy", "fastapi", "uvicorn", "httpx", "tomli")
-ENGINE_PACKAGES = {"llamacpp": ("llama-cpp-python",), "onnxrt": ("onnxruntime", "transformers", "tokenizers")}
+ENGINE_PACKAGES = {"llamacpp": ("llama-cpp-python", "gguf"),  # gguf: the engine reads GGUF metadata
+                   "onnxrt": ("onnxruntime", "transformers", "tokenizers")}
 # scikit-build-core looks for these on the device and asks for them as build requirements when absent
 NATIVE_BUILD_TOOLS = ("cmake>=3.21", "ninja")
 MAX_MANYLINUX_MINOR = 35  # glibc of Ubuntu 22.04 (JetPack 6)

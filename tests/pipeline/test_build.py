@@ -345,6 +345,7 @@ def test_wheels_for_jetson_carry_llama_cpp_as_source_with_its_build_command(pack
     assert any(n.startswith("cmake-") and "aarch64" in n for n in names)  # llama.cpp's build needs it offline
     assert any(n.startswith("scikit_build_core-") for n in names)
     assert any(n.startswith("tomli-") for n in names)  # Python 3.10 on JetPack 6 needs it
+    assert any(n.startswith("gguf-") for n in names)  # the llama.cpp engine reads GGUF metadata with gguf-py
     assert 'CMAKE_ARGS="-DGGML_CUDA=on" "$PIP" install --no-index' in install_script(wheel_set)
 
 
