@@ -19,10 +19,10 @@ from edgepack.core.isolation import call_isolated
 from edgepack.core.versions import package_version
 
 Status = Literal["ok", "warn", "fail"]
-# what the default build of the demo student needs (measured: the cache holds ~2.3 GB after `edgepack build`, and
-# the quality stage's float32 reference with an ONNX FP32 variant peaks near 2 GiB of RAM)
+# what the default build of the demo student needs, measured with a fresh cache on a 2-core x86 machine: the cache
+# holds 2.0 GB and the bundle 266 MB afterwards; the build's largest process peaked at 3.6 GiB resident
 NEEDED_DISK_GIB = 4.0
-NEEDED_MEMORY_GIB = 3.0
+NEEDED_MEMORY_GIB = 4.0
 PROBE_KINDS = ("gguf-q8_0", "gguf-q4_k_m", "onnx-fp32")  # the quantized GGUFs are the ones AMX CPUs crashed on
 
 
