@@ -121,7 +121,13 @@ class Runtime(ABC):
 
     def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         # the template writes its own special tokens (BOS included where the model wants it)
-        return self.tokenize(self.apply_chat_template(messages), add_special=False)
+        try:
+            text = self.apply_chat_template(messages)
+        except EdgepackError:
+            raise
+        except Exception as exc:  # the template's own raise_exception(...), or an error inside the template
+            raise EdgepackError(f"the model's chat template refused these messages: {exc}") from exc
+        return self.tokenize(text, add_special=False)
 
     def check_prompt_fits(self, prompt_ids: Sequence[int], max_tokens: int = 0) -> None:
         """Refuse an empty prompt, or one that with `max_tokens` more would not fit the context."""

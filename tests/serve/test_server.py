@@ -167,6 +167,24 @@ def test_a_host_header_that_is_not_this_server_is_refused(tiny_gguf):
     assert not ServerConfig(host="0.0.0.0", allowed_hosts=("edge.local",)).host_allowed("anything.example")
 
 
+def test_a_chat_template_that_refuses_the_messages_is_a_client_error(tiny_gguf):
+    model = open_model(tiny_gguf)
+    # as Gemma's and Mistral's templates do for roles they do not take
+    model.runtime._chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+                                    "supported') }}{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    running = start_server_thread(model, ServerConfig(port=0))
+    try:
+        answer = httpx.post(f"{running.url}/v1/chat/completions", json={"model": MODEL_ID, "messages": MESSAGES})
+        assert answer.status_code == 400
+        assert "chat template refused these messages: System role not supported" in answer.json()["error"]["message"]
+        fine = httpx.post(f"{running.url}/v1/chat/completions",
+                          json={"model": MODEL_ID, "messages": MESSAGES[1:], "max_tokens": 2})
+        assert fine.status_code == 200
+    finally:
+        running.stop()
+        model.close()
+
+
 def test_bodies_over_the_limit_are_refused_before_parsing(tiny_gguf):
     model = open_model(tiny_gguf)
     running = start_server_thread(model, ServerConfig(port=0, max_body_bytes=64 * 1024))
