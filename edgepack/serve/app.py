@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from edgepack.core.errors import ApiError, EdgepackError, UpstreamError, error_body
 from edgepack.serve.metrics import Metrics
 from edgepack.serve.protocol import ChatRequest, CompletionRequest
-from edgepack.serve.responses import GenerationPlan, StreamEvents, plan_request, visible, whole_response
+from edgepack.serve.responses import GenerationPlan, StreamEvents, plan_request, sse, visible, whole_response
 from edgepack.serve.router import (
     ROUTE_HEADER,
     RouterConfig,
@@ -438,6 +438,9 @@ async def _stream_events(state: ServerState, model: ModelSession, plan: Generati
         yield events.finish(finish)
         if plan.include_usage:
             yield events.usage(made)
+        yield events.done()
+    except Exception as exc:  # the headers (200) are sent: the stream ends with an error event instead
+        yield sse(error_body(f"generation failed midway: {exc}", "server_error", code="generation_failed"))
         yield events.done()
     finally:
         state.in_flight -= 1

@@ -185,6 +185,33 @@ def test_a_chat_template_that_refuses_the_messages_is_a_client_error(tiny_gguf):
         model.close()
 
 
+class FailingMidway(LocalModel):
+    """An engine that breaks after its first token."""
+
+    def stream_ids(self, prompt_ids, options, cancel=None):
+        for index, chunk in enumerate(super().stream_ids(prompt_ids, options, cancel)):
+            if index == 1:
+                raise RuntimeError("the engine lost its KV cache")
+            yield chunk
+
+
+def test_a_stream_that_fails_midway_ends_with_an_error_event(tiny_gguf):
+    model = open_model(tiny_gguf, cls=FailingMidway)
+    running = start_server_thread(model, ServerConfig(port=0))
+    try:
+        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.APIError, match="generation failed midway: the engine lost its KV cache"):
+            for _ in client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, max_tokens=8, stream=True,
+                                                    temperature=0):
+                pass
+        metrics = httpx.get(f"{running.url}/metrics").text
+        assert "edgepack_in_flight_requests 0" in metrics
+        assert httpx.get(f"{running.url}/health").status_code == 200
+    finally:
+        running.stop()
+        model.close()
+
+
 def test_bodies_over_the_limit_are_refused_before_parsing(tiny_gguf):
     model = open_model(tiny_gguf)
     running = start_server_thread(model, ServerConfig(port=0, max_body_bytes=64 * 1024))
