@@ -20,7 +20,7 @@ from edgepack.core.progress import say
 from edgepack.measure.targets import TargetProfile
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-SERVE_PACKAGES = ("click", "rich", "psutil", "numpy", "fastapi", "uvicorn", "httpx", "tomli")
+SERVE_PACKAGES = ("click", "rich", "psutil", "numpy", "fastapi", "uvicorn", "httpx", "prometheus-client", "tomli")
 ENGINE_PACKAGES = {"llamacpp": ("llama-cpp-python", "gguf"),  # gguf: the engine reads GGUF metadata
                    "onnxrt": ("onnxruntime", "transformers", "tokenizers")}
 # scikit-build-core looks for these on the device and asks for them as build requirements when absent

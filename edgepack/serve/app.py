@@ -244,7 +244,7 @@ def create_app(config: ServerConfig, loader: Callable[[], ModelSession] | None =
 
 def _refuse_when_full(state: ServerState) -> None:
     if state.in_flight >= 1 + state.config.max_queue:
-        state.metrics.rejected_busy += 1
+        state.metrics.count_busy()
         raise ApiError(503, f"the server is busy: {state.in_flight} requests are running or queued (the queue holds "
                             f"{state.config.max_queue}); retry after {state.config.retry_after_s} s",
                        "server_error", code="queue_full", headers={"Retry-After": str(state.config.retry_after_s)})

@@ -1,88 +1,69 @@
-"""The server's Prometheus metrics, in the text exposition format: requests by route and status, tokens in and
-out, decode tokens/s, queue depth, time to first token."""
+"""The server's Prometheus metrics, written by prometheus_client (its text format and label escaping): requests by
+route and status, answers by where they came from, tokens in and out, decode tokens/s, in-flight requests, queue
+depth, time to first token. Each server has a registry of its own."""
 
 from __future__ import annotations
 
 import threading
-from collections import Counter
+from collections import Counter as Tally
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class Metrics:
     def __init__(self) -> None:
+        self.registry = CollectorRegistry()
         self._lock = threading.Lock()
-        self.requests: Counter[tuple[str, int]] = Counter()
-        self.routes: Counter[str] = Counter()  # answers by where they came from: local, remote, local-fallback
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
-        self.decode_seconds = 0.0
-        self.last_decode_tps = 0.0
-        self.ttft_count = 0
-        self.ttft_sum = 0.0
-        self.ttft_buckets = [0] * len(TTFT_BUCKETS)
-        self.rejected_busy = 0
+        self._answers: Tally[str] = Tally()  # for /health: answers by where they came from
+        self.requests = Counter("edgepack_requests", "HTTP requests by route and status.", ["route", "status"],
+                                registry=self.registry)
+        self.routes = Counter("edgepack_answers", "Generated answers by where they came from.", ["route"],
+                              registry=self.registry)
+        self.prompt_tokens = Counter("edgepack_prompt_tokens", "Prompt tokens read.", registry=self.registry)
+        self.completion_tokens = Counter("edgepack_completion_tokens", "Tokens generated.", registry=self.registry)
+        self.decode_tps = Gauge("edgepack_decode_tokens_per_second", "Decode speed of the last finished generation.",
+                                registry=self.registry)
+        self.in_flight = Gauge("edgepack_in_flight_requests", "Requests running or waiting for the engine.",
+                               registry=self.registry)
+        self.queue_depth = Gauge("edgepack_queue_depth", "Requests waiting for the engine.", registry=self.registry)
+        self.busy = Counter("edgepack_rejected_busy", "Requests turned away with 503: the queue was full.",
+                            registry=self.registry)
+        self.ttft = Histogram("edgepack_time_to_first_token_seconds", "From request to the first generated token.",
+                              buckets=TTFT_BUCKETS, registry=self.registry)
 
     def count_request(self, route: str, status: int) -> None:
-        with self._lock:
-            self.requests[(route, status)] += 1
+        self.requests.labels(route=route, status=str(status)).inc()
 
     def count_route(self, served_by: str) -> None:
+        self.routes.labels(route=served_by).inc()
         with self._lock:
-            self.routes[served_by] += 1
+            self._answers[served_by] += 1
+
+    def count_busy(self) -> None:
+        self.busy.inc()
 
     def answers(self) -> dict[str, int]:
         with self._lock:
-            return dict(self.routes)
+            return dict(self._answers)
 
     def local_share(self) -> float | None:
         """The share of answers the local model gave (its fallbacks included)."""
         with self._lock:
-            total = sum(self.routes.values())
-            return (self.routes["local"] + self.routes["local-fallback"]) / total if total else None
+            total = sum(self._answers.values())
+            return (self._answers["local"] + self._answers["local-fallback"]) / total if total else None
 
     def observe_ttft(self, seconds: float) -> None:
-        with self._lock:
-            self.ttft_count += 1
-            self.ttft_sum += seconds
-            for index, bound in enumerate(TTFT_BUCKETS):
-                if seconds <= bound:
-                    self.ttft_buckets[index] += 1
+        self.ttft.observe(seconds)
 
     def count_tokens(self, prompt: int, completion: int, decode_seconds: float | None) -> None:
-        with self._lock:
-            self.prompt_tokens += prompt
-            self.completion_tokens += completion
-            if decode_seconds and completion > 1:
-                self.decode_seconds += decode_seconds
-                self.last_decode_tps = (completion - 1) / decode_seconds
+        self.prompt_tokens.inc(prompt)
+        self.completion_tokens.inc(completion)
+        if decode_seconds and completion > 1:
+            self.decode_tps.set((completion - 1) / decode_seconds)
 
     def render(self, in_flight: int, queued: int) -> str:
-        with self._lock:
-            lines = ["# HELP edgepack_requests_total HTTP requests by route and status.",
-                     "# TYPE edgepack_requests_total counter"]
-            for (route, status), count in sorted(self.requests.items()):
-                lines.append(f'edgepack_requests_total{{route="{route}",status="{status}"}} {count}')
-            lines += ["# HELP edgepack_answers_total Generated answers by where they came from.",
-                      "# TYPE edgepack_answers_total counter"]
-            for served_by, count in sorted(self.routes.items()):
-                lines.append(f'edgepack_answers_total{{route="{served_by}"}} {count}')
-            lines += ["# TYPE edgepack_prompt_tokens_total counter",
-                      f"edgepack_prompt_tokens_total {self.prompt_tokens}",
-                      "# TYPE edgepack_completion_tokens_total counter",
-                      f"edgepack_completion_tokens_total {self.completion_tokens}",
-                      "# HELP edgepack_decode_tokens_per_second Decode speed of the last finished generation.",
-                      "# TYPE edgepack_decode_tokens_per_second gauge",
-                      f"edgepack_decode_tokens_per_second {self.last_decode_tps:.3f}",
-                      "# TYPE edgepack_in_flight_requests gauge", f"edgepack_in_flight_requests {in_flight}",
-                      "# TYPE edgepack_queue_depth gauge", f"edgepack_queue_depth {queued}",
-                      "# TYPE edgepack_rejected_busy_total counter",
-                      f"edgepack_rejected_busy_total {self.rejected_busy}",
-                      "# HELP edgepack_time_to_first_token_seconds From request to the first generated token.",
-                      "# TYPE edgepack_time_to_first_token_seconds histogram"]
-            for bound, count in zip(TTFT_BUCKETS, self.ttft_buckets, strict=True):
-                lines.append(f'edgepack_time_to_first_token_seconds_bucket{{le="{bound}"}} {count}')
-            lines += [f'edgepack_time_to_first_token_seconds_bucket{{le="+Inf"}} {self.ttft_count}',
-                      f"edgepack_time_to_first_token_seconds_sum {self.ttft_sum:.6f}",
-                      f"edgepack_time_to_first_token_seconds_count {self.ttft_count}"]
-        return "\n".join(lines) + "\n"
+        self.in_flight.set(in_flight)
+        self.queue_depth.set(queued)
+        return generate_latest(self.registry).decode()
