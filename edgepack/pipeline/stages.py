@@ -143,11 +143,11 @@ def quality_stage(stage: StageInput, variants: list[Variant], options: EvalOptio
         if record is not None:
             records[v.kind] = record
     missing = [v for v in variants if v.kind not in records]
+    kind_of = {v.path: v.kind for v in variants}
     if missing:
-        by_path = {v.path: v.kind for v in missing}
 
         def keep(result: VariantQuality, shared: dict[str, Any]) -> None:
-            kind = by_path[result.path]
+            kind = kind_of[result.path]
             record = {"variant": asdict(result), "report": shared}
             cache.store("quality", keys[kind], lambda _directory: record)
             records[kind] = record
@@ -155,8 +155,7 @@ def quality_stage(stage: StageInput, variants: list[Variant], options: EvalOptio
         ungated = Gate(max_ppl_increase=float("inf"), max_kld=float("inf"))
         fresh = evaluate(model, [v.path for v in missing], replace(options, eval_text=text, gate=ungated),
                          on_variant=keep)
-        by_kind = {v.path: v.kind for v in variants}
-        crashed = tuple(replace(c, name=by_kind[c.path]) for c in fresh.crashed)  # never cached: a retry may pass
+        crashed = tuple(replace(c, name=kind_of[c.path]) for c in fresh.crashed)  # never cached: a retry may pass
         shared = {f.name: getattr(fresh, f.name) for f in fields(QualityReport)
                   if f.name not in ("model", "gate", "variants", "crashed")}
     else:
