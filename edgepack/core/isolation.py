@@ -49,6 +49,15 @@ def _multiprocessing_context():
     return _context
 
 
+def start_isolation() -> None:
+    """Start the forkserver now, so that its imports overlap whatever the caller does before its first call."""
+    context = _multiprocessing_context()
+    if context.get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+
+
 def _importable(name: str) -> bool:
     import importlib.util
 

@@ -15,7 +15,7 @@ from typing import Literal
 
 from edgepack.core.cache import cache_root
 from edgepack.core.errors import EdgepackError
-from edgepack.core.isolation import call_isolated
+from edgepack.core.isolation import call_isolated, start_isolation
 from edgepack.core.versions import package_version
 
 Status = Literal["ok", "warn", "fail"]
@@ -140,6 +140,7 @@ def _engines() -> list[Check]:
     from edgepack.student.tiny import write_tiny_llama
 
     checks = []
+    start_isolation()  # its libraries load while the tiny student is made and converted
     with tempfile.TemporaryDirectory(prefix="edgepack-doctor-") as scratch:
         model = write_tiny_llama(Path(scratch) / "tiny-llama")
         checks.append(_generate_check("torch (reference)", model))

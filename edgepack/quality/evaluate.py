@@ -12,7 +12,7 @@ import numpy as np
 
 from edgepack.core.artifacts import CrashedVariant, QualityReport, VariantQuality
 from edgepack.core.errors import EngineCrashedError
-from edgepack.core.isolation import call_isolated
+from edgepack.core.isolation import call_isolated, start_isolation
 from edgepack.core.progress import progress_bar, say
 from edgepack.quality.gate import Gate
 from edgepack.quality.metrics import ReferencePositions, perplexity, score_positions, summarise
@@ -67,6 +67,8 @@ def evaluate(model_path: Path, variant_paths: list[Path], options: EvalOptions |
     gate, tasks, threads, top_k, show_progress = (options.gate, list(options.tasks), options.threads, options.top_k,
                                                   options.show_progress)
     text = options.text
+    if variant_paths:
+        start_isolation()  # the scoring children's server loads its libraries while the reference computes
     reference = TorchRuntime(Path(model_path), LoadOptions(threads=threads))
     window = min(options.window or DEFAULT_WINDOW, reference.context_length)
     windows = make_windows(reference, text, window)
