@@ -13,16 +13,29 @@ from runtimes.base import LoadOptions, Runtime
 RUNTIME_GROUP = "edgepack.runtimes"
 
 
-@functools.lru_cache(maxsize=1)
+@functools.cache
+def _load_engine(name: str) -> type[Runtime] | str:
+    """The engine registered as `name`, or why its library does not import here (a device that installed only what
+    serving one bundle needs has one engine). Engines load one at a time, on demand: finding the engine for a
+    .gguf file does not import torch."""
+    (entry,) = [entry for entry in metadata.entry_points(group=RUNTIME_GROUP) if entry.name == name][:1] or [None]
+    if entry is None:
+        return f"no engine is registered as {name!r}"
+    try:
+        return entry.load()
+    except ImportError as exc:
+        return str(exc)
+
+
 def _load_entry_points() -> tuple[dict[str, type[Runtime]], dict[str, str]]:
-    """The engines whose libraries import here, and why each other one does not (a device that installed only
-    what serving one bundle needs has one engine)."""
+    """Every registered engine loaded: the usable ones, and why each other one is not."""
     found, missing = {}, {}
-    for entry in metadata.entry_points(group=RUNTIME_GROUP):
-        try:
-            found[entry.name] = entry.load()
-        except ImportError as exc:
-            missing[entry.name] = str(exc)
+    for name in runtime_names():
+        loaded = _load_engine(name)
+        if isinstance(loaded, str):
+            missing[name] = loaded
+        else:
+            found[name] = loaded
     return found, missing
 
 
@@ -44,20 +57,22 @@ def runtime_classes() -> dict[str, type[Runtime]]:
 def open_runtime(path: Path, options: LoadOptions | None = None, engine: str | None = None) -> Runtime:
     """Load `path` on `engine`, or on the engine that recognises what the path is."""
     path = Path(path)
-    classes = runtime_classes()
+    names = runtime_names()
+    if not names:
+        runtime_classes()  # says that nothing is registered
     if engine is not None:
-        if engine not in classes:
-            unavailable = _load_entry_points()[1]
-            if engine in unavailable:
-                raise EdgepackError(f"engine {engine!r} is not usable here: {unavailable[engine]} (install its "
-                                    "library)")
-            raise EdgepackError(f"unknown engine {engine!r}; accepted: {', '.join(classes)}")
-        return classes[engine](path, options)
+        if engine not in names:
+            raise EdgepackError(f"unknown engine {engine!r}; accepted: {', '.join(names)}")
+        cls = _load_engine(engine)
+        if isinstance(cls, str):
+            raise EdgepackError(f"engine {engine!r} is not usable here: {cls} (install its library)")
+        return cls(path, options)
     if not path.exists():
         raise EdgepackError(f"{path} does not exist; expected a .gguf file, an ONNX variant directory or a "
                             "Hugging Face model directory")
-    for cls in classes.values():
-        if cls.can_load(path):
+    for name in runtime_names():  # in registration order, loading each only when the ones before it declined
+        cls = _load_engine(name)
+        if not isinstance(cls, str) and cls.can_load(path):
             return cls(path, options)
     unavailable = _load_entry_points()[1]
     also = f" (engines not usable here: {'; '.join(f'{k}: {v}' for k, v in unavailable.items())})" \

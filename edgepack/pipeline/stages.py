@@ -204,7 +204,7 @@ def measure_stage(stage: StageInput, variants: list[Variant], options: ProfileOp
     measured, crashed, ran = [], [], 0
     shapes: dict[str, ModelShape] = {}
     for v in variants:
-        key = digest_of({"stage": "measure", "record": 2, "host": host, "variant": v.sha256, "threads": threads,
+        key = digest_of({"stage": "measure", "record": 3, "host": host, "variant": v.sha256, "threads": threads,
                          "prompt": prompt_tokens, "new": new_tokens, "runs": runs, "versions": versions})
         record = None if force else cache.load("measure", key)
         if record is None:

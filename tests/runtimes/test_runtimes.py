@@ -216,3 +216,17 @@ def test_onnx_reads_a_long_prompt_in_chunks_with_the_same_result(variants):
         assert runtime.complete(prompt, options).token_ids == in_chunks
     finally:
         runtime.close()
+
+
+def test_finding_the_engine_for_a_gguf_variant_does_not_import_torch(variants):
+    """Engines load one at a time: serving or measuring a GGUF does not carry torch's memory and start-up. (An ONNX
+    variant still does: transformers, which reads its tokenizer, imports torch when it is installed.)"""
+    import subprocess
+    import sys
+
+    script = ("import sys; from runtimes.registry import open_runtime; r = open_runtime(sys.argv[1]); "
+              "print(r.name, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", script, str(variants("llama-bpe")["llamacpp"])], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["llamacpp", "False"]
