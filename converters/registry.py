@@ -82,13 +82,6 @@ def formats() -> tuple[str, ...]:
     return tuple(dict.fromkeys(entry.name for entry in metadata.entry_points(group=CONVERTER_GROUP)))
 
 
-def converter_named(format_name: str) -> Converter:
-    for converter in converters():
-        if converter.name == format_name:
-            return converter
-    raise EdgepackError(f"unknown format {format_name!r}; accepted: {', '.join(formats())}")
-
-
 def converter_for(kind: str) -> Converter:
     for converter in converters():
         if converter.handles(kind):
@@ -96,6 +89,3 @@ def converter_for(kind: str) -> Converter:
     accepted = "; ".join(converter.describe_kinds() for converter in converters())
     raise EdgepackError(f"unknown variant kind {kind!r}; accepted: {accepted}")
 
-
-def all_kinds_described() -> str:
-    return "; ".join(converter.describe_kinds() for converter in converters())
