@@ -18,6 +18,7 @@ from typing import ClassVar, Literal, get_args
 import numpy as np
 
 from edgepack.core.errors import EdgepackError
+from runtimes.chat_prompt import chat_prompt_pieces
 from runtimes.sampling import Sampler, log_softmax
 
 Device = Literal["cpu", "cuda", "metal"]
@@ -90,7 +91,13 @@ class Runtime(ABC):
         """Whether `path` is a variant this engine runs."""
 
     @abstractmethod
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]: ...
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """`add_special`: the BOS (or other tokens) the model puts first; `parse_special`: whether special-token text
+        in `text` (such as "<|im_end|>") becomes those tokens."""
+
+    def special_tokens(self) -> dict[int, str]:
+        """The engine's special (control) tokens, id -> text: what a chat template writes as markers."""
+        return {}
 
     @abstractmethod
     def detokenize(self, token_ids: Sequence[int]) -> str: ...
@@ -120,14 +127,28 @@ class Runtime(ABC):
     # -- shared behaviour ------------------------------------------------------------------------
 
     def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        # the template writes its own special tokens (BOS included where the model wants it)
+        """The template writes its own special tokens (BOS included where the model wants it); the messages' text
+        never becomes a special token (see runtimes.chat_prompt).
+
+        The whole prompt is tokenized as one text when the special tokens in it are exactly the template's own, so
+        an ordinary prompt gets the tokenizer's own treatment of marker boundaries (Phi-3's markers swallow the
+        newline after them); otherwise a message holds special-token text, and its text is tokenized apart."""
+        specials = self.special_tokens()
         try:
-            text = self.apply_chat_template(messages)
+            pieces = chat_prompt_pieces(self.apply_chat_template, messages, specials.values())
         except EdgepackError:
             raise
         except Exception as exc:  # the template's own raise_exception(...), or an error inside the template
             raise EdgepackError(f"the model's chat template refused these messages: {exc}") from exc
-        return self.tokenize(text, add_special=False)
+        whole = self.tokenize("".join(piece.text for piece in pieces), add_special=False)
+        id_of = {text: token for token, text in specials.items()}
+        if [token for token in whole if token in specials] == [id_of[p.text] for p in pieces if p.special]:
+            return whole
+        ids: list[int] = []
+        for piece in pieces:
+            ids += [id_of[piece.text]] if piece.special else self.tokenize(piece.text, add_special=False,
+                                                                           parse_special=False)
+        return ids
 
     def check_prompt_fits(self, prompt_ids: Sequence[int], max_tokens: int = 0) -> None:
         """Refuse an empty prompt, or one that with `max_tokens` more would not fit the context."""

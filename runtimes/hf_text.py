@@ -14,8 +14,12 @@ class HFTokenizerText:
     tokenizer: object
     path: Path
 
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=add_special, split_special_tokens=not parse_special)["input_ids"]
+
+    def special_tokens(self) -> dict[int, str]:
+        return {token_id: token.content for token_id, token in self.tokenizer.added_tokens_decoder.items()
+                if token.special}
 
     def detokenize(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)

@@ -58,8 +58,8 @@ def open_gguf(path: Path, *, vocab_only: bool = False, n_ctx: int = 512, n_threa
                             f"unsupported architecture ({exc})") from exc
 
 
-def tokenize(llm, text: str, *, add_special: bool) -> list[int]:
-    return llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True)
+def tokenize(llm, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
+    return llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=parse_special)
 
 
 class LlamaCppRuntime(Runtime):
@@ -104,11 +104,22 @@ class LlamaCppRuntime(Runtime):
         self.eos_token_ids = frozenset(t for t in range(self._n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, t))
         template = llama_cpp.llama_model_chat_template(self._model, None)
         self._chat_template = template.decode("utf-8") if template else None
+        self._specials: dict[int, str] | None = None
 
     # -- text ------------------------------------------------------------------------------------
 
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
-        return tokenize(self.llm, text, add_special=add_special)
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        return tokenize(self.llm, text, add_special=add_special, parse_special=parse_special)
+
+    def special_tokens(self) -> dict[int, str]:
+        import llama_cpp
+
+        if self._specials is None:  # read once: it walks the whole vocabulary
+            self._specials = {
+                token: self.llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+                for token in range(self._n_vocab)
+                if llama_cpp.llama_vocab_get_attr(self._vocab, token) & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL}
+        return self._specials
 
     def detokenize(self, token_ids: Sequence[int]) -> str:
         return self.llm.detokenize(list(token_ids)).decode("utf-8", errors="replace")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from dataclasses import replace
 from pathlib import Path
 
 from edgepack.serve.model import LocalModel, load
@@ -15,3 +18,28 @@ def open_model(path: Path, model_id: str = MODEL_ID, cls: type[LocalModel] = Loc
                context: int = CONTEXT) -> LocalModel:
     loaded = load(path, context=context)
     return cls(loaded.runtime, model_id)
+
+
+class GatedModel(LocalModel):
+    """The real model, but each generation waits for `gate` before it starts and paces its tokens, so a test can
+    hold the engine busy; what each generation ended with is recorded."""
+
+    def __init__(self, runtime, model_id):
+        super().__init__(runtime, model_id)
+        self.gate = threading.Event()
+        self.finished: list[tuple[str | None, int]] = []
+        self.tokenized = 0  # prompts tokenized
+
+    def prompt_ids(self, prompt=None, messages=None):
+        self.tokenized += 1
+        return super().prompt_ids(prompt, messages)
+
+    def stream_ids(self, prompt_ids, options, cancel=None):
+        self.gate.wait(30)
+        made, reason = 0, None
+        for chunk in super().stream_ids(prompt_ids, replace(options, ignore_eos=True), cancel):
+            made += chunk.token_id is not None
+            reason = chunk.finish_reason or reason
+            time.sleep(0.02)
+            yield chunk
+        self.finished.append((reason, made))

@@ -1,8 +1,10 @@
 """The local OpenAI-compatible server (FastAPI + uvicorn) over any variant or verified bundle.
 
 One generation runs on the engine at a time; further requests wait in a bounded queue, and past its bound the
-answer is 503 with Retry-After. A streaming client that disconnects cancels its generation. Errors use OpenAI's
-JSON error shape.
+answer is 503 with Retry-After. A request holds its place from before its prompt is tokenized; a client that goes
+away (before its stream starts, mid-stream, or while waiting for a whole answer) frees it and cancels its
+generation at the next token. Bodies are parsed off the event loop when large. Errors use OpenAI's JSON error
+shape, and an engine failure is a 500 in that shape too.
 """
 
 from __future__ import annotations
@@ -10,21 +12,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hmac
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
 
 from edgepack.core.errors import ApiError, EdgepackError, UpstreamError, error_body
+from edgepack.serve.admission import Slot, Slots
 from edgepack.serve.metrics import Metrics
+from edgepack.serve.middleware import CLIENT_CLOSED, BodyLimit, RequestGate
 from edgepack.serve.protocol import ChatRequest, CompletionRequest
 from edgepack.serve.responses import GenerationPlan, StreamEvents, plan_request, sse, visible, whole_response
 from edgepack.serve.router import (
@@ -40,51 +44,9 @@ from edgepack.serve.session import ModelSession, ServeDefaults, open_session
 from runtimes.base import Device, GenerationChunk
 
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20
-
-
-class BodyLimit:
-    """Refuse a request body over `max_bytes` with 413 in OpenAI's error shape, by its Content-Length or, for a
-    chunked body, as soon as the bytes read pass the limit; a body within it is handed on as it came."""
-
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers") or ()).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await self._refuse(send)
-            return
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_bytes:
-                await self._refuse(send)
-                return
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-    async def _refuse(self, send) -> None:
-        response = JSONResponse(error_body(f"the request body is larger than this server accepts "
-                                           f"({self.max_bytes} bytes; see --max-body-mb)",
-                                           code="request_too_large"), status_code=413)
-        await response({"type": "http"}, None, send)
+INLINE_PARSE_BYTES = 64 * 1024  # larger bodies are parsed on a worker thread, so /health stays quick
+T = TypeVar("T")
+Body = TypeVar("Body", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -93,6 +55,7 @@ class ServerConfig:
     port: int = 8080
     api_key: str | None = None
     max_queue: int = 16  # requests waiting for the engine beyond the one it runs
+    max_upstream: int = 16  # requests routed upstream at once
     retry_after_s: int = 2
     router: RouterConfig = field(default_factory=RouterConfig)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get 413 before anything parses them
@@ -110,6 +73,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if self.max_queue < 0:
             raise EdgepackError(f"--max-queue {self.max_queue}: must be 0 or more")
+        if self.max_upstream < 1:
+            raise EdgepackError(f"--max-upstream {self.max_upstream}: must be 1 or more")
         if self.max_body_bytes < 1024:
             raise EdgepackError(f"the request body limit ({self.max_body_bytes} bytes) must be at least 1 KiB")
 
@@ -132,15 +97,30 @@ class ServerState:
         self.model: ModelSession | None = None
         self.load_error: str | None = None
         self.engine = asyncio.Lock()
-        self.in_flight = 0  # running + waiting
         self.metrics = Metrics()
+        retry = config.retry_after_s
+        self.local = Slots(1 + config.max_queue, lambda n: f"the server is busy: {n} requests are running or queued "
+                           f"(the queue holds {config.max_queue}); retry after {retry} s", "queue_full", retry,
+                           on_full=self.metrics.count_busy)
+        self.remote = Slots(config.max_upstream, lambda n: f"the server is busy: {n} requests to the upstream model "
+                            f"are in flight (--max-upstream {config.max_upstream}); retry after {retry} s",
+                            "upstream_busy", retry, on_full=self.metrics.count_busy)
         self.upstream = Upstream(config.router) if config.router.policy != "local" else None
+
+    @property
+    def in_flight(self) -> int:
+        """Local generations running or waiting for the engine."""
+        return self.local.in_use
 
     def require_model(self) -> ModelSession:
         if self.model is None:
             raise ApiError(503, self.load_error or "the model is still loading; GET /health says when it is ready",
                            "server_error", code="model_not_ready", headers={"Retry-After": "1"})
         return self.model
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its answer was ready."""
 
 
 def create_app(config: ServerConfig, loader: Callable[[], ModelSession] | None = None,
@@ -165,7 +145,14 @@ def create_app(config: ServerConfig, loader: Callable[[], ModelSession] | None =
 
     app = FastAPI(title="edgepack", lifespan=lifespan)
     app.state.edgepack = state
+
+    @functools.cache
+    def served_paths() -> frozenset[str]:
+        return frozenset(getattr(route, "path", "") for route in app.routes)
+
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(RequestGate, host_allowed=config.host_allowed, api_key=config.api_key, metrics=state.metrics,
+                       served_paths=served_paths)  # outermost: refused requests are never read
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -183,30 +170,14 @@ def create_app(config: ServerConfig, loader: Callable[[], ModelSession] | None =
             message = f"{where or 'body'}: {first.get('msg')}"
         return JSONResponse(error_body(message, param=where or None), status_code=400)
 
-    @functools.cache
-    def served_paths() -> frozenset[str]:
-        return frozenset(getattr(route, "path", "") for route in app.routes)
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, exc: ClientGone) -> Response:
+        return Response(status_code=CLIENT_CLOSED)  # nobody reads it; the request counter does
 
-    @app.middleware("http")
-    async def auth_and_count(request: Request, call_next):
-        route = request.scope["path"]  # never request.url: it is rebuilt from the Host header a client sends
-        label = route if route in served_paths() else "other"  # one series per route, not per path a client tries
-        host = request.headers.get("host", "")
-        if not config.host_allowed(host):
-            state.metrics.count_request(label, 403)
-            return JSONResponse(error_body(f"Host {host!r} is not this server's address; start the server with "
-                                           "--allowed-host NAME to answer requests for that name",
-                                           code="host_not_allowed"), status_code=403)
-        if config.api_key is not None and route.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            expected = f"Bearer {config.api_key}"
-            if not hmac.compare_digest(given.encode(), expected.encode()):
-                state.metrics.count_request(label, 401)
-                return JSONResponse(error_body("Incorrect or missing API key: send 'Authorization: Bearer <key>'",
-                                               code="invalid_api_key"), status_code=401)
-        response = await call_next(request)
-        state.metrics.count_request(label, response.status_code)
-        return response
+    @app.exception_handler(Exception)
+    async def failed(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(error_body(f"the server failed to answer: {type(exc).__name__}: {exc}", "server_error",
+                                       code="internal_error"), status_code=500)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -232,27 +203,46 @@ def create_app(config: ServerConfig, loader: Callable[[], ModelSession] | None =
         return {"object": "list", "data": data}
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest, request: Request):
-        return await _serve(state, body, "/chat/completions")
+    async def chat(request: Request):
+        return await _serve(state, request, await _parse(request, ChatRequest), "/chat/completions")
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        return await _serve(state, body, "/completions")
+    async def completions(request: Request):
+        return await _serve(state, request, await _parse(request, CompletionRequest), "/completions")
 
     return app
 
 
-def _refuse_when_full(state: ServerState) -> None:
-    if state.in_flight >= 1 + state.config.max_queue:
-        state.metrics.count_busy()
-        raise ApiError(503, f"the server is busy: {state.in_flight} requests are running or queued (the queue holds "
-                            f"{state.config.max_queue}); retry after {state.config.retry_after_s} s",
-                       "server_error", code="queue_full", headers={"Retry-After": str(state.config.retry_after_s)})
+async def _parse(request: Request, kind: type[Body]) -> Body:
+    """The body as `kind`; a large one is parsed on a worker thread. Mistakes become 400s (RequestValidationError)."""
+    raw = await request.body()
+
+    def parse() -> Body:
+        try:
+            return kind.model_validate_json(raw)
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors(include_url=False, include_input=False)) from None
+
+    return await asyncio.to_thread(parse) if len(raw) > INLINE_PARSE_BYTES else parse()
 
 
-def _admit(state: ServerState) -> None:
-    _refuse_when_full(state)
-    state.in_flight += 1
+async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """`work`'s result; if the client closes its connection first, `work` is cancelled and ClientGone raised."""
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watcher = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        raise ClientGone()
+    finally:
+        for pending in (task, watcher):
+            pending.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task  # the generation has stopped and the engine is free before the slot is
 
 
 def _prompt_text(body: ChatRequest | CompletionRequest) -> str:
@@ -261,54 +251,51 @@ def _prompt_text(body: ChatRequest | CompletionRequest) -> str:
     return body.text()
 
 
-async def _serve(state: ServerState, body: ChatRequest | CompletionRequest, route: str):
+async def _serve(state: ServerState, request: Request, body: ChatRequest | CompletionRequest, route: str):
     """Route one request: by rule to upstream, or locally (with a confidence check under `auto`)."""
     model = state.require_model()
-    _refuse_when_full(state)  # before any tokenizing: a full server answers 503 cheaply
     router = state.config.router
     served = {model.model_id} | ({router.upstream_model} if router.policy != "local" else set())
     if body.model not in served:
         raise ApiError(404, f"The model '{body.model}' does not exist; this server serves "
                             f"{', '.join(repr(m) for m in sorted(served))} (GET /v1/models)", param="model",
                        code="model_not_found")
-    too_long: ApiError | None = None
-    try:
-        plan: GenerationPlan | None = await asyncio.to_thread(plan_request, model, body)
-    except ApiError as exc:
-        if exc.body["error"]["code"] != "context_length_exceeded" or router.policy == "local":
-            raise
-        plan, too_long = None, exc
-    except EdgepackError as exc:
-        raise ApiError(400, str(exc)) from exc
-    forwarded = body.model_dump(exclude_none=True)
-    reason = rule_reason(router, body.model, _prompt_text(body), fits_locally=plan is not None)
-    if reason is not None:
-        return await _upstream_or_local(state, model, plan, body, route, forwarded, too_long)
-    assert plan is not None
-    if router.policy != "auto":
-        return await _answer_locally(state, model, plan, body.stream, "local")
-    # auto: the whole local answer first, with its log-probabilities, to judge it
-    _admit(state)
-    ident = _new_id(plan)
-    scored = replace(plan, options=replace(plan.options, logprobs=True))
-    try:
-        chunks = await _generate_all(state, model, scored)
-    finally:
-        state.in_flight -= 1
-    confidence = confidence_of([c.logprob for c in chunks if visible(model, c) and c.logprob is not None])
-    doubt = low_confidence(router, confidence)
-    if doubt is not None and state.upstream is not None:
+    with state.local.take() as slot:  # a full server answers 503 before tokenizing anything
+        too_long: ApiError | None = None
         try:
-            return await _from_upstream(state, route, forwarded, body.stream)
-        except UpstreamError:
-            route_name = "local-fallback"
-    else:
+            plan: GenerationPlan | None = await asyncio.to_thread(plan_request, model, body)
+        except ApiError as exc:
+            if exc.body["error"]["code"] != "context_length_exceeded" or router.policy == "local":
+                raise
+            plan, too_long = None, exc
+        except EdgepackError as exc:
+            raise ApiError(400, str(exc)) from exc
+        forwarded = body.model_dump(exclude_none=True)
+        reason = await asyncio.to_thread(rule_reason, router, body.model, _prompt_text(body), plan is not None) \
+            if router.policy != "local" else None
+        if reason is not None:
+            slot.release()  # upstream requests count against their own bound
+            return await _upstream_or_local(state, request, model, plan, body, route, forwarded, too_long)
+        assert plan is not None
+        if router.policy != "auto":
+            return await _answer_locally(state, request, model, plan, body.stream, "local", slot)
+        # auto: the whole local answer first, with its log-probabilities, to judge it
+        scored = replace(plan, options=replace(plan.options, logprobs=True))
+        chunks = await _until_disconnect(request, _generate_all(state, model, scored))
+        confidence = confidence_of([c.logprob for c in chunks if visible(model, c) and c.logprob is not None])
+        doubt = low_confidence(router, confidence)
         route_name = "local"
-    state.metrics.count_route(route_name)
-    if body.stream:
-        state.in_flight += 1  # released by the stream, like a live one
-        return _streaming(state, model, plan, ident, _replay(chunks), route_name)
-    return JSONResponse(whole_response(model, plan, ident, chunks), headers={ROUTE_HEADER: route_name})
+        if doubt is not None and state.upstream is not None:
+            slot.release()
+            try:
+                return await _from_upstream(state, request, route, forwarded, body.stream)
+            except UpstreamError:
+                route_name = "local-fallback"
+        state.metrics.count_route(route_name)
+        ident = _new_id(plan)
+        if body.stream:
+            return _streaming(state, model, plan, ident, _replay(chunks), route_name, slot)
+        return JSONResponse(whole_response(model, plan, ident, chunks), headers={ROUTE_HEADER: route_name})
 
 
 async def _replay(chunks: list[GenerationChunk]) -> AsyncIterator[GenerationChunk]:
@@ -316,56 +303,79 @@ async def _replay(chunks: list[GenerationChunk]) -> AsyncIterator[GenerationChun
         yield chunk
 
 
-async def _from_upstream(state: ServerState, route: str, forwarded: dict[str, Any], stream: bool):
+async def _from_upstream(state: ServerState, request: Request, route: str, forwarded: dict[str, Any], stream: bool):
     assert state.upstream is not None
-    if stream:
-        relay = await state.upstream.open_stream(route, forwarded)
-        state.metrics.count_route("remote")
-        return StreamingResponse(relay, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", ROUTE_HEADER: "remote"})
-    answer = await state.upstream.complete(route, forwarded)
+    upstream = state.upstream
+    slot = state.remote.take()
+    try:
+        if stream:
+            relay = await _until_disconnect(request, upstream.open_stream(route, forwarded))
+            state.metrics.count_route("remote")
+            return SlotStreamingResponse(relay, slot.keep(), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", ROUTE_HEADER: "remote"})
+        answer = await _until_disconnect(request, upstream.complete(route, forwarded))
+    finally:
+        slot.release() if not stream else None
     state.metrics.count_route("remote")
     return JSONResponse(answer, headers={ROUTE_HEADER: "remote"})
 
 
-async def _upstream_or_local(state: ServerState, model: ModelSession, plan: GenerationPlan | None,
+async def _upstream_or_local(state: ServerState, request: Request, model: ModelSession, plan: GenerationPlan | None,
                              body: ChatRequest | CompletionRequest, route: str, forwarded: dict[str, Any],
                              too_long: ApiError | None):
     """A request the rules send upstream; when upstream cannot answer, the local model does (if it can)."""
     try:
-        return await _from_upstream(state, route, forwarded, body.stream)
+        return await _from_upstream(state, request, route, forwarded, body.stream)
     except UpstreamError as exc:
         if plan is None:
             assert too_long is not None
             raise ApiError(502, f"{exc}, and the prompt is too long for the local model: "
                                 f"{too_long.body['error']['message']}", "server_error",
                            code="upstream_unavailable") from exc
-    return await _answer_locally(state, model, plan, body.stream, "local-fallback")
+    with state.local.take() as slot:
+        return await _answer_locally(state, request, model, plan, body.stream, "local-fallback", slot)
 
 
 def _new_id(plan: GenerationPlan) -> str:
     return ("chatcmpl-" if plan.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
 
 
-async def _answer_locally(state: ServerState, model: ModelSession, plan: GenerationPlan, stream: bool,
-                          route_name: str):
+async def _answer_locally(state: ServerState, request: Request, model: ModelSession, plan: GenerationPlan,
+                          stream: bool, route_name: str, slot: Slot):
     """Generate with the local model (a live stream, or the whole answer), marked with how it was routed."""
-    _admit(state)
     state.metrics.count_route(route_name)
     ident = _new_id(plan)
     if stream:
-        return _streaming(state, model, plan, ident, _chunks(state, model, plan), route_name)
-    try:
-        chunks = await _generate_all(state, model, plan)
-    finally:
-        state.in_flight -= 1
+        return _streaming(state, model, plan, ident, _chunks(state, model, plan), route_name, slot)
+    chunks = await _until_disconnect(request, _generate_all(state, model, plan))
     return JSONResponse(whole_response(model, plan, ident, chunks), headers={ROUTE_HEADER: route_name})
 
 
+class SlotStreamingResponse(StreamingResponse):
+    """A streamed answer that owns its request's slot: when the stream ends, however it ends (done, failed, the
+    client gone before or during it), the generation is closed (the engine freed) and then the slot released."""
+
+    def __init__(self, content: AsyncIterator[bytes], slot: Slot, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.slot = slot
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except OSError:  # the client went away while we wrote to it
+            pass
+        finally:
+            try:
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            finally:
+                self.slot.release()
+
+
 def _streaming(state: ServerState, model: ModelSession, plan: GenerationPlan, ident: str,
-               chunks: AsyncIterator[GenerationChunk], route_name: str) -> StreamingResponse:
-    return StreamingResponse(_stream_events(state, model, plan, ident, chunks), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", ROUTE_HEADER: route_name})
+               chunks: AsyncIterator[GenerationChunk], route_name: str, slot: Slot) -> StreamingResponse:
+    return SlotStreamingResponse(_stream_events(state, model, plan, ident, chunks), slot.keep(),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", ROUTE_HEADER: route_name})
 
 
 async def _generate_all(state: ServerState, model: ModelSession, plan: GenerationPlan) -> list[GenerationChunk]:
@@ -443,7 +453,7 @@ async def _stream_events(state: ServerState, model: ModelSession, plan: Generati
         yield sse(error_body(f"generation failed midway: {exc}", "server_error", code="generation_failed"))
         yield events.done()
     finally:
-        state.in_flight -= 1
+        await chunks.aclose()  # type: ignore[attr-defined]  # now, not when garbage is collected: frees the engine
 
 
 @dataclass

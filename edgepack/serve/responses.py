@@ -36,6 +36,9 @@ def plan_request(model: ModelSession, request: ChatRequest | CompletionRequest) 
         prompt_ids, kind, logprobs = model.prompt_ids(messages=messages), "chat", request.logprobs
     else:
         prompt_ids, kind, logprobs = model.prompt_ids(prompt=request.text()), "completion", request.logprobs is not None
+    if not prompt_ids:
+        raise ApiError(400, "the prompt is empty after tokenization; give at least one token",
+                       param="messages" if kind == "chat" else "prompt")
     limit = request.limit()
     context = model.context_length
     if len(prompt_ids) + (limit or 1) > context:

@@ -12,10 +12,11 @@ file, a bundle, a log line or a response.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
+import logging
 import os
-import re
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,13 +24,18 @@ from typing import Any, Literal, get_args
 from urllib.parse import urlsplit
 
 import httpx
+import regex
 
-from edgepack.core.errors import EdgepackError, UpstreamError
+from edgepack.core.errors import EdgepackError, UpstreamError, error_body
 
 Policy = Literal["local", "remote", "auto"]
 POLICIES: tuple[str, ...] = get_args(Policy)
 DEFAULT_KEY_ENV = "EDGEPACK_UPSTREAM_API_KEY"
 ROUTE_HEADER = "x-edgepack-route"
+# a routing pattern gets this long on one prompt; one that backtracks past it counts as not matching (the regex
+# module's matcher checks the time as it goes, so a pattern such as (a+)+$ cannot hold a worker for long)
+PATTERN_TIMEOUT_S = 0.25
+log = logging.getLogger("edgepack.serve")
 
 
 def is_loopback_host(host: str) -> bool:
@@ -60,8 +66,8 @@ class RouterConfig:
             raise EdgepackError(f"routing policy {self.policy!r} is not one of {', '.join(POLICIES)}")
         for pattern in self.patterns:
             try:
-                re.compile(pattern)
-            except re.error as exc:
+                regex.compile(pattern)
+            except regex.error as exc:
                 raise EdgepackError(f"routing pattern {pattern!r} is not a valid regular expression: {exc}") from exc
         if self.timeout_s <= 0:
             raise EdgepackError("the upstream timeout must be positive")
@@ -127,7 +133,8 @@ def confidence_of(logprobs: list[float]) -> Confidence | None:
 
 
 def rule_reason(config: RouterConfig, model_name: str, prompt_text: str, fits_locally: bool) -> str | None:
-    """Why a request goes upstream before any local generation (None: it does not, by rule)."""
+    """Why a request goes upstream before any local generation (None: it does not, by rule). With patterns it can
+    take up to PATTERN_TIMEOUT_S per pattern: call it off the event loop."""
     if config.policy == "local":
         return None
     if config.policy == "remote":
@@ -137,9 +144,18 @@ def rule_reason(config: RouterConfig, model_name: str, prompt_text: str, fits_lo
     if not fits_locally:
         return "the prompt is too long for the local context"
     for pattern in config.patterns:
-        if re.search(pattern, prompt_text):
+        if pattern_matches(pattern, prompt_text):
             return f"the prompt matches the pattern {pattern!r}"
     return None
+
+
+def pattern_matches(pattern: str, text: str) -> bool:
+    try:
+        return regex.search(pattern, text, timeout=PATTERN_TIMEOUT_S, concurrent=True) is not None
+    except TimeoutError:
+        log.warning("routing pattern %r gave up after %g s on a %d-character prompt; counted as not matching",
+                    pattern, PATTERN_TIMEOUT_S, len(text))
+        return False
 
 
 def low_confidence(config: RouterConfig, confidence: Confidence | None) -> str | None:
@@ -167,12 +183,17 @@ class Upstream:
     def _body(self, body: dict[str, Any]) -> dict[str, Any]:
         return {**body, "model": self.config.upstream_model}
 
+    def _timed_out(self) -> UpstreamError:
+        return UpstreamError(f"upstream timed out after {self.config.timeout_s:g} s")
+
     async def complete(self, route: str, body: dict[str, Any]) -> dict[str, Any]:
+        """The whole answer; the timeout covers the whole call, not each read."""
         try:
-            response = await self.client.post(self._url(route), json=self._body({**body, "stream": False}),
-                                              headers=self._headers())
-        except httpx.TimeoutException as exc:
-            raise UpstreamError(f"upstream timed out after {self.config.timeout_s:g} s") from exc
+            response = await asyncio.wait_for(
+                self.client.post(self._url(route), json=self._body({**body, "stream": False}),
+                                 headers=self._headers()), self.config.timeout_s)
+        except (asyncio.TimeoutError, httpx.TimeoutException) as exc:
+            raise self._timed_out() from exc
         except httpx.HTTPError as exc:
             raise UpstreamError(f"upstream unreachable: {type(exc).__name__}") from exc
         if response.status_code != 200:
@@ -184,13 +205,17 @@ class Upstream:
 
     async def open_stream(self, route: str, body: dict[str, Any]) -> AsyncIterator[bytes]:
         """Start a streaming request; raises UpstreamError before the first byte if upstream cannot answer, so
-        the caller can still fall back to the local model."""
+        the caller can still fall back to the local model. The relay yields the stream decoded (gzip and the other
+        content-encodings httpx reads), and the timeout covers the whole stream: past it, or when upstream fails
+        midway, the stream ends with an error event."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.timeout_s
         request = self.client.build_request("POST", self._url(route), json=self._body({**body, "stream": True}),
                                             headers=self._headers())
         try:
-            response = await self.client.send(request, stream=True)
-        except httpx.TimeoutException as exc:
-            raise UpstreamError(f"upstream timed out after {self.config.timeout_s:g} s") from exc
+            response = await asyncio.wait_for(self.client.send(request, stream=True), self.config.timeout_s)
+        except (asyncio.TimeoutError, httpx.TimeoutException) as exc:
+            raise self._timed_out() from exc
         except httpx.HTTPError as exc:
             raise UpstreamError(f"upstream unreachable: {type(exc).__name__}") from exc
         if response.status_code != 200:
@@ -198,9 +223,17 @@ class Upstream:
             raise UpstreamError(f"upstream answered {response.status_code}")
 
         async def relay() -> AsyncIterator[bytes]:
+            pieces = response.aiter_bytes()
             try:
-                async for piece in response.aiter_raw():
-                    yield piece
+                while True:
+                    try:
+                        yield await asyncio.wait_for(anext(pieces), max(0.0, deadline - loop.time()))
+                    except StopAsyncIteration:
+                        return
+            except (asyncio.TimeoutError, httpx.HTTPError) as exc:
+                problem = str(self._timed_out()) if isinstance(exc, asyncio.TimeoutError | httpx.TimeoutException) \
+                    else f"upstream failed midway: {type(exc).__name__}"
+                yield _event(error_body(problem, "server_error", code="upstream_failed")) + _event("[DONE]")
             finally:
                 await response.aclose()
 
@@ -208,3 +241,8 @@ class Upstream:
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+def _event(payload: dict[str, Any] | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()

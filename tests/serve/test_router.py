@@ -5,6 +5,7 @@ timeouts, calibration, and the upstream key staying out of responses and logs.""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import logging
 import re
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -20,7 +22,7 @@ import openai
 import pytest
 import uvicorn
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from serving_helpers import CONTEXT, MESSAGES, MODEL_ID, open_model
 
 from edgepack.core.errors import EdgepackError
@@ -48,10 +50,45 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class BrokenCloud:
+    url: str
+    release: threading.Event
+    arrived: threading.Event
+
+
+CLOUD_STREAM = ('data: {"id":"c1","object":"chat.completion.chunk","created":0,"model":"cloud-model","choices":'
+                '[{"index":0,"delta":{"content":"Hi from the cloud"},"finish_reason":null}]}\n\ndata: [DONE]\n\n')
+
+
 @pytest.fixture(scope="module")
 def broken_cloud():
-    """A real HTTP server whose /fail/v1 answers 500 and whose /slow/v1 answers after 5 s."""
+    """A real HTTP server whose /fail/v1 answers 500, /slow/v1 answers after 5 s, /drip/v1 sends a keep-alive
+    comment every 0.2 s for 20 s (no read ever times out), /gzip/v1 streams gzip-compressed events and /hold/v1
+    answers once `release` is set (`arrived` is set when a request is there)."""
     app = FastAPI()
+    app.state.release, app.state.arrived = threading.Event(), threading.Event()
+
+    @app.post("/drip/v1/chat/completions")
+    async def drip():
+        async def pings():
+            for _ in range(100):
+                yield b": ping\n\n"
+                await asyncio.sleep(0.2)
+        return StreamingResponse(pings(), media_type="text/event-stream")
+
+    @app.post("/gzip/v1/chat/completions")
+    async def compressed():
+        return Response(gzip.compress(CLOUD_STREAM.encode()), media_type="text/event-stream",
+                        headers={"Content-Encoding": "gzip"})
+
+    @app.post("/hold/v1/chat/completions")
+    async def hold():
+        app.state.arrived.set()
+        await asyncio.to_thread(app.state.release.wait, 30)
+        return JSONResponse({"id": "c2", "object": "chat.completion", "created": 0, "model": CLOUD_ID,
+                             "choices": [{"index": 0, "message": {"role": "assistant", "content": "held"},
+                                          "finish_reason": "stop"}]})
 
     @app.post("/fail/v1/chat/completions")
     async def fail():
@@ -68,7 +105,8 @@ def broken_cloud():
     thread.start()
     while not server.started:
         time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
+    yield BrokenCloud(f"http://127.0.0.1:{port}", app.state.release, app.state.arrived)
+    app.state.release.set()
     server.should_exit = True
     thread.join(timeout=10)
 
@@ -78,10 +116,11 @@ def local_server(tiny_gguf, monkeypatch):
     monkeypatch.setenv(KEY_ENV, SECRET)
     started = []
 
-    def start(**router_options):
+    def start(max_upstream: int = 16, max_queue: int = 16, **router_options):
         model = open_model(tiny_gguf)
         router = RouterConfig(key_env=KEY_ENV, upstream_model=CLOUD_ID, **router_options)
-        running = start_server_thread(model, ServerConfig(port=0, router=router))
+        running = start_server_thread(model, ServerConfig(port=0, router=router, max_upstream=max_upstream,
+                                                          max_queue=max_queue))
         started.append((running, model))
         return running
 
@@ -138,8 +177,8 @@ def test_streaming_escalation_relays_the_upstream_stream(local_server, cloud):
 
 @pytest.mark.parametrize("where, timeout", [("down", 5.0), ("fail", 5.0), ("slow", 0.5)])
 def test_upstream_down_failing_or_slow_falls_back_to_the_local_answer(local_server, broken_cloud, where, timeout):
-    url = {"down": f"http://127.0.0.1:{free_port()}/v1", "fail": f"{broken_cloud}/fail/v1",
-           "slow": f"{broken_cloud}/slow/v1"}[where]
+    url = {"down": f"http://127.0.0.1:{free_port()}/v1", "fail": f"{broken_cloud.url}/fail/v1",
+           "slow": f"{broken_cloud.url}/slow/v1"}[where]
     server = local_server(policy="auto", upstream_url=url, min_mean_logprob=0.0, timeout_s=timeout)
     started = time.monotonic()
     answer = chat(server.url)
@@ -151,6 +190,60 @@ def test_upstream_down_failing_or_slow_falls_back_to_the_local_answer(local_serv
     # remote policy with the upstream down: the local model still answers
     remote = local_server(policy="remote", upstream_url=url, timeout_s=timeout)
     assert chat(remote.url).headers["x-edgepack-route"] == "local-fallback"
+
+
+def test_the_upstream_timeout_covers_the_whole_call_not_each_read(local_server, broken_cloud):
+    server = local_server(policy="remote", upstream_url=f"{broken_cloud.url}/drip/v1", timeout_s=1.0)
+    started = time.monotonic()
+    answer = chat(server.url)
+    assert answer.status_code == 200 and answer.headers["x-edgepack-route"] == "local-fallback"
+    assert time.monotonic() - started < 5  # the upstream would have kept it for 20 s
+    started = time.monotonic()
+    streamed = chat(server.url, stream=True)  # the stream had begun: it ends with an error event
+    assert streamed.headers["x-edgepack-route"] == "remote" and time.monotonic() - started < 5
+    events = [line for line in streamed.text.splitlines() if line.startswith("data: ")]
+    assert "upstream timed out after 1 s" in events[-2] and events[-1] == "data: [DONE]"
+
+
+def test_a_compressed_upstream_stream_is_relayed_decoded(local_server, broken_cloud):
+    server = local_server(policy="remote", upstream_url=f"{broken_cloud.url}/gzip/v1")
+    streamed = chat(server.url, stream=True)
+    assert streamed.status_code == 200 and streamed.headers["x-edgepack-route"] == "remote"
+    assert streamed.text == CLOUD_STREAM
+
+
+def test_upstream_requests_have_a_bound_of_their_own(local_server, broken_cloud):
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = local_server(policy="remote", upstream_url=f"{broken_cloud.url}/hold/v1", max_upstream=1, max_queue=0)
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(chat, server.url)
+        assert broken_cloud.arrived.wait(10)
+        busy = chat(server.url)
+        assert busy.status_code == 503 and busy.json()["error"]["code"] == "upstream_busy"
+        assert busy.headers["retry-after"]
+        broken_cloud.release.set()
+        first = held.result()
+    assert first.status_code == 200 and first.headers["x-edgepack-route"] == "remote"
+    assert first.json()["choices"][0]["message"]["content"] == "held"
+
+
+def test_a_backtracking_route_pattern_cannot_freeze_the_server(local_server, cloud):
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = local_server(policy="auto", upstream_url=f"{cloud.url}/v1", min_mean_logprob=-1e9,
+                          patterns=("(a|aa)+$",))  # exponential on "aaaa…!" (about 40 minutes at 40 a's in re)
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(chat, server.url, MODEL_ID, [{"role": "user", "content": "a" * 40 + "!"}])
+        waits = []
+        while not pending.done():
+            started = time.perf_counter()
+            assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200
+            waits.append(time.perf_counter() - started)
+            time.sleep(0.02)
+        answer = pending.result()
+    assert answer.status_code == 200 and answer.headers["x-edgepack-route"] == "local"  # gave up: not a match
+    assert max(waits) < 1.0, waits
 
 
 def test_a_prompt_too_long_for_both_is_a_clear_502_when_upstream_is_down(local_server):

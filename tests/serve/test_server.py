@@ -13,7 +13,7 @@ from dataclasses import replace
 import httpx
 import openai
 import pytest
-from serving_helpers import CONTEXT, MESSAGES, MODEL_ID, open_model
+from serving_helpers import CONTEXT, MESSAGES, MODEL_ID, GatedModel, open_model
 
 from edgepack.serve.app import ServerConfig, start_server_thread
 from edgepack.serve.model import LocalModel
@@ -265,26 +265,6 @@ def test_out_of_range_seeds_and_stops_are_client_errors(client, server, field, v
     assert answer.status_code == 400 and says in answer.json()["error"]["message"]
 
 
-class GatedModel(LocalModel):
-    """The real model, but each generation waits for `gate` before it starts and paces its tokens, so a test can
-    hold the engine busy; what each generation ended with is recorded."""
-
-    def __init__(self, runtime, model_id):
-        super().__init__(runtime, model_id)
-        self.gate = threading.Event()
-        self.finished: list[tuple[str | None, int]] = []
-
-    def stream_ids(self, prompt_ids, options, cancel=None):
-        self.gate.wait(30)
-        made, reason = 0, None
-        for chunk in super().stream_ids(prompt_ids, replace(options, ignore_eos=True), cancel):
-            made += chunk.token_id is not None
-            reason = chunk.finish_reason or reason
-            time.sleep(0.02)
-            yield chunk
-        self.finished.append((reason, made))
-
-
 def test_the_queue_is_bounded_with_503_and_retry_after(tiny_gguf):
     model = open_model(tiny_gguf, cls=GatedModel)
     running = start_server_thread(model, ServerConfig(port=0, max_queue=2, retry_after_s=3))
@@ -301,6 +281,7 @@ def test_the_queue_is_bounded_with_503_and_retry_after(tiny_gguf):
             busy = httpx.post(f"{running.url}/v1/completions", json=body, timeout=10)
             assert busy.status_code == 503 and busy.headers["retry-after"] == "3"
             assert busy.json()["error"]["code"] == "queue_full"
+            assert model.tokenized == 3  # the refused request's prompt was never tokenized
             model.gate.set()
             assert [f.result().status_code for f in held] == [200, 200, 200]
         metrics = httpx.get(f"{running.url}/metrics").text

@@ -71,7 +71,7 @@ class CaesarRuntime(Runtime):
         self.device = "cpu"
         self._last = 0
 
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         return list(text.encode("utf-8"))
 
     def detokenize(self, token_ids: Sequence[int]) -> str:
