@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from dataclasses import replace
@@ -12,6 +13,12 @@ from edgepack.serve.model import LocalModel, load
 MODEL_ID = "tiny-chat"
 CONTEXT = 256
 MESSAGES = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "Say hello to the sea."}]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def open_model(path: Path, model_id: str = MODEL_ID, cls: type[LocalModel] = LocalModel,

@@ -20,6 +20,8 @@ from runtimes.base import DEVICES
 @click.option("--api-key-file", type=click.Path(path_type=Path), default=None, help="Read the API key from a file.")
 @click.option("--max-queue", type=int, default=16, show_default=True,
               help="Requests that may wait for the engine; past this the answer is 503 with Retry-After.")
+@click.option("--max-upstream", type=int, default=16, show_default=True,
+              help="Requests routed upstream at once; past this the answer is 503 with Retry-After.")
 @click.option("--allowed-host", "allowed_hosts", multiple=True,
               help="Also answer requests whose Host header is NAME (repeatable); on 127.0.0.1 only this machine's "
                    "names are answered otherwise (no DNS rebinding).")
@@ -37,14 +39,16 @@ from runtimes.base import DEVICES
               help="Environment variable holding the upstream API key (default EDGEPACK_UPSTREAM_API_KEY).")
 @click.option("--allow-insecure-upstream", is_flag=True, default=None,
               help="Accept a plain http:// upstream on another machine (prompts and key travel unencrypted).")
-@click.option("--upstream-timeout", type=float, default=None, help="Seconds before upstream counts as down (30).")
+@click.option("--upstream-timeout", type=float, default=None,
+              help="Seconds an upstream call may take in all, streams included (30); past it upstream counts as down.")
 @click.option("--min-mean-logprob", type=float, default=None, help="auto: below this mean logprob, go upstream.")
 @click.option("--min-token-logprob", type=float, default=None, help="auto: a token below this, go upstream.")
-@click.option("--route-pattern", "patterns", multiple=True, help="auto: a prompt matching this regex goes upstream.")
+@click.option("--route-pattern", "patterns", multiple=True,
+              help="auto: a prompt matching this regex goes upstream (a match that takes over 0.25 s counts as none).")
 @click.option("--router-config", type=click.Path(path_type=Path), default=None,
               help="Router settings file (from `edgepack route calibrate`); options above override it.")
 def serve(path: Path, host: str | None, port: int | None, api_key: str | None, api_key_file: Path | None,
-          max_queue: int, allowed_hosts: tuple[str, ...], max_body_mb: float, threads: int | None,
+          max_queue: int, max_upstream: int, allowed_hosts: tuple[str, ...], max_body_mb: float, threads: int | None,
           context: int | None, device: str | None, policy: str | None, upstream_url: str | None,
           upstream_model: str | None, upstream_key_env: str | None, allow_insecure_upstream: bool | None,
           upstream_timeout: float | None, min_mean_logprob: float | None, min_token_logprob: float | None,
@@ -63,7 +67,7 @@ def serve(path: Path, host: str | None, port: int | None, api_key: str | None, a
     key = read_api_key(api_key, api_key_file)
     defaults = defaults_for(path)
     config = ServerConfig(host=host or defaults.host, port=port if port is not None else defaults.port,
-                          api_key=key, max_queue=max_queue, router=router,
+                          api_key=key, max_queue=max_queue, max_upstream=max_upstream, router=router,
                           max_body_bytes=int(max_body_mb * 2**20), allowed_hosts=allowed_hosts)
     note(f"serving {defaults.model_id} on http://{config.host}:{config.port}/v1 (loading the model; "
          "GET /health answers 200 once it is ready)")

@@ -9,7 +9,6 @@ import gzip
 import json
 import logging
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +22,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from serving_helpers import CONTEXT, MESSAGES, MODEL_ID, open_model
+from serving_helpers import CONTEXT, MESSAGES, MODEL_ID, free_port, open_model
 
 from edgepack.core.errors import EdgepackError
 from edgepack.serve.app import ServerConfig, start_server_thread
@@ -42,12 +41,6 @@ def cloud(tiny_gguf):
     yield running
     running.stop()
     model.close()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @dataclass(frozen=True)
