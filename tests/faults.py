@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 
 def double(value: int) -> int:
@@ -24,3 +25,7 @@ def killed() -> None:  # what the out-of-memory killer does
 
 def bad_value() -> None:
     raise ValueError("temperature must be >= 0")
+
+
+def hang() -> None:  # a deadlock inside a native library looks like this from outside
+    time.sleep(600)

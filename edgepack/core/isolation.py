@@ -89,15 +89,23 @@ def _child(connection, function: Callable[..., Any], args: tuple, kwargs: dict) 
     connection.close()
 
 
-def call_isolated(what: str, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+def call_isolated(what: str, function: Callable[..., Any], *args: Any, timeout_s: float | None = None,
+                  **kwargs: Any) -> Any:
     """`function(*args, **kwargs)` in a child process. `what` names the work in the crash message (e.g. "scoring
-    gguf-q8_0"). `function` must be importable by name (a module-level function) and its arguments picklable."""
+    gguf-q8_0"). `function` must be importable by name (a module-level function) and its arguments picklable.
+    With `timeout_s`, a child that has not answered by then (a hung engine) is killed and that is the error."""
     context = _multiprocessing_context()
     receiver, sender = context.Pipe(duplex=False)
     process = context.Process(target=_child, args=(sender, function, args, kwargs), daemon=True)
     process.start()
     sender.close()
     try:
+        if timeout_s is not None and not receiver.poll(timeout_s):
+            process.kill()
+            process.join()
+            raise EngineCrashedError(f"{what}: the engine did not finish within {timeout_s:g} s and was stopped; "
+                                     "it may be stuck (run `edgepack doctor`), or this machine is too slow for it",
+                                     cause="timeout")
         ok, value = receiver.recv()
     except EOFError:  # the child died before it answered
         process.join()

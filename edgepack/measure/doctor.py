@@ -24,6 +24,7 @@ Status = Literal["ok", "warn", "fail"]
 NEEDED_DISK_GIB = 4.0
 NEEDED_MEMORY_GIB = 4.0
 PROBE_KINDS = ("gguf-q8_0", "gguf-q4_k_m", "onnx-fp32")  # the quantized GGUFs are the ones AMX CPUs crashed on
+GENERATE_TIMEOUT_S = 300  # loading a tiny model and generating 8 tokens takes seconds; past this it is stuck
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,8 @@ def _engines() -> list[Check]:
 
 def _generate_check(name: str, path: Path) -> Check:
     try:
-        engine, tokens = call_isolated(f"generating from {name}", generate_eight_tokens, path)
+        engine, tokens = call_isolated(f"generating from {name}", generate_eight_tokens, path,
+                                       timeout_s=GENERATE_TIMEOUT_S)
     except EdgepackError as exc:
         return Check(f"engine {name}", "fail", str(exc), "`edgepack run` on a variant of this kind shows the "
                                                          "engine's own message")

@@ -4,7 +4,7 @@ back as they were."""
 from __future__ import annotations
 
 import pytest
-from faults import abort, bad_value, double, illegal_instruction, killed
+from faults import abort, bad_value, double, hang, illegal_instruction, killed
 
 from edgepack.core.errors import EngineCrashedError
 from edgepack.core.isolation import call_isolated, describe_exit
@@ -37,3 +37,10 @@ def test_exit_statuses_described():
     assert describe_exit(-4)[0] == "SIGILL (Illegal instruction)"
     assert describe_exit(-9)[0].startswith("SIGKILL")
     assert describe_exit(3)[0] == "exit status 3"
+
+
+def test_a_hung_engine_is_stopped_at_the_timeout():
+    with pytest.raises(EngineCrashedError, match="scoring gguf-q8_0: the engine did not finish within 1 s") as caught:
+        call_isolated("scoring gguf-q8_0", hang, timeout_s=1)
+    assert caught.value.cause == "timeout"
+    assert call_isolated("after the hang", double, 2, timeout_s=30) == 4
