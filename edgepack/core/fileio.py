@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -27,13 +28,28 @@ def refuse_existing(path: Path, force: bool) -> None:
         raise EdgepackError(f"{path} already exists; pass --force to overwrite it")
 
 
-def _fsync_dir(directory: Path) -> None:
+def file_identity(path: Path) -> str:
+    """What changes whenever a file's content may have: size, mtime, inode and ctime. The ctime cannot be set by a
+    user (os.utime sets it to now), so a file rewritten with the same size and its old mtime restored still shows."""
+    stat = path.stat()
+    return f"{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}|{stat.st_ctime_ns}"
+
+
+def fsync_dir(directory: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file under `root`, so that a rename that publishes it never exposes unwritten data."""
+    for child in root.rglob("*"):
+        if child.is_file() and not child.is_symlink():
+            with open(child, "rb") as handle:
+                os.fsync(handle.fileno())
 
 
 @contextlib.contextmanager
@@ -48,30 +64,66 @@ def atomic_output_file(final: Path) -> Iterator[Path]:
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
-def atomic_output_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary directory beside `final`; on success rename it into place."""
+def atomic_output_dir(final: Path, keep_existing: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside `final`; on success put it in place whole.
+
+    An existing `final` is replaced: renamed aside first and deleted only once the new one is in place (a crash in
+    between leaves it as `.<name>.<random>.aside`). With `keep_existing` (a cache, whose entries another process
+    may be reading), an existing `final` is kept and the new directory discarded: the first writer wins."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
     try:
         yield tmp
-        for child in tmp.rglob("*"):
-            if child.is_file():
-                with open(child, "rb") as handle:
-                    os.fsync(handle.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_tree(tmp)
+        if keep_existing:
+            _rename_unless_present(tmp, final)
+        else:
+            _replace_dir(tmp, final)
+        fsync_dir(final.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
+
+# rename(2) of a directory onto a non-empty one fails with one of these (Linux: ENOTEMPTY, some systems: EEXIST)
+_TARGET_NOT_EMPTY = (errno.ENOTEMPTY, errno.EEXIST)
+
+
+def _rename_unless_present(tmp: Path, final: Path) -> None:
+    """Rename `tmp` to `final` unless another writer's `final` is already there (then `tmp` stays, to be removed)."""
+    try:
+        os.rename(tmp, final)
+    except OSError as exc:
+        if exc.errno not in _TARGET_NOT_EMPTY:
+            raise
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    aside = None
+    if final.exists():
+        # mkdtemp reserves a unique name; renaming a directory onto an empty one replaces it
+        aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".aside", dir=final.parent))
+        try:
+            os.rename(final, aside)
+        except FileNotFoundError:  # another writer moved it aside first
+            aside.rmdir()
+            aside = None
+    try:
+        os.rename(tmp, final)
+    except OSError as exc:
+        # another writer's new directory went in between our two renames: it is as new as ours, so it stays
+        if exc.errno not in _TARGET_NOT_EMPTY:
+            if aside is not None and not final.exists():
+                os.rename(aside, final)
+            raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")

