@@ -7,6 +7,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
+import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -27,3 +30,42 @@ def exclusive_lock(path: Path, on_wait: Callable[[], None] | None = None) -> Ite
         yield
     finally:
         os.close(fd)  # closing the only descriptor releases the lock
+
+
+SCRATCH_GRACE_S = 60.0  # a scratch directory this new may belong to a process that has not locked it yet
+
+
+@contextlib.contextmanager
+def held_scratch_dir(parent: Path, prefix: str) -> Iterator[Path]:
+    """A new directory under `parent` that this process holds a lock on while it works there; removed after."""
+    parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    fd = os.open(work, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        os.close(fd)
+
+
+def remove_abandoned_scratch_dirs(parent: Path, prefix: str) -> None:
+    """Remove the scratch directories (from held_scratch_dir) whose process is gone: nobody holds their lock. This
+    works across processes that cannot see each other's ids (containers sharing a cache)."""
+    if not parent.is_dir():
+        return
+    for work in parent.glob(f"{prefix}*"):
+        try:
+            if not work.is_dir() or time.time() - work.stat().st_mtime < SCRATCH_GRACE_S:
+                continue
+            fd = os.open(work, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # alive
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+        finally:
+            os.close(fd)

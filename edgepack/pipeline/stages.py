@@ -7,7 +7,6 @@ reported through `StageRun`, so the build can say it and time it.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -17,6 +16,7 @@ from converters.registry import ConvertOptions, converter_for
 from edgepack.convert.stage import convert
 from edgepack.core.artifacts import QualityReport, Variant, VariantQuality
 from edgepack.core.errors import EngineCrashedError
+from edgepack.core.file_lock import held_scratch_dir, remove_abandoned_scratch_dirs
 from edgepack.core.progress import say
 from edgepack.core.versions import library_versions
 from edgepack.measure.predict import ModelShape, model_shape
@@ -36,6 +36,7 @@ CONVERT_LIBRARIES = ("gguf", "llama-cpp-python", "transformers", "torch", "token
                      "onnxruntime", "onnx")
 QUALITY_LIBRARIES = ("llama-cpp-python", "onnxruntime", "transformers", "torch", "numpy")
 MEASURE_LIBRARIES = ("llama-cpp-python", "onnxruntime")
+WORK_PREFIX = ".work-"  # scratch directories of conversions in progress, in the convert stage's folder
 
 
 @dataclass(frozen=True)
@@ -62,20 +63,6 @@ def _variant_from_record(record: dict[str, Any], entry: Path) -> Variant:
                    library_versions=record["library_versions"])
 
 
-def _remove_dead_work_dirs(directory: Path) -> None:
-    """Scratch directories of builds that were killed (their process no longer exists)."""
-    if not directory.is_dir():
-        return
-    for work in directory.glob(".work-*"):
-        pid = int(work.name.split("-")[1])
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(work, ignore_errors=True)
-        except PermissionError:
-            pass
-
-
 def convert_stage(stage: StageInput, kinds: list[str], options: ConvertOptions) -> tuple[list[Variant], StageRun]:
     """One cache entry per kind; the missing kinds are converted together per converter (so GGUF quantizations
     share one float base), and each converter's results are kept as soon as it finishes."""
@@ -100,15 +87,11 @@ def convert_stage(stage: StageInput, kinds: list[str], options: ConvertOptions) 
     for kind in missing:
         groups.setdefault(id(converter_for(kind)), []).append(kind)
     stage_dir = cache.root / "convert"
-    _remove_dead_work_dirs(stage_dir)
+    remove_abandoned_scratch_dirs(stage_dir, WORK_PREFIX)
     for group in groups.values():
-        work = stage_dir / f".work-{os.getpid()}-{group[0]}"
-        shutil.rmtree(work, ignore_errors=True)
-        try:
+        with held_scratch_dir(stage_dir, f"{WORK_PREFIX}{group[0]}-") as work:
             for variant in convert(model, group, work, replace(options, force=True)):
                 found[variant.kind] = _keep_variant(cache, key(variant.kind), variant, force)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
     variants = [found[kind] for kind in kinds]
     return variants, StageRun("convert", time.perf_counter() - started, len(missing), len(kinds) - len(missing))
 
