@@ -306,16 +306,13 @@ async def _replay(chunks: list[GenerationChunk]) -> AsyncIterator[GenerationChun
 async def _from_upstream(state: ServerState, request: Request, route: str, forwarded: dict[str, Any], stream: bool):
     assert state.upstream is not None
     upstream = state.upstream
-    slot = state.remote.take()
-    try:
+    with state.remote.take() as slot:
         if stream:
             relay = await _until_disconnect(request, upstream.open_stream(route, forwarded))
             state.metrics.count_route("remote")
             return SlotStreamingResponse(relay, slot.keep(), media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", ROUTE_HEADER: "remote"})
         answer = await _until_disconnect(request, upstream.complete(route, forwarded))
-    finally:
-        slot.release() if not stream else None
     state.metrics.count_route("remote")
     return JSONResponse(answer, headers={ROUTE_HEADER: "remote"})
 

@@ -221,6 +221,13 @@ def test_upstream_requests_have_a_bound_of_their_own(local_server, broken_cloud)
     assert first.json()["choices"][0]["message"]["content"] == "held"
 
 
+def test_upstream_streams_that_fail_to_open_give_their_place_back(local_server):
+    server = local_server(policy="remote", upstream_url=f"http://127.0.0.1:{free_port()}/v1", max_upstream=1)
+    for _ in range(3):  # with the place kept, the second would be answered 503
+        streamed = chat(server.url, stream=True)
+        assert streamed.status_code == 200 and streamed.headers["x-edgepack-route"] == "local-fallback"
+
+
 def test_a_backtracking_route_pattern_cannot_freeze_the_server(local_server, cloud):
     from concurrent.futures import ThreadPoolExecutor
 
