@@ -228,21 +228,24 @@ def test_upstream_streams_that_fail_to_open_give_their_place_back(local_server):
         assert streamed.status_code == 200 and streamed.headers["x-edgepack-route"] == "local-fallback"
 
 
-def test_a_backtracking_route_pattern_cannot_freeze_the_server(local_server, cloud):
+def test_a_backtracking_route_pattern_or_a_1_mb_prompt_cannot_freeze_the_server(local_server, cloud):
     from concurrent.futures import ThreadPoolExecutor
 
     server = local_server(policy="auto", upstream_url=f"{cloud.url}/v1", min_mean_logprob=-1e9,
                           patterns=("(a|aa)+$",))  # exponential on "aaaa…!" (about 40 minutes at 40 a's in re)
-    with ThreadPoolExecutor(1) as pool:
+    with ThreadPoolExecutor(2) as pool:
         pending = pool.submit(chat, server.url, MODEL_ID, [{"role": "user", "content": "a" * 40 + "!"}])
+        huge = pool.submit(chat, server.url, MODEL_ID, [{"role": "user", "content": "sea " * 2**18}])  # 1 MB
         waits = []
-        while not pending.done():
+        while not (pending.done() and huge.done()):
             started = time.perf_counter()
             assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200
             waits.append(time.perf_counter() - started)
             time.sleep(0.02)
         answer = pending.result()
     assert answer.status_code == 200 and answer.headers["x-edgepack-route"] == "local"  # gave up: not a match
+    # too long here and for the upstream's 512 tokens too: a clear 502 that says so
+    assert huge.result().status_code == 502 and "too long" in huge.result().json()["error"]["message"]
     assert max(waits) < 1.0, waits
 
 
