@@ -8,11 +8,12 @@ is carried as its source distribution together with what building it needs, and 
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 from edgepack.core.errors import EdgepackError
@@ -20,12 +21,15 @@ from edgepack.core.progress import say
 from edgepack.measure.targets import TargetProfile
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-SERVE_PACKAGES = ("click", "rich", "psutil", "numpy", "fastapi", "uvicorn", "httpx", "prometheus-client", "tomli")
+SERVE_PACKAGES = ("click", "rich", "psutil", "numpy", "fastapi", "uvicorn", "httpx", "prometheus-client", "regex",
+                  "tomli")
 ENGINE_PACKAGES = {"llamacpp": ("llama-cpp-python", "gguf"),  # gguf: the engine reads GGUF metadata
                    "onnxrt": ("onnxruntime", "transformers", "tokenizers")}
 # scikit-build-core looks for these on the device and asks for them as build requirements when absent
 NATIVE_BUILD_TOOLS = ("cmake>=3.21", "ninja")
 MAX_MANYLINUX_MINOR = 35  # glibc of Ubuntu 22.04 (JetPack 6)
+# build and bundle outputs at the top of a checkout (hidden folders, .venv and .git among them, are left out too)
+NOT_SOURCE_AT_TOP = ("build", "dist", "out")
 
 
 @dataclass(frozen=True)
@@ -49,8 +53,14 @@ def serve_requirements(engine: str, python_version: str) -> list[str]:
     from packaging.requirements import Requirement
 
     wanted = {*SERVE_PACKAGES, *ENGINE_PACKAGES.get(engine, ())}
+    # read from the source the carried edgepack wheel is built from: an editable install's metadata can be older
+    declared = _load_toml(_pyproject().read_text(encoding="utf-8"))["project"]["dependencies"]
+    undeclared = wanted - {Requirement(text).name.lower() for text in declared}
+    if undeclared:
+        raise EdgepackError(f"serving needs {', '.join(sorted(undeclared))}, which pyproject.toml's [project] "
+                            "dependencies do not declare: add them there")
     out = []
-    for text in metadata.requires("edgepack") or []:
+    for text in declared:
         requirement = Requirement(text)
         if requirement.name.lower() not in wanted:
             continue
@@ -83,12 +93,24 @@ def _pip(*args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True)
 
 
-def _sdist_requirements(sdist: Path) -> list[str]:
-    """What building and running a source distribution needs: its build-system requires and its run deps."""
+def _load_toml(text: str) -> dict:
     try:
         import tomllib
     except ModuleNotFoundError:  # pragma: no cover - Python 3.10
         import tomli as tomllib
+    return tomllib.loads(text)
+
+
+def _pyproject() -> Path:
+    path = PROJECT_ROOT / "pyproject.toml"
+    if not path.is_file():
+        raise EdgepackError("--offline-wheels builds edgepack's own wheel from its source tree, which this install "
+                            "does not have (install edgepack with pip install -e from a checkout)")
+    return path
+
+
+def _sdist_requirements(sdist: Path) -> list[str]:
+    """What building and running a source distribution needs: its build-system requires and its run deps."""
     needs: list[str] = []
     with tarfile.open(sdist) as tar:
         for member in tar.getmembers():
@@ -100,22 +122,35 @@ def _sdist_requirements(sdist: Path) -> list[str]:
                 continue
             text = handle.read().decode("utf-8", "replace")
             if parts[1] == "pyproject.toml":
-                needs += tomllib.loads(text).get("build-system", {}).get("requires", [])
+                needs += _load_toml(text).get("build-system", {}).get("requires", [])
             else:
                 needs += [line.split(":", 1)[1].strip() for line in text.splitlines()
                           if line.startswith("Requires-Dist:") and "extra ==" not in line]
     return needs
 
 
-def download_wheels(dest: Path, engine: str, target: TargetProfile) -> WheelSet:
-    dest.mkdir(parents=True, exist_ok=True)
-    if not (PROJECT_ROOT / "pyproject.toml").is_file():
-        raise EdgepackError("--offline-wheels builds edgepack's own wheel from its source tree, which this install "
-                            "does not have (install edgepack with pip install -e from a checkout)")
-    say(f"building the edgepack wheel for {dest}")
-    done = _pip("wheel", "--no-deps", "--quiet", "--wheel-dir", str(dest), str(PROJECT_ROOT))
+def _not_source(directory: str, names: list[str]) -> set[str]:
+    at_top = Path(directory) == PROJECT_ROOT
+    return {name for name in names if name == "__pycache__" or name.endswith(".egg-info")
+            or (at_top and (name.startswith(".") or name in NOT_SOURCE_AT_TOP))}
+
+
+def _build_own_wheel(dest: Path) -> None:
+    """edgepack's wheel, built from a copy of its source alone: setuptools builds in the tree's build/ folder, and
+    whatever an earlier build left there (modules since deleted or moved) would ship in the wheel too."""
+    with tempfile.TemporaryDirectory(prefix="edgepack-source-") as scratch:
+        source = Path(scratch) / "edgepack"
+        shutil.copytree(PROJECT_ROOT, source, ignore=_not_source)
+        done = _pip("wheel", "--no-deps", "--quiet", "--wheel-dir", str(dest), str(source))
     if done.returncode != 0:
         raise EdgepackError(f"building edgepack's wheel failed: {done.stderr.strip()[-500:]}")
+
+
+def download_wheels(dest: Path, engine: str, target: TargetProfile) -> WheelSet:
+    _pyproject()  # a clear refusal, before anything is written, when there is no source tree
+    dest.mkdir(parents=True, exist_ok=True)
+    say(f"building the edgepack wheel for {dest}")
+    _build_own_wheel(dest)
     requirements = serve_requirements(engine, target.python_version)
     binary, sources = list(requirements), []
     target_args = [arg for tag in platform_tags(target.python_platform) for arg in ("--platform", tag)]

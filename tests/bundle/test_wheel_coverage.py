@@ -90,3 +90,13 @@ def test_the_wheelhouse_covers_what_serving_with_the_engine_imports(engine):
     missing = {module: providers.get(module, [module]) for module in modules
                if not any(re.sub(r"[-_.]+", "-", d).lower() in allowed for d in providers.get(module, [module]))}
     assert not missing, f"serving with {engine} imports these, and --offline-wheels would not carry them: {missing}"
+
+
+def test_a_serving_package_edgepack_does_not_declare_is_refused_not_dropped(monkeypatch):
+    from edgepack.bundle import wheels
+    from edgepack.core.errors import EdgepackError
+
+    monkeypatch.setattr(wheels, "SERVE_PACKAGES", (*wheels.SERVE_PACKAGES, "not-a-dependency"))
+    with pytest.raises(EdgepackError, match=r"serving needs not-a-dependency, which pyproject.toml's \[project\] "
+                                            r"dependencies do not declare: add them there"):
+        serve_requirements("llamacpp", "3.11")

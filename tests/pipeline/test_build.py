@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -99,17 +98,7 @@ def test_the_launcher_starts_the_server(host_build, build_env):
     server = subprocess.Popen([str(Path(result["bundle"]) / "run.sh")], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, start_new_session=True)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None, server.stderr.read().decode()
-            assert time.monotonic() < deadline, "the server did not become healthy within 60 s"
-            time.sleep(0.2)
+        cli_runner.wait_until_healthy(f"http://127.0.0.1:{port}", server, timeout=60)
         body = json.dumps({"model": "stories260K-hf", "prompt": "Once upon a time", "max_tokens": 8,
                            "temperature": 0}).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
@@ -272,81 +261,6 @@ def test_a_build_killed_midway_resumes_and_never_leaves_a_bundle_that_verifies(s
     assert alone.returncode == 0, alone.stderr
     stages = {s["name"]: s for s in json.loads(alone.stdout)["stages"]}
     assert (stages["quality"]["ran"], stages["quality"]["cached"]) == (0, 1)
-
-
-@pytest.fixture(scope="module")
-def package_index() -> None:
-    """--offline-wheels downloads from the package index pip is configured with; without it those tests skip."""
-    probe = subprocess.run([sys.executable, "-m", "pip", "index", "versions", "click"], capture_output=True,
-                           text=True, timeout=120)
-    if probe.returncode != 0:
-        pytest.skip(f"the package index is not reachable: {probe.stderr.strip()[-200:]}")
-
-
-@pytest.mark.slow
-def test_offline_wheels_install_with_no_index_and_serve(package_index, stories_dir, build_env, tmp_path: Path):
-    """The bundle's install.sh builds a virtual environment from wheels/ alone (pip --no-index) and its run.sh
-    serves from it: no torch, no edgepack checkout."""
-    done = run_edgepack(["build", str(stories_dir), "--formats", "onnx-fp32", "--offline-wheels", "--out",
-                         str(tmp_path / "dist"), "--json"], build_env)
-    result = json.loads(done.stdout)
-    manifest = json.loads((Path(result["bundle"]) / "edgepack.json").read_text())
-    wheels = manifest["wheels"]
-    assert wheels["sources"] == [] and any(name.startswith("onnxruntime-") for name in wheels["files"])
-    assert any(name.startswith("edgepack-") and name.endswith(".whl") for name in wheels["files"])
-    shutil.unpack_archive(result["archive"], tmp_path / "device")
-    bundle = tmp_path / "device" / Path(result["bundle"]).name
-    installed = subprocess.run(["sh", str(bundle / "install.sh")], capture_output=True, text=True, timeout=600,
-                               env={"PATH": os.environ["PATH"], "PYTHON": sys.executable, "HOME": str(tmp_path)})
-    assert installed.returncode == 0, installed.stderr[-2000:]
-    site = next((bundle / ".venv" / "lib").glob("python*/site-packages"))
-    assert (site / "onnxruntime").is_dir() and not (site / "torch").exists()
-    verify_bundle(bundle)  # the .venv install.sh made is not part of what was shipped
-    targets = subprocess.run([str(bundle / ".venv" / "bin" / "edgepack"), "targets", "--json"], capture_output=True,
-                             text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
-    assert "jetson-orin-nano-8gb" in targets.stdout, targets.stderr  # the profiles travel in the wheel
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen([str(bundle / "run.sh")], env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
-                                                              "EDGEPACK_PORT": str(port)},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                    assert response.status == 200
-                    break
-            except urllib.error.HTTPError as exc:
-                assert exc.code == 503, exc.read()
-            except OSError:
-                pass
-            assert server.poll() is None, server.stderr.read().decode()
-            assert time.monotonic() < deadline
-            time.sleep(0.3)
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
-
-
-@pytest.mark.slow
-def test_wheels_for_jetson_carry_llama_cpp_as_source_with_its_build_command(package_index, tmp_path: Path):
-    from edgepack.bundle.wheels import download_wheels, install_script
-    from edgepack.measure.targets import resolve_target
-
-    jetson = resolve_target("jetson-orin-nano-8gb")
-    wheel_set = download_wheels(tmp_path / "wheels", "llamacpp", jetson)
-    assert [s.file.split("-")[0] for s in wheel_set.sources] == ["llama_cpp_python"]
-    assert wheel_set.sources[0].build_command.startswith('CMAKE_ARGS="-DGGML_CUDA=on" .venv/bin/pip install '
-                                                         "--no-index --find-links wheels wheels/llama_cpp_python-")
-    names = wheel_set.files
-    assert any(n.startswith("numpy-") and "cp310" in n and "aarch64" in n for n in names)
-    assert any(n.startswith("cmake-") and "aarch64" in n for n in names)  # llama.cpp's build needs it offline
-    assert any(n.startswith("scikit_build_core-") for n in names)
-    assert any(n.startswith("tomli-") for n in names)  # Python 3.10 on JetPack 6 needs it
-    assert any(n.startswith("gguf-") for n in names)  # the llama.cpp engine reads GGUF metadata with gguf-py
-    assert 'CMAKE_ARGS="-DGGML_CUDA=on" "$PIP" install --no-index' in install_script(wheel_set)
 
 
 def test_a_model_folder_whose_name_cannot_name_files_is_refused_before_any_write(tiny_model, tmp_path, build_env):
