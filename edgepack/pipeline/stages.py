@@ -30,7 +30,6 @@ from edgepack.measure.profiler import (
 )
 from edgepack.pipeline.stage_cache import StageCache, digest_of
 from edgepack.quality.evaluate import EvalOptions
-from edgepack.quality.gate import Gate
 
 CONVERT_LIBRARIES = ("gguf", "llama-cpp-python", "transformers", "torch", "tokenizers", "optimum-onnx",
                      "onnxruntime", "onnx")
@@ -135,8 +134,8 @@ def quality_stage(stage: StageInput, variants: list[Variant], options: EvalOptio
             cache.store("quality", keys[kind], lambda _directory: record, replace_existing=force)
             records[kind] = record
 
-        ungated = Gate(max_ppl_increase=float("inf"), max_kld=float("inf"))
-        fresh = evaluate(model, [v.path for v in missing], replace(options, eval_text=text, gate=ungated),
+        # the gate only labels the progress lines: records keep the metrics, and are gated below on every run
+        fresh = evaluate(model, [v.path for v in missing], replace(options, eval_text=text),
                          on_variant=keep)
         crashed = tuple(replace(c, name=kind_of[c.path]) for c in fresh.crashed)  # never cached: a retry may pass
         shared = {f.name: getattr(fresh, f.name) for f in fields(QualityReport)

@@ -101,7 +101,8 @@ def evaluate(model_path: Path, variant_paths: list[Path], options: EvalOptions |
         if on_variant is not None:
             on_variant(results[-1], shared)
         if show_progress:
-            say(f"{results[-1].name}: {'pass' if results[-1].passed else 'FAIL: ' + '; '.join(reasons)}")
+            verdict = "pass" if results[-1].passed else "FAIL: " + "; ".join(reasons)
+            say(f"{results[-1].name}: mean KLD {scored.kld_mean:.4f}, PPL x{scored.ppl_ratio:.3f}: {verdict}")
     return QualityReport(model=Path(model_path), gate=gate.as_dict(), variants=tuple(results), **shared,
                          crashed=tuple(crashed))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -220,9 +221,10 @@ def test_nothing_fits_exits_6_and_writes_no_bundle(host_build, stories_dir, buil
 
 def test_nothing_passing_the_gate_exits_5(host_build, stories_dir, build_env, tmp_path: Path):
     done = run_edgepack(["build", str(stories_dir), "--formats", "gguf-q4_k_m", "--max-kld", "0.000001", "--out",
-                         str(tmp_path)], build_env, check=False)
+                         str(tmp_path), "--force"], build_env, check=False)  # --force: scored anew, with its line
     assert done.returncode == 5, done.stderr
     assert "no variant passes the quality gate; the closest is gguf-q4_k_m" in done.stderr
+    assert re.search(r"gguf-q4_k_m: mean KLD [0-9.]+, PPL x[0-9.]+: FAIL: mean KL divergence", done.stderr), done.stderr
 
 
 def test_a_build_killed_midway_resumes_and_never_leaves_a_bundle_that_verifies(stories_dir, tmp_path: Path):
@@ -231,7 +233,7 @@ def test_a_build_killed_midway_resumes_and_never_leaves_a_bundle_that_verifies(s
     args = [sys.executable, "-m", "edgepack", "build", str(stories_dir), "--formats", "gguf-q8_0,gguf-f16", "--out",
             str(out)]
     # kill at the start of quality, after its first variant, at the start of measuring, of bundling
-    for marker in ("[3/5]", "gguf-q8_0: pass", "[4/5]", "[5/5]"):
+    for marker in ("[3/5]", "gguf-q8_0: mean KLD", "[4/5]", "[5/5]"):
         process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         seen = ""
         for line in process.stderr:
