@@ -50,6 +50,9 @@ def hf_tensor_name(gguf_name: str) -> str:
     raise UnsupportedModelError(f"GGUF tensor {gguf_name!r} has no Hugging Face counterpart in the importer")
 
 
+ORIGIN_FILE = ".edgepack-origin.json"  # hidden: left out of the model's fingerprint like other markers
+
+
 def import_gguf(gguf_path: Path, out_dir: Path, *, dtype: str = "f32", force: bool = False,
                 show_progress: bool = True) -> Path:
     """Write a Hugging Face model directory at `out_dir` from `gguf_path`."""
@@ -70,7 +73,20 @@ def import_gguf(gguf_path: Path, out_dir: Path, *, dtype: str = "f32", force: bo
         config = _config(meta, arch, dtype, tied="output.weight" not in {t.name for t in reader.tensors})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         _write_tokenizer(reader, meta, tmp)
+        (tmp / ORIGIN_FILE).write_text(json.dumps(_origin(reader, gguf_path, dtype), indent=2) + "\n")
     return out_dir
+
+
+def _origin(reader: gguf.GGUFReader, gguf_path: Path, dtype: str) -> dict[str, Any]:
+    """Where the imported weights came from: every figure measured against this model is relative to them."""
+    types = sorted({t.tensor_type.name for t in reader.tensors})
+    quantized = [name for name in types if name not in ("F32", "F16", "BF16")]
+    note = (f"imported from {gguf_path.name}, whose weights are {', '.join(types)}, "
+            f"{'dequantized' if quantized else 'converted'} to {dtype}")
+    if quantized:
+        note += ("; quality figures are relative to these dequantized weights, not to the model's original "
+                 "full-precision weights")
+    return {"imported_from": gguf_path.name, "tensor_types": types, "dtype": dtype, "note": note}
 
 
 def _read_meta(reader: gguf.GGUFReader, arch: str) -> dict[str, Any]:

@@ -25,6 +25,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"- Model: {model['name']} ({model['architecture']}, {model['parameter_count']:,} parameters, context "
         f"{model['context_length']}); served with a context of {report['context']} tokens.",
+        *([f"- Reference weights: {model['origin']}."] if model.get("origin") else []),
         f"- Target: {target['name']} — {target['description']}. Memory budget {target['memory_budget_gib']:g} GiB "
         f"of {target['memory_total_gib']:g} GiB ({target['memory_budget_reason']}).",
         f"- Speeds and memory are **{'measured on this machine' if measured else 'predicted'}**"

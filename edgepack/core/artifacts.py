@@ -38,6 +38,7 @@ class StudentModel:
     tokenizer_kind: str  # "bpe" (byte-level, GPT-2 style) or "spm" (SentencePiece)
     has_chat_template: bool
     dtype: str  # the dtype the weights are stored in, e.g. "bfloat16"
+    origin: str | None = None  # where the weights came from when that qualifies every figure (an imported GGUF)
 
 
 @dataclass(frozen=True)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from converters.architectures import architecture_for_config
 from converters.gguf.hparams import read_hparams
+from converters.gguf.to_hf import ORIGIN_FILE
 from converters.gguf.vocab import tokenizer_kind
 from converters.hf_model import HFModelDir
 from edgepack.core.artifacts import StudentModel
@@ -24,4 +26,12 @@ def load_student(path: Path, allow_pickle: bool = False) -> StudentModel:
         tokenizer_kind=tokenizer_kind(model),
         has_chat_template=bool(model.chat_template),
         dtype=model.stored_dtype,
+        origin=_origin_note(model.path),
     )
+
+
+def _origin_note(path: Path) -> str | None:
+    try:
+        return str(json.loads((path / ORIGIN_FILE).read_text())["note"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

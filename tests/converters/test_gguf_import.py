@@ -11,6 +11,7 @@ from converters.gguf.to_hf import import_gguf
 from converters.registry import ConvertOptions
 from edgepack.convert.stage import convert
 from edgepack.core.errors import EdgepackError, UnsupportedModelError
+from edgepack.student.load import load_student
 
 QUIET = ConvertOptions(show_progress=False)
 
@@ -50,6 +51,10 @@ def test_import_of_quantized_weights_stays_close_to_the_original(tiny_model, tmp
         scale = original[name].abs().max().item()
         assert error < scale / 100, name  # Q8_0 error, not a scrambled (unpermuted) layout
     assert torch.equal(restored["model.norm.weight"], original["model.norm.weight"])
+    # every figure measured against the imported model is relative to the Q8_0 weights, and the model says so
+    student = load_student(imported)
+    assert "Q8_0" in student.origin and "dequantized to f32" in student.origin
+    assert load_student(tiny_model("llama-bpe")).origin is None
 
 
 def test_import_refuses_what_it_cannot_rebuild(tiny_model, tmp_path):

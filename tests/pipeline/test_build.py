@@ -70,6 +70,13 @@ def test_build_writes_a_bundle_that_verifies(host_build):
     assert str(Path.home()) not in text and "edgepack-cache" not in text
     report_md = (bundle / "report.md").read_text()
     assert f"**Chosen: `{result['chosen']}`**" in report_md and "measured on this machine" in report_md
+    # a model imported from a quantized GGUF (the demo student) says what its figures are relative to
+    assert "Reference weights" not in report_md
+    from edgepack.bundle.report import render_markdown
+
+    report = json.loads((bundle / "report.json").read_text())
+    report["model"]["origin"] = "imported from x.Q4_1.gguf, whose weights are F32, Q4_1, dequantized to f32"
+    assert "- Reference weights: imported from x.Q4_1.gguf" in render_markdown(report)
 
 
 def test_cached_rebuild_reuses_every_stage_and_the_bundle(host_build, stories_dir, build_env):
