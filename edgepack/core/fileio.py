@@ -52,6 +52,13 @@ def fsync_tree(root: Path) -> None:
                 os.fsync(handle.fileno())
 
 
+def _umask() -> int:
+    """This process's umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_output_file(final: Path) -> Iterator[Path]:
     """Yield a temporary path beside `final`; on success fsync it and rename it into place."""
@@ -61,6 +68,7 @@ def atomic_output_file(final: Path) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would keep a service user from reading a shipped file
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, final)

@@ -62,3 +62,19 @@ def test_only_scratch_directories_nobody_holds_are_removed(tmp_path):
         holder.wait()
     remove_abandoned_scratch_dirs(tmp_path, ".work-")
     assert not held.exists()  # its holder was killed
+
+
+def test_a_file_written_atomically_gets_the_mode_of_any_other_new_file(tmp_path):
+    import stat
+
+    from edgepack.core.fileio import atomic_output_file
+
+    previous = os.umask(0o022)
+    try:
+        with atomic_output_file(tmp_path / "edgepack.json") as tmp:
+            tmp.write_text("{}")
+        (tmp_path / "plain.json").write_text("{}")
+    finally:
+        os.umask(previous)
+    modes = {stat.S_IMODE((tmp_path / name).stat().st_mode) for name in ("edgepack.json", "plain.json")}
+    assert modes == {0o644}  # not mkstemp's 0600: a service user must read the manifest
