@@ -1,8 +1,8 @@
 """A fixed probe text that exercises what tokenizers disagree on.
 
-It mixes scripts, code, digits, runs of spaces and tabs, contractions, emoji and accents. The tokenizer parity
-check encodes it with both the Hugging Face tokenizer and llama.cpp; the BPE pre-tokenizer is identified by
-how it splits this text.
+It mixes scripts, code, digits, runs of spaces, tabs and newlines (one longer than any whitespace token we
+know of), HTML tags, contractions, emoji and accents. The tokenizer parity check encodes it with both the
+Hugging Face tokenizer and llama.cpp; the BPE pre-tokenizer is identified by how it splits this text.
 """
 
 PROBE_TEXT = (
@@ -15,6 +15,7 @@ PROBE_TEXT = (
     "Русский текст, Ελληνικά, עברית, العربية, हिन्दी, 中文字符测试, 日本語のテキスト, 한국어 문장.\n"
     "Emoji 🙂🚀👍🏽 and symbols: ©®™ ∑ √ ∞ ≠ ≤ → ← «quotes» “curly” ‘single’ — – …\n"
     "MixedCASE camelCase snake_case kebab-case ALLCAPS aBc123def ...!!!??? $$$ %%% @@@\n"
+    "<h1>Title</h1>\n\n\n\n<table><tr><td>a  b</td><td>    c</td></tr></table>\t\t\t\tend" + " " * 40 + "gap\n"
     "ááá\u00a0nbsp\u2009thin\u3000ideographic\r\nwindows newline end."
 )
 

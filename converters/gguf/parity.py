@@ -29,6 +29,9 @@ def probe_texts(hf_tokenizer) -> list[tuple[str, bool]]:
 
 
 def check_tokenizer_parity(gguf_path: Path, model_path: Path) -> TokenizerParity:
+    """Each probe text tokenized by llama.cpp and the Hugging Face tokenizer, once with special tokens parsed and
+    once with them split into plain text (llama.cpp's parse_special=False, HF's split_special_tokens=True: how a
+    chat's message text is tokenized), which tells a CONTROL token from a USER_DEFINED one."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -38,18 +41,24 @@ def check_tokenizer_parity(gguf_path: Path, model_path: Path) -> TokenizerParity
     checked = 0
     texts = probe_texts(hf_tokenizer)
     for text, add_special in texts:
-        expected = hf_tokenizer(text, add_special_tokens=add_special)["input_ids"]
-        got = llamacpp.tokenize(llm, text, add_special=add_special)
-        if expected != got:
-            pairs = zip(expected, got, strict=False)
-            at = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(expected), len(got)))
-            context = hf_tokenizer.decode(expected[max(0, at - 3): at + 3])
-            raise ParityError(
-                f"tokenizer parity failed for {gguf_path.name}: llama.cpp and the Hugging Face tokenizer differ at "
-                f"token {at} (HF {expected[at:at + 5]} vs llama.cpp {got[at:at + 5]}; {len(expected)} vs {len(got)} "
-                f"tokens) near {context!r}")
-        checked += len(expected)
+        for parse_special in (True, False):
+            expected = hf_tokenizer(text, add_special_tokens=add_special,
+                                    split_special_tokens=not parse_special)["input_ids"]
+            got = llamacpp.tokenize(llm, text, add_special=add_special, parse_special=parse_special)
+            if expected != got:
+                raise ParityError(_difference(gguf_path.name, hf_tokenizer, expected, got, parse_special))
+            checked += len(expected)
     return TokenizerParity(texts_checked=len(texts), tokens_checked=checked)
+
+
+def _difference(name: str, hf_tokenizer, expected: list[int], got: list[int], parse_special: bool) -> str:
+    pairs = zip(expected, got, strict=False)
+    at = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(expected), len(got)))
+    context = hf_tokenizer.decode(expected[max(0, at - 3): at + 3])
+    mode = "" if parse_special else " with special tokens as plain text"
+    return (f"tokenizer parity failed for {name}{mode}: llama.cpp and the Hugging Face tokenizer differ at token "
+            f"{at} (HF {expected[at:at + 5]} vs llama.cpp {got[at:at + 5]}; {len(expected)} vs {len(got)} tokens) "
+            f"near {context!r}")
 
 
 __all__ = ["LogitParity", "TokenizerParity", "check_logit_parity", "check_tokenizer_parity", "probe_texts"]

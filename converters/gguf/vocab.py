@@ -2,6 +2,8 @@
 
 Two families: SentencePiece (`tokenizer.model`, GGUF model "llama") and byte-level BPE (`tokenizer.json`
 with a ByteLevel pre-tokenizer or decoder, GGUF model "gpt2" plus the pre-tokenizer name llama.cpp expects).
+A SentencePiece vocabulary also takes the tokenizer's added tokens (tokenizer.json's `added_tokens` and
+tokenizer_config.json's `added_tokens_decoder`, as transformers loads them) with the types llama.cpp expects.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from converters.hf_model import HFModelDir
 from edgepack.core.errors import UnsupportedModelError
 
 T = gguf.TokenType
+# the score llama.cpp's own converter gives SentencePiece added tokens and padding: pieces no merge should build
+UNMERGED_SCORE = -1000.0
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,8 @@ def read_vocab(model_dir: HFModelDir, vocab_size: int) -> GGUFVocab:
         scores = None
         add_space_prefix = None
     else:
-        tokens, types, scores, add_space_prefix = _sentencepiece_tokens(model_dir, vocab_size)
+        tokens, types, scores, add_space_prefix = _sentencepiece_tokens(model_dir, vocab_size,
+                                                                        hf_tokenizer.added_tokens_decoder)
         merges, pre = (), "default"
     add_bos, add_eos = _special_tokens_added(hf_tokenizer)
     return GGUFVocab(
@@ -139,7 +144,8 @@ def _bpe_tokens(path: Path, vocab_size: int) -> tuple[list[str], list[int], list
     return tokens, types, merges, pre  # type: ignore[return-value]
 
 
-def _sentencepiece_tokens(model_dir: HFModelDir, vocab_size: int) -> tuple[list[str], list[int], list[float], bool]:
+def _sentencepiece_tokens(model_dir: HFModelDir, vocab_size: int, added_tokens: dict[int, Any]
+                          ) -> tuple[list[str], list[int], list[float], bool]:
     from sentencepiece import sentencepiece_model_pb2
 
     proto = sentencepiece_model_pb2.ModelProto()
@@ -152,22 +158,29 @@ def _sentencepiece_tokens(model_dir: HFModelDir, vocab_size: int) -> tuple[list[
     tokens: list[str | None] = [piece.piece for piece in proto.pieces]
     types: list[int] = [int(piece.type) for piece in proto.pieces]  # same numbering as GGUF's TokenType
     scores: list[float] = [float(piece.score) for piece in proto.pieces]
-    sentencepiece_size = len(tokens)
-    for entry in (model_dir.read_json("tokenizer.json") or {}).get("added_tokens", []):
-        token_id = entry["id"]
+    for token_id, added in sorted(added_tokens.items()):
         while len(tokens) <= token_id:
             tokens.append(None)
             types.append(T.UNUSED)
-            scores.append(-1000.0)
-        keeps_own_type = token_id < sentencepiece_size and tokens[token_id] == entry["content"] \
-            and types[token_id] != T.NORMAL
-        tokens[token_id] = entry["content"]
-        if not keeps_own_type:
-            types[token_id] = T.CONTROL if entry.get("special") else T.USER_DEFINED
+            scores.append(UNMERGED_SCORE)
+        tokens[token_id], types[token_id] = _sentencepiece_added_token(added, types[token_id])
+        scores[token_id] = UNMERGED_SCORE
     size = max(vocab_size, len(tokens))
-    scores.extend([-1000.0] * (size - len(scores)))
+    scores.extend([UNMERGED_SCORE] * (size - len(scores)))
     _pad_to(tokens, types, size)
     return tokens, types, scores, _adds_space_prefix(model_dir, proto)  # type: ignore[return-value]
+
+
+def _sentencepiece_added_token(added: Any, sentencepiece_type: int) -> tuple[str, int]:
+    """(text, type) of a Hugging Face added token in a SentencePiece GGUF vocabulary, as llama.cpp reads them.
+
+    llama.cpp matches CONTROL and USER_DEFINED tokens in the raw text before it escapes spaces to "▁" and merges
+    the rest, so a user-defined token is written with real spaces: Gemma's whitespace runs ("▁▁▁") would
+    otherwise never match, and the merges (which need not build them) decide instead."""
+    if added.special:
+        # the unknown piece stays UNKNOWN: llama.cpp splits text on it exactly as on a CONTROL token
+        return added.content, T.UNKNOWN if sentencepiece_type == T.UNKNOWN else T.CONTROL
+    return added.content.replace("\u2581", " "), T.USER_DEFINED
 
 
 def _adds_space_prefix(model_dir: HFModelDir, proto: Any) -> bool:
