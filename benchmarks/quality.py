@@ -63,12 +63,16 @@ def main(argv: list[str] | None = None) -> None:
 
     table = Table(title=f"quality of {model.name} variants (reference perplexity {report['reference_perplexity']:.3f}, "
                         f"{report['positions_scored']} positions, window {report['window']})")
-    for column in ("variant", "engine", "PPL", "PPL ratio", "KLD mean", "KLD p99", "same top-1", "RMS Δp", "gate",
-                   "eval s"):
+    for column in ("variant", "engine", "PPL", "PPL ratio [95%]", "KLD mean [95%]", "KLD p99", "same top-1",
+                   "RMS Δp", "gate", "eval s"):
         table.add_column(column)
     for v in report["variants"]:
-        table.add_row(v["name"], v["engine"], f"{v['perplexity']:.3f}", f"{v['ppl_ratio']:.4f}",
-                      f"{v['kld_mean']:.5f}", f"{v['kld_p99']:.4f}", f"{v['same_top1']:.1%}",
+        low, high = v["ppl_ratio_ci"]
+        kld_low, kld_high = v["kld_mean_ci"]
+        table.add_row(v["name"], v["engine"], f"{v['perplexity']:.3f}",
+                      f"{v['ppl_ratio']:.4f} [{low:.4f}, {high:.4f}]",
+                      f"{v['kld_mean']:.5f} [{kld_low:.5f}, {kld_high:.5f}]", f"{v['kld_p99']:.4f}",
+                      f"{v['same_top1']:.1%}",
                       f"{v['rms_delta_p']:.4f}", "pass" if v["passed"] else "FAIL", f"{v['seconds']:.1f}")
     console.print(table)
     for label, result in timings.items():

@@ -13,6 +13,10 @@ def _tps(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
+def _interval(bounds: list[float] | tuple[float, float]) -> str:
+    return f"[{bounds[0]:.4f}, {bounds[1]:.4f}]"
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     model, target, decision = report["model"], report["target"], report["decision"]
     quality, performance = report["quality"], {p["variant"]: p for p in report["performance"]}
@@ -35,12 +39,16 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"most {quality['gate']['max_kld']:g}"
         + (f", task accuracy at least {quality['gate']['min_task_accuracy']:.0%}"
            if quality['gate'].get('min_task_accuracy') is not None else "")
-        + f"; reference perplexity {quality['reference_perplexity']:.3f} over {quality['positions_scored']} "
-          f"positions (window {quality['window']}).",
+        + f"; judged on the upper ends of 95% intervals (a block bootstrap over the scored positions). Reference "
+          f"perplexity {quality['reference_perplexity']:.3f} over {quality['positions_scored']} positions (the "
+          f"second half of each {quality['window']}-token window, as llama.cpp's perplexity tool scores); the "
+          f"reference's probability mass outside its stored top {quality['top_k_stored']}: "
+          f"{quality['outside_top_k_mass']:.2%} on average.",
         "",
         "## Variants",
         "",
-        "| variant | engine | MiB on disk | PPL ratio | KLD mean | same top-1 | gate | memory MiB | decode t/s | "
+        "| variant | engine | MiB on disk | PPL ratio [95%] | KLD mean [95%] | same top-1 | gate | memory MiB | "
+        "decode t/s | "
         "verdict |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -50,7 +58,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         verdict = "**chosen**" if q["name"] == chosen else \
             f"{rejected[q['name']]['reason']}: {rejected[q['name']]['detail']}"
         lines.append(f"| {q['name']} | {p['engine']} | {_mib(report['variant_bytes'][q['name']])} | "
-                     f"{q['ppl_ratio']:.4f} | {q['kld_mean']:.4f} | {q['same_top1']:.1%} | "
+                     f"{q['ppl_ratio']:.4f} {_interval(q['ppl_ratio_ci'])} | {q['kld_mean']:.4f} "
+                     f"{_interval(q['kld_mean_ci'])} | {q['same_top1']:.1%} | "
                      f"{'pass' if q['passed'] else 'FAIL'} | {_mib(p['memory_bytes'])} | {_tps(p['decode_tps'])} | "
                      f"{verdict} |")
     for c in quality.get("crashed", []):

@@ -73,8 +73,12 @@ def key_value_table(title: str, rows: list[tuple[str, str]]) -> Table:
 def quality_table(report: QualityReport) -> Table:
     return table(
         f"quality vs {report.model.name} (reference perplexity {report.reference_perplexity:.3f}, "
-        f"{report.positions_scored} positions, window {report.window})",
-        ("variant", "engine", "PPL", "PPL ratio", "KLD mean", "KLD p99", "same top-1", "RMS Δp", "tasks", "gate"),
-        [(v.name, v.engine, f"{v.perplexity:.3f}", f"{v.ppl_ratio:.4f}", f"{v.kld_mean:.5f}", f"{v.kld_p99:.4f}",
+        f"{report.positions_scored} positions, the second half of each {report.window}-token window; the gate "
+        f"judges the upper ends of the 95% intervals)",
+        ("variant", "engine", "PPL", "PPL ratio [95%]", "KLD mean [95%]", "KLD p99", "same top-1", "RMS Δp", "tasks",
+         "gate"),
+        [(v.name, v.engine, f"{v.perplexity:.3f}",
+          f"{v.ppl_ratio:.4f} [{v.ppl_ratio_ci[0]:.4f}, {v.ppl_ratio_ci[1]:.4f}]",
+          f"{v.kld_mean:.5f} [{v.kld_mean_ci[0]:.5f}, {v.kld_mean_ci[1]:.5f}]", f"{v.kld_p99:.4f}",
           f"{v.same_top1:.1%}", f"{v.rms_delta_p:.4f}", "-" if v.task_accuracy is None else f"{v.task_accuracy:.0%}",
           "pass" if v.passed else "FAIL") for v in report.variants])

@@ -71,6 +71,8 @@ class VariantQuality:
     passed: bool
     reasons: tuple[str, ...]  # why it failed the gate (empty when it passed)
     seconds: float
+    ppl_ratio_ci: tuple[float, float]  # 95% interval (block bootstrap over the scored positions)
+    kld_mean_ci: tuple[float, float]  # 95% interval; the gate judges the upper ends of both
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,7 @@ class QualityReport:
     positions_scored: int
     window: int
     top_k_stored: int
+    outside_top_k_mass: float  # the reference's mean probability mass outside the stored top-k (KLD's blind spot)
     reference_perplexity: float
     reference_task_accuracy: float | None
     tasks: int

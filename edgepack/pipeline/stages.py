@@ -115,7 +115,7 @@ def quality_stage(stage: StageInput, variants: list[Variant], options: EvalOptio
     cache, model, force, gate, tasks = stage.cache, stage.model, stage.force, options.gate, options.tasks
     started = time.perf_counter()
     text = options.text
-    base = {"stage": "quality", "record": 2, "model": stage.fingerprint, "text": text_sha256(text),
+    base = {"stage": "quality", "record": 3, "model": stage.fingerprint, "text": text_sha256(text),
             "tasks": digest_of([asdict(t) for t in tasks] if tasks else None), "window": options.window,
             "versions": library_versions(QUALITY_LIBRARIES)}
     keys = {v.kind: digest_of({**base, "variant": v.sha256}) for v in variants}
@@ -149,7 +149,8 @@ def quality_stage(stage: StageInput, variants: list[Variant], options: EvalOptio
         data = dict(records[v.kind]["variant"])
         data["path"] = v.path
         data["name"] = v.kind
-        data["reasons"] = gate.reasons(data["ppl_ratio"], data["kld_mean"], data["task_accuracy"])
+        data["ppl_ratio_ci"], data["kld_mean_ci"] = tuple(data["ppl_ratio_ci"]), tuple(data["kld_mean_ci"])
+        data["reasons"] = gate.reasons(data["ppl_ratio_ci"][1], data["kld_mean_ci"][1], data["task_accuracy"])
         data["passed"] = not data["reasons"]
         gated.append(VariantQuality(**data))
     report = QualityReport(model=model, gate=gate.as_dict(), variants=tuple(gated), **shared, crashed=crashed)

@@ -15,11 +15,18 @@ from edgepack.core.errors import EngineCrashedError
 from edgepack.core.isolation import call_isolated, start_isolation
 from edgepack.core.progress import progress_bar, say
 from edgepack.quality.gate import Gate
-from edgepack.quality.metrics import ReferencePositions, perplexity, score_positions, summarise
+from edgepack.quality.metrics import (
+    ReferencePositions,
+    bootstrap_intervals,
+    perplexity,
+    score_positions,
+    summarise,
+)
 from edgepack.quality.reference import (
     DEFAULT_EVAL_TEXT,
     DEFAULT_TOP_K,
     EvalWindows,
+    first_scored,
     make_windows,
     reference_for,
     text_sha256,
@@ -80,8 +87,10 @@ def evaluate(model_path: Path, variant_paths: list[Path], options: EvalOptions |
     reference.close()
     del reference
     gc.collect()
+    outside = float(np.mean(np.exp(np.concatenate([p.rest_logmass for p in ref_positions]).astype(np.float64))))
     shared = {"eval_text_sha256": text_sha256(text), "eval_tokens": sum(len(w) for w in windows.windows),
               "positions_scored": windows.positions, "window": window, "top_k_stored": top_k,
+              "outside_top_k_mass": outside,
               "reference_perplexity": reference_ppl, "reference_task_accuracy": reference_accuracy,
               "tasks": len(tasks or [])}
 
@@ -96,13 +105,15 @@ def evaluate(model_path: Path, variant_paths: list[Path], options: EvalOptions |
             if show_progress:
                 say(f"{variant_name(path)}: CRASHED: {exc}")
             continue
-        reasons = gate.reasons(scored.ppl_ratio, scored.kld_mean, scored.task_accuracy)
+        reasons = gate.reasons(scored.ppl_ratio_ci[1], scored.kld_mean_ci[1], scored.task_accuracy)
         results.append(replace(scored, passed=not reasons, reasons=reasons))
         if on_variant is not None:
             on_variant(results[-1], shared)
         if show_progress:
             verdict = "pass" if results[-1].passed else "FAIL: " + "; ".join(reasons)
-            say(f"{results[-1].name}: mean KLD {scored.kld_mean:.4f}, PPL x{scored.ppl_ratio:.3f}: {verdict}")
+            say(f"{results[-1].name}: mean KLD {scored.kld_mean:.4f} [{scored.kld_mean_ci[0]:.4f}, "
+                f"{scored.kld_mean_ci[1]:.4f}], PPL x{scored.ppl_ratio:.3f} [{scored.ppl_ratio_ci[0]:.3f}, "
+                f"{scored.ppl_ratio_ci[1]:.3f}]: {verdict}")
     return QualityReport(model=Path(model_path), gate=gate.as_dict(), variants=tuple(results), **shared,
                          crashed=tuple(crashed))
 
@@ -115,13 +126,15 @@ def score_variant(path: Path, windows: EvalWindows, ref_positions: list[Referenc
     scores = []
     with progress_bar(f"{variant_name(path)} ({runtime.name})", len(windows.windows), show_progress) as advance:
         for tokens, positions in zip(windows.windows, ref_positions, strict=True):
-            scores.append(score_positions(positions, runtime.logits(tokens)[:-1]))
+            scores.append(score_positions(positions, runtime.logits(tokens)[first_scored(len(tokens)):-1]))
             advance(1)
     summary = summarise(scores)
+    intervals = bootstrap_intervals(np.concatenate([p.target_logprobs for p in ref_positions]), scores)
     accuracy = task_accuracy(runtime, tasks) if tasks else None
     runtime.close()
     return VariantQuality(
         name=variant_name(path), path=path, engine=runtime.name, perplexity=summary.perplexity,
         ppl_ratio=summary.perplexity / reference_ppl, kld_mean=summary.kld_mean, kld_p99=summary.kld_p99,
         same_top1=summary.same_top1, rms_delta_p=summary.rms_delta_p, task_accuracy=accuracy, passed=False,
-        reasons=(), seconds=time.perf_counter() - started)
+        reasons=(), seconds=time.perf_counter() - started, ppl_ratio_ci=intervals.ppl_ratio,
+        kld_mean_ci=intervals.kld_mean)

@@ -26,12 +26,16 @@ class Gate:
         return asdict(self)
 
     def reasons(self, ppl_ratio: float, kld_mean: float, task_accuracy: float | None) -> tuple[str, ...]:
-        """Why a variant fails (empty: it passes)."""
+        """Why a variant fails (empty: it passes). The quality stage passes the upper ends of the 95% intervals of
+        the perplexity ratio and the mean KL divergence: a variant passes only when it is within the limits with
+        that confidence, not when its measured mean happens to be."""
         failed = []
         if ppl_ratio - 1.0 > self.max_ppl_increase:
-            failed.append(f"perplexity +{(ppl_ratio - 1) * 100:.2f}% > +{self.max_ppl_increase * 100:.2f}% allowed")
+            failed.append(f"perplexity up to +{(ppl_ratio - 1) * 100:.2f}% (upper end of its 95% interval) > "
+                          f"+{self.max_ppl_increase * 100:.2f}% allowed")
         if kld_mean > self.max_kld:
-            failed.append(f"mean KL divergence {kld_mean:.4f} > {self.max_kld:.4f} allowed")
+            failed.append(f"mean KL divergence up to {kld_mean:.4f} (upper end of its 95% interval) > "
+                          f"{self.max_kld:.4f} allowed")
         if self.min_task_accuracy is not None and task_accuracy is not None \
                 and task_accuracy < self.min_task_accuracy:
             failed.append(f"task accuracy {task_accuracy:.1%} < {self.min_task_accuracy:.1%} required")

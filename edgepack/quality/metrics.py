@@ -100,3 +100,40 @@ def summarise(scores: list[PositionScores]) -> Summary:
         same_top1=float(np.concatenate([s.same_top1 for s in scores]).mean()),
         rms_delta_p=float(np.sqrt(np.mean(np.concatenate([s.target_delta_p for s in scores]) ** 2))),
     )
+
+
+BOOTSTRAP_BLOCK = 64  # positions per resampled block: neighbouring positions are not independent
+BOOTSTRAP_RESAMPLES = 2000
+
+
+@dataclass(frozen=True)
+class Intervals:
+    """95% confidence intervals, (low, high)."""
+
+    ppl_ratio: tuple[float, float]
+    kld_mean: tuple[float, float]
+
+
+def bootstrap_intervals(reference_target_logprobs: np.ndarray, scores: list[PositionScores],
+                        block: int = BOOTSTRAP_BLOCK, resamples: int = BOOTSTRAP_RESAMPLES,
+                        seed: int = 0) -> Intervals:
+    """A block bootstrap over the scored positions (in text order, cut into blocks of `block`): the 2.5th and 97.5th
+    percentiles of the perplexity ratio and the mean KL divergence over `resamples` resamplings of the blocks."""
+    variant = np.concatenate([s.target_logprobs for s in scores]).astype(np.float64)
+    kld = np.concatenate([s.kld for s in scores]).astype(np.float64)
+    reference = np.asarray(reference_target_logprobs, dtype=np.float64)
+    starts = np.arange(0, len(kld), block)
+    # per block: sum of (reference - variant) log-probabilities of the next token, sum of KLD, and its length
+    log_ratio = np.add.reduceat(reference - variant, starts)
+    kld_sum = np.add.reduceat(kld, starts)
+    counts = np.add.reduceat(np.ones_like(kld), starts)
+    picks = np.random.default_rng(seed).integers(0, len(starts), size=(resamples, len(starts)))
+    n = counts[picks].sum(axis=1)
+    ratios = np.exp(log_ratio[picks].sum(axis=1) / n)
+    means = kld_sum[picks].sum(axis=1) / n
+    return Intervals(ppl_ratio=_percentiles(ratios), kld_mean=_percentiles(means))
+
+
+def _percentiles(values: np.ndarray) -> tuple[float, float]:
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(low), float(high)

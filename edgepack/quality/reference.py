@@ -1,10 +1,11 @@
 """Reference logits of the original model over the evaluation text, computed once and cached.
 
 The text is tokenized once by the reference tokenizer and cut into windows of the context length (each begins
-with the tokens the tokenizer puts at the start of a text, e.g. BOS). Every position of a window predicts the
-next token of that window. Per position the cache keeps the top-k log-probabilities, the remaining mass and the
-log-probability of the actual next token: a few hundred bytes per position instead of the whole vocabulary.
-The cache key covers the weights (sha256 of every weight file), the text, the window and k.
+with the tokens the tokenizer puts at the start of a text, e.g. BOS). As llama.cpp's perplexity tool does, only the
+second half of each window is scored (`first_scored`): every scored token has at least half a window of context.
+Per scored position the cache keeps the top-k log-probabilities, the remaining mass and the log-probability of the
+actual next token: a few hundred bytes per position instead of the whole vocabulary. The cache key covers the
+weights (sha256 of every weight file), the text, the window and k.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from edgepack.core.errors import EdgepackError
 from edgepack.core.fileio import atomic_output_file, sha256_file
 from edgepack.quality.metrics import ReferencePositions, reference_positions
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the second half of each window
 DEFAULT_TOP_K = 32
 DEFAULT_EVAL_TEXT = Path(__file__).with_name("eval_text.txt")
 
@@ -33,7 +34,13 @@ class EvalWindows:
 
     @property
     def positions(self) -> int:
-        return sum(len(w) - 1 for w in self.windows)
+        """Positions scored: from first_scored to the last but one of each window."""
+        return sum(len(w) - 1 - first_scored(len(w)) for w in self.windows)
+
+
+def first_scored(window_length: int) -> int:
+    """The first position of a window whose prediction is scored (its logits predict the token after it)."""
+    return window_length // 2
 
 
 def read_eval_text(path: Path | None) -> str | None:
@@ -51,7 +58,7 @@ def make_windows(runtime, text: str, window: int) -> EvalWindows:
     body = runtime.tokenize(text, add_special=False)
     step = window - len(start)
     windows = tuple(tuple(start + body[i:i + step]) for i in range(0, len(body), step))
-    return EvalWindows(tuple(w for w in windows if len(w) >= 2))
+    return EvalWindows(tuple(w for w in windows if len(w) - 1 - first_scored(len(w)) >= 1))
 
 
 def model_fingerprint(model_path: Path) -> str:
@@ -84,8 +91,9 @@ def reference_for(runtime, model_path: Path, text: str, windows: EvalWindows, wi
                 return [ReferencePositions(*(data[f"{name}{i}"] for name in _FIELDS)) for i in range(len(stored))]
     computed = []
     for tokens in windows.windows:
-        logits = runtime.logits(tokens)[:-1]
-        computed.append(reference_positions(logits, np.asarray(tokens[1:]), top_k))
+        first = first_scored(len(tokens))
+        logits = runtime.logits(tokens)[first:-1]
+        computed.append(reference_positions(logits, np.asarray(tokens[first + 1:]), top_k))
         if on_window is not None:
             on_window()
     arrays = {"count": np.asarray(len(computed))}

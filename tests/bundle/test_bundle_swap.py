@@ -43,9 +43,10 @@ def tiny_request(out_dir: Path, variant_file: Path, build_key: str) -> BundleReq
     report = {
         "model": model, "target": to_json_dict(target), "context": 64, "build_host": "the test machine",
         "quality": {"gate": {"max_ppl_increase": 0.1, "max_kld": 0.1}, "reference_perplexity": 9.5,
-                    "positions_scored": 63, "window": 64, "crashed": [],
+                    "positions_scored": 31, "window": 64, "top_k_stored": 32, "outside_top_k_mass": 0.004,
+                    "crashed": [],
                     "variants": [{"name": KIND, "ppl_ratio": 1.01, "kld_mean": 0.01, "same_top1": 0.95,
-                                  "passed": True}]},
+                                  "ppl_ratio_ci": [1.0, 1.02], "kld_mean_ci": [0.008, 0.012], "passed": True}]},
         "performance": [{"variant": KIND, "engine": "llamacpp", "memory_bytes": 2**20, "decode_tps": 50.0,
                          "basis": "measured"}],
         "host_measurements": {"memory_bandwidth_gbps": 10.0, "variants": [], "notes": []},

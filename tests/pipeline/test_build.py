@@ -231,7 +231,8 @@ def test_nothing_passing_the_gate_exits_5(host_build, stories_dir, build_env, tm
                          str(tmp_path), "--force"], build_env, check=False)  # --force: scored anew, with its line
     assert done.returncode == 5, done.stderr
     assert "no variant passes the quality gate; the closest is gguf-q4_k_m" in done.stderr
-    assert re.search(r"gguf-q4_k_m: mean KLD [0-9.]+, PPL x[0-9.]+: FAIL: mean KL divergence", done.stderr), done.stderr
+    assert re.search(r"gguf-q4_k_m: mean KLD [0-9.]+ \[[0-9., ]+\], PPL x[0-9.]+ \[[0-9., ]+\]: FAIL: mean KL "
+                     r"divergence up to [0-9.]+ \(upper end of its 95% interval\)", done.stderr), done.stderr
 
 
 def test_a_build_killed_midway_resumes_and_never_leaves_a_bundle_that_verifies(stories_dir, tmp_path: Path):

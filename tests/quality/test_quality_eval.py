@@ -33,8 +33,13 @@ def test_full_precision_variants_match_the_reference(tiny_model, tiny_variants):
     for name in ("gguf-q4_k_m", "onnx-int4"):  # quantized: on the same scale, and visibly worse
         assert by_name[name].kld_mean > 10 * by_name["gguf-f32"].kld_mean
         assert by_name[name].rms_delta_p > by_name["gguf-f32"].rms_delta_p
-    windows = -(-report.eval_tokens // 64)  # every window is full but the last
-    assert report.window == 64 and report.positions_scored == report.eval_tokens - windows
+    # the second half of each window is scored (as llama.cpp's perplexity tool does): of a full window of 64
+    # tokens, the predictions made at positions 32..62; the last window is shorter
+    full, last = divmod(report.eval_tokens, 64)
+    assert report.window == 64 and report.positions_scored == full * (64 - 1 - 32) + max(0, last - 1 - last // 2)
+    for name in ("gguf-f32", "gguf-q4_k_m"):
+        low, high = by_name[name].kld_mean_ci
+        assert low <= by_name[name].kld_mean <= high and high - low < by_name[name].kld_mean + 1e-3
 
 
 def test_reference_is_computed_once_per_model_and_text(tiny_model, tiny_variants, monkeypatch, tmp_path):

@@ -72,8 +72,29 @@ def test_gate_reasons_and_fractions():
     assert gate.reasons(1.049, 0.049, 0.8) == ()
     reasons = gate.reasons(1.07, 0.06, 0.5)
     assert len(reasons) == 3
-    assert "perplexity +7.00% > +5.00% allowed" in reasons[0]
-    assert "0.0600 > 0.0500" in reasons[1] and "50.0% < 80.0%" in reasons[2]
+    assert "perplexity up to +7.00% (upper end of its 95% interval) > +5.00% allowed" in reasons[0]
+    assert "up to 0.0600 (upper end of its 95% interval) > 0.0500" in reasons[1] and "50.0% < 80.0%" in reasons[2]
     assert Gate().reasons(1.01, 0.01, None) == ()
     with pytest.raises(EdgepackError, match="not a number or a percentage"):
         parse_fraction("five", "--max-ppl-increase")
+
+
+def test_bootstrap_intervals_match_the_normal_approximation_on_independent_positions():
+    """On independent positions the block bootstrap's 95% interval of a mean is about mean ± 1.96·σ/√n (the
+    central limit theorem); with no spread it collapses to the value itself."""
+    from edgepack.quality.metrics import PositionScores, bootstrap_intervals
+
+    rng = np.random.default_rng(3)
+    n, sigma = 8192, 0.02
+    kld = np.abs(rng.normal(0.05, sigma, n))
+    reference = rng.normal(-2.0, 0.5, n)
+    variant = reference - 0.01  # every position 0.01 nats less likely: PPL ratio exactly e^0.01
+    scores = [PositionScores(kld=kld[i:i + 1000], same_top1=np.ones(len(kld[i:i + 1000]), bool),
+                             target_logprobs=variant[i:i + 1000], target_delta_p=np.zeros(len(kld[i:i + 1000])))
+              for i in range(0, n, 1000)]
+    intervals = bootstrap_intervals(reference, scores)
+    low, high = intervals.kld_mean
+    half_width = 1.96 * kld.std() / math.sqrt(n)
+    assert low < kld.mean() < high
+    assert (high - low) / 2 == pytest.approx(half_width, rel=0.25)
+    assert intervals.ppl_ratio == pytest.approx((math.exp(0.01), math.exp(0.01)), rel=1e-9)
