@@ -27,6 +27,8 @@ class ConvertOptions:
     show_progress: bool = True
     int8_isa: Int8Isa | None = None  # onnx-int8: the target's integer kernels; None detects this machine's
     int4_block_size: int = 32  # onnx-int4: weights per quantization block
+    imatrix: bool = True  # gguf quantized kinds: weight the rounding by an importance matrix computed here
+    calibration_text: str | None = None  # the text the importance matrix is computed on; None: the built-in one
 
 
 class Converter(Protocol):

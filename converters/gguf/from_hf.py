@@ -66,6 +66,13 @@ def unpermute_from_interleaved_rope(weight: torch.Tensor, n_heads: int) -> torch
             .reshape(weight.shape))
 
 
+def gguf_tensor_name(hf_name: str, arch: Architecture, name_map: gguf.TensorNameMap) -> str | None:
+    """The name our converter writes the HF tensor `hf_name` under (blk.0.attn_q.weight for
+    model.layers.0.self_attn.q_proj.weight); None when it has none. `name_map`: gguf.get_tensor_name_map of the
+    architecture and layer count."""
+    return arch.extra_renames.get(hf_name) or name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+
+
 def plan_tensors(model: HFModelDir, arch: Architecture, hp: HParams, outtype: str) -> list[PlannedTensor]:
     target_type = FLOAT_OUTPUT_TYPES[outtype][0]
     name_map = gguf.get_tensor_name_map(arch.gguf_arch, hp.num_layers)
@@ -76,7 +83,7 @@ def plan_tensors(model: HFModelDir, arch: Architecture, hp: HParams, outtype: st
             continue
         if hf_name == "lm_head.weight" and hp.tie_embeddings:
             continue  # llama.cpp reuses token_embd when the output tensor is absent
-        gguf_name = arch.extra_renames.get(hf_name) or name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        gguf_name = gguf_tensor_name(hf_name, arch, name_map)
         if gguf_name is None:
             unknown.append(hf_name)
             continue

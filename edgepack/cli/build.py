@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from edgepack.cli.convert import imatrix_choice, imatrix_options
 from edgepack.cli.quality import gate_options
 from edgepack.cli.rendering import print_json, stdout_console, table
 from edgepack.core.artifacts import to_json_dict
@@ -28,6 +29,7 @@ from edgepack.select import PREFERENCES
               help="JSONL of {prompt|messages, expected, match} for the gate's task accuracy.")
 @click.option("--eval-text", type=click.Path(path_type=Path), default=None, help="Evaluation text for the gate.")
 @click.option("--prefer", type=click.Choice(PREFERENCES), default="speed", show_default=True)
+@imatrix_options
 @click.option("--offline-wheels", is_flag=True, help="Carry the target's wheels and an install.sh in the bundle.")
 @click.option("--threads", type=int, default=None, help="Threads for measuring here (default: physical cores).")
 @click.option("--force", is_flag=True, help="Recompute every stage instead of using the cache.")
@@ -35,7 +37,8 @@ from edgepack.select import PREFERENCES
 def build(model: Path | None, target_name: str | None, profile_file: Path | None, out_dir: Path,
           formats: str | None, context: int | None, max_ppl_increase: str, max_kld: float,
           min_task_accuracy: str | None, tasks_file: Path | None, eval_text: Path | None, prefer: str,
-          offline_wheels: bool, threads: int | None, force: bool, as_json: bool) -> None:
+          no_imatrix: bool, calibration_file: Path | None, offline_wheels: bool, threads: int | None, force: bool,
+          as_json: bool) -> None:
     """Build the best bundle of MODEL (default: the demo student) for a target: convert, check quality, measure
     or predict, select, bundle. Exit 5: no variant passes the gate; exit 6: none fits the memory budget."""
     from edgepack.measure.targets import resolve_target
@@ -47,11 +50,13 @@ def build(model: Path | None, target_name: str | None, profile_file: Path | None
     from edgepack.student import resolve_model
 
     target = resolve_target(target_name, profile_file)
+    imatrix, calibration_text = imatrix_choice(no_imatrix, calibration_file)
     options = BuildOptions(out_dir=out_dir, formats=parse_formats(formats), context=context,
                            gate=Gate.from_options(max_ppl_increase, max_kld, min_task_accuracy),
                            tasks=tuple(load_tasks(tasks_file)) if tasks_file else (),
                            eval_text=read_eval_text(eval_text), prefer=prefer,  # type: ignore[arg-type]
-                           offline_wheels=offline_wheels, force=force, threads=threads)
+                           imatrix=imatrix, calibration_text=calibration_text, offline_wheels=offline_wheels,
+                           force=force, threads=threads)
     result = run_build(resolve_model(model), target, options)
     if as_json:
         print_json({"bundle": str(result.bundle.directory), "archive": str(result.bundle.archive),

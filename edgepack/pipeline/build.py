@@ -40,6 +40,8 @@ class BuildOptions:
     gate: Gate = field(default_factory=Gate)
     tasks: tuple[Task, ...] = ()
     eval_text: str | None = None
+    imatrix: bool = True  # GGUF quantized kinds with an importance matrix (the IQ kinds need one)
+    calibration_text: str | None = None  # the importance matrix's text; None: the built-in one
     prefer: Preference = "speed"
     offline_wheels: bool = False
     force: bool = False
@@ -124,7 +126,8 @@ def build(model: Path, target: TargetProfile, options: BuildOptions | None = Non
 
     say(f"[2/5] convert: {', '.join(kinds)}")
     convert_options = ConvertOptions(allow_pickle=options.allow_pickle, show_progress=options.show_progress,
-                                     int8_isa=target.int8_isa)
+                                     int8_isa=target.int8_isa, imatrix=options.imatrix,
+                                     calibration_text=options.calibration_text)
     variants, convert_run = convert_stage(stage, kinds, convert_options)
 
     say("[3/5] quality against the original model")

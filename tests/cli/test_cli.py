@@ -36,6 +36,26 @@ def test_convert_error_exit_code_and_message(tmp_path):
     assert "has no tokenizer" in result.stderr
 
 
+def test_convert_imatrix_options(tiny_model, tmp_path):
+    """The IQ kinds refuse --no-imatrix; --calibration-text goes with the importance matrix, not without it."""
+    from edgepack.cli.convert import imatrix_choice
+    from edgepack.core.errors import EdgepackError
+
+    refused = edgepack("convert", str(tiny_model("llama-bpe")), "--to", "gguf-iq3_m", "--no-imatrix", "--out",
+                       str(tmp_path / "iq"))
+    assert refused.returncode == 2
+    assert "gguf-iq3_m needs an importance matrix" in refused.stderr and "drop --no-imatrix" in refused.stderr
+
+    (tmp_path / "calibration.txt").write_text("Some calibration text.", encoding="utf-8")
+    assert imatrix_choice(False, tmp_path / "calibration.txt") == (True, "Some calibration text.")
+    assert imatrix_choice(False, None) == (True, None)  # the built-in text
+    assert imatrix_choice(True, None) == (False, None)
+    with pytest.raises(EdgepackError, match="give one or the other"):
+        imatrix_choice(True, tmp_path / "calibration.txt")
+    with pytest.raises(EdgepackError, match="does not exist"):
+        imatrix_choice(False, tmp_path / "missing.txt")
+
+
 def test_inspect_gguf_and_model(tiny_model, tmp_path):
     edgepack("convert", str(tiny_model("llama-spm")), "--to", "gguf-q4_k_m", "--out", str(tmp_path))
     result = edgepack("inspect", str(tmp_path / "gguf-q4_k_m.gguf"), "--json")
