@@ -125,6 +125,7 @@ def test_an_offline_bundle_installs_with_no_network_and_answers_a_completion(
 
 
 @pytest.mark.slow
+@pytest.mark.wheelhouse
 def test_wheels_for_jetson_carry_llama_cpp_as_source_with_its_build_command(package_index, tmp_path: Path):
     from edgepack.bundle.wheels import download_wheels, install_script
     from edgepack.measure.targets import resolve_target
