@@ -15,6 +15,14 @@ CONTEXT = 256
 MESSAGES = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "Say hello to the sea."}]
 
 
+def wait_until(condition, seconds: float, message: str, poll_s: float = 0.02) -> None:
+    """Poll `condition()` until it holds; fail with `message` after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, message
+        time.sleep(poll_s)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from cli_runner import wait_until_healthy
-from serving_helpers import MESSAGES, MODEL_ID, GatedModel, free_port, open_model
+from serving_helpers import MESSAGES, MODEL_ID, GatedModel, free_port, open_model, wait_until
 
 from edgepack.serve.app import ServerConfig, start_server_thread
 from edgepack.serve.model import LocalModel
@@ -206,10 +206,8 @@ def test_twenty_clients_that_hang_up_at_once_free_the_server_within_a_second(ser
     running, model = serve(cls=GatedModel, max_queue=32)
     model.gate.set()
     sockets = [open_stream(running.url) for _ in range(20)]
-    deadline = time.monotonic() + 10
-    while in_flight(running.url) < 20:  # one generating, nineteen waiting for the engine
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    # one generating, nineteen waiting for the engine
+    wait_until(lambda: in_flight(running.url) >= 20, 10, "the twenty requests were not all admitted")
     for connection in sockets:
         connection.close()
     closed = time.monotonic()
@@ -232,15 +230,9 @@ def test_a_client_that_leaves_a_whole_answer_cancels_its_generation(serve):
     with socket.create_connection((host, int(port)), timeout=10) as connection:
         connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                            b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
-        deadline = time.monotonic() + 10
-        while in_flight(running.url) == 0:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_until(lambda: in_flight(running.url) > 0, 10, "the request was never admitted")
         time.sleep(0.1)  # a few tokens (the gated model paces them 20 ms apart)
-    deadline = time.monotonic() + 10
-    while not model.finished:
-        assert time.monotonic() < deadline, "the generation went on after its client left"
-        time.sleep(0.02)
+    wait_until(lambda: model.finished, 10, "the generation went on after its client left")
     reason, made = model.finished[0]
     assert reason == "cancelled" and made < 200
     assert in_flight(running.url) == 0

@@ -13,7 +13,7 @@ from dataclasses import replace
 import httpx
 import openai
 import pytest
-from serving_helpers import CONTEXT, MESSAGES, MODEL_ID, GatedModel, open_model
+from serving_helpers import CONTEXT, MESSAGES, MODEL_ID, GatedModel, open_model, wait_until
 
 from edgepack.serve.app import ServerConfig, start_server_thread
 from edgepack.serve.model import LocalModel
@@ -303,10 +303,7 @@ def test_a_client_that_disconnects_mid_stream_stops_its_generation(tiny_gguf):
             for line in r.iter_lines():
                 if line.startswith("data: {"):
                     break  # one token, then hang up
-        deadline = time.monotonic() + 10
-        while not model.finished:
-            assert time.monotonic() < deadline, "the generation did not stop after the client left"
-            time.sleep(0.05)
+        wait_until(lambda: model.finished, 10, "the generation did not stop after the client left")
         reason, made = model.finished[0]
         assert reason == "cancelled" and made < 100
         # the engine is free again
