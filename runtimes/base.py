@@ -109,6 +109,11 @@ class Runtime(ABC):
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """Logits at every position of `token_ids`, shape [len, vocab], float32."""
 
+    def logits_from(self, token_ids: Sequence[int], start: int) -> np.ndarray:
+        """Logits at positions `start`.. of `token_ids`, shape [len - start, vocab]. Engines may compute only those
+        rows, and reuse what they kept of a previous call's shared prefix (many scoring calls share one)."""
+        return self.logits(token_ids)[start:]
+
     @abstractmethod
     def memory_bytes(self) -> int:
         """Bytes the engine holds for this model: weights plus its KV cache."""

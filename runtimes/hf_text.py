@@ -24,6 +24,9 @@ class HFTokenizerText:
     def detokenize(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
+    def has_chat_template(self) -> bool:
+        return bool(self.tokenizer.chat_template)
+
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         if not self.tokenizer.chat_template:
             raise EdgepackError(f"{self.path.name} has no chat template; use a plain prompt instead of chat")

@@ -101,6 +101,7 @@ class LlamaCppRuntime(Runtime):
         self._n_batch = self.llm.n_batch
         self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
         self._n_past = 0
+        self._kept: list[int] = []  # the tokens in the KV cache after a logits call (a prefix the next can reuse)
         self.eos_token_ids = frozenset(t for t in range(self._n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, t))
         template = llama_cpp.llama_model_chat_template(self._model, None)
         self._chat_template = template.decode("utf-8") if template else None
@@ -140,31 +141,36 @@ class LlamaCppRuntime(Runtime):
 
     # -- computing ------------------------------------------------------------------------------
 
-    def _decode(self, token_ids: Sequence[int], all_logits: bool) -> None:
+    def _decode(self, token_ids: Sequence[int], logits_from: int | None = None) -> Iterator[np.ndarray]:
+        """Append `token_ids` to the sequence; yields the logits of the positions from `logits_from` on (absolute
+        positions) chunk by chunk, or, with None, keeps only the last position's (read with _last_logits)."""
         import llama_cpp
 
         batch = self._batch
         for start in range(0, len(token_ids), self._n_batch):
             chunk = token_ids[start:start + self._n_batch]
             batch.n_tokens = len(chunk)
+            wanted = 0
             for i, token in enumerate(chunk):
                 batch.token[i] = token
                 batch.pos[i] = self._n_past + i
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = 0
-                batch.logits[i] = all_logits or i == len(chunk) - 1
+                batch.logits[i] = (self._n_past + i >= logits_from) if logits_from is not None else i == len(chunk) - 1
+                wanted += batch.logits[i]
             if llama_cpp.llama_decode(self._ctx, batch) != 0:
                 raise EdgepackError(f"llama.cpp failed to decode {len(chunk)} tokens at position {self._n_past}")
             self._n_past += len(chunk)
-            if all_logits:
+            if logits_from is not None and wanted:
                 yield np.ctypeslib.as_array(llama_cpp.llama_get_logits(self._ctx),
-                                            shape=(len(chunk), self._n_vocab)).copy()
+                                            shape=(wanted, self._n_vocab)).copy()
 
     def _reset(self) -> None:
         import llama_cpp
 
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
         self._n_past = 0
+        self._kept = []
 
     def _last_logits(self) -> np.ndarray:
         import llama_cpp
@@ -174,19 +180,38 @@ class LlamaCppRuntime(Runtime):
 
     def _prefill(self, prompt_ids: Sequence[int]) -> np.ndarray:
         self._reset()
-        for _ in self._decode(list(prompt_ids), all_logits=False):
+        for _ in self._decode(list(prompt_ids)):
             pass
         return self._last_logits()
 
     def _step(self, token_id: int) -> np.ndarray:
-        for _ in self._decode([token_id], all_logits=False):
+        for _ in self._decode([token_id]):
             pass
         return self._last_logits()
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        return self.logits_from(token_ids, 0)
+
+    def logits_from(self, token_ids: Sequence[int], start: int) -> np.ndarray:
+        """Only the rows from `start` are computed, and the KV cache of the prefix this call shares with the previous
+        logits call is kept (up to `start`: rows asked for are always computed anew)."""
+        import llama_cpp
+
         self.check_prompt_fits(token_ids, 0)
-        self._reset()
-        return np.concatenate(list(self._decode(list(token_ids), all_logits=True)), axis=0)
+        token_ids = list(token_ids)
+        shared = 0
+        for kept, token in zip(self._kept, token_ids[:start], strict=False):
+            if kept != token:
+                break
+            shared += 1
+        if shared and llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx), 0, shared, -1):
+            self._n_past = shared
+        else:
+            self._reset()
+            shared = 0
+        rows = np.concatenate(list(self._decode(token_ids[shared:], logits_from=start)), axis=0)
+        self._kept = token_ids
+        return rows
 
     def memory_bytes(self) -> int:
         import llama_cpp

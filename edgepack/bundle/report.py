@@ -37,6 +37,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                                f"({report['build_host']}); each row's basis is below") + ".",
         f"- Quality gate: perplexity may rise at most {quality['gate']['max_ppl_increase']:.1%}, mean KL divergence at "
         f"most {quality['gate']['max_kld']:g}"
+        + (f", KL divergence on the reference's answers at most {quality['gate']['max_answer_kld']:g}, and no "
+           f"variant right on significantly fewer checkable prompts than the reference (McNemar's test, "
+           f"α={quality['gate']['correctness_alpha']:g})" if quality.get("behaviour_prompts") else "")
         + (f", task accuracy at least {quality['gate']['min_task_accuracy']:.0%}"
            if quality['gate'].get('min_task_accuracy') is not None else "")
         + f"; judged on the upper ends of 95% intervals (a block bootstrap over the scored positions). Reference "
@@ -67,6 +70,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                      f"crashed in the {c['stage']} stage: {c['cause']} |")
     for c in quality.get("crashed", []):
         lines += ["", f"`{c['name']}` was not shipped: {c['detail']}"]
+    lines += behaviour_section(quality)
     lines += ["", "## How the memory and speed figures were obtained", ""]
     for q in quality["variants"]:
         lines.append(f"- `{q['name']}`: {performance[q['name']]['basis']}.")
@@ -97,3 +101,37 @@ def render_markdown(report: dict[str, Any]) -> str:
     if target.get("notes"):
         lines += ["", f"Target notes: {target['notes']}"]
     return "\n".join(lines) + "\n"
+
+
+def _quoted(text: str, limit: int = 160) -> str:
+    """An answer in a table cell: one line, pipes escaped, cut at `limit` characters."""
+    flat = " ".join(text.split()).replace("|", "\\|")
+    return (flat[:limit] + "…" if len(flat) > limit else flat) or "(nothing)"
+
+
+def behaviour_section(quality: dict[str, Any]) -> list[str]:
+    """The variants' answers to the behaviour prompts, and a few answers that differ, side by side."""
+    rows = [(q["name"], q["behaviour"]) for q in quality["variants"] if q.get("behaviour")]
+    if not rows:
+        return []
+    lines = ["", "## Answers to the behaviour prompts", "",
+             f"The reference answered {quality['behaviour_prompts']} prompts greedily "
+             f"({quality['behaviour_checkable']} with a checkable answer, {quality['reference_behaviour_correct']} "
+             "of them right). Each variant was "
+             "teacher-forced on those answers (KL divergence and same top-1 on the answer tokens) and answered anew "
+             "where its most likely token first differed.", "",
+             "| variant | same answer | right | lost / gained | McNemar p | answer KLD [95%] | answer top-1 |",
+             "|---|---|---|---|---|---|---|"]
+    for name, b in rows:
+        lines.append(f"| {name} | {b['identical']}/{b['prompts']} | {b['correct']}/{b['checkable']} | "
+                     f"{b['only_reference_correct']} / {b['only_variant_correct']} | {b['mcnemar_p']:.3g} | "
+                     f"{b['answer_kld_mean']:.4f} {_interval(b['answer_kld_ci'])} | {b['answer_same_top1']:.1%} |")
+    for name, b in rows:
+        if not b["differences"]:
+            continue
+        lines += ["", f"Where `{name}` answers differently:", "", f"| prompt | reference | {name} |", "|---|---|---|"]
+        for d in b["differences"]:
+            lines.append(f"| {_quoted(d['prompt'], 100)} | {_quoted(d['reference'])} | {_quoted(d['variant'])} |")
+    if quality.get("behaviour_skipped"):
+        lines += ["", f"Left out: {'; '.join(quality['behaviour_skipped'])}."]
+    return lines

@@ -26,7 +26,7 @@ from edgepack.select import PREFERENCES
 @click.option("--context", type=int, default=None, help="Context the server allocates (default: model's, max 4096).")
 @gate_options
 @click.option("--tasks", "tasks_file", type=click.Path(path_type=Path), default=None,
-              help="JSONL of {prompt|messages, expected, match} for the gate's task accuracy.")
+              help="JSONL of {prompt|messages, expected, match}: your own prompts, for the gate's task accuracy.")
 @click.option("--eval-text", type=click.Path(path_type=Path), default=None, help="Evaluation text for the gate.")
 @click.option("--prefer", type=click.Choice(PREFERENCES), default="speed", show_default=True)
 @imatrix_options
@@ -35,8 +35,8 @@ from edgepack.select import PREFERENCES
 @click.option("--force", is_flag=True, help="Recompute every stage instead of using the cache.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def build(model: Path | None, target_name: str | None, profile_file: Path | None, out_dir: Path,
-          formats: str | None, context: int | None, max_ppl_increase: str, max_kld: float,
-          min_task_accuracy: str | None, tasks_file: Path | None, eval_text: Path | None, prefer: str,
+          formats: str | None, context: int | None, gate, behaviour: bool, tasks_file: Path | None,
+          eval_text: Path | None, prefer: str,
           no_imatrix: bool, calibration_file: Path | None, offline_wheels: bool, threads: int | None, force: bool,
           as_json: bool) -> None:
     """Build the best bundle of MODEL (default: the demo student) for a target: convert, check quality, measure
@@ -44,7 +44,6 @@ def build(model: Path | None, target_name: str | None, profile_file: Path | None
     from edgepack.measure.targets import resolve_target
     from edgepack.pipeline.build import BuildOptions, parse_formats
     from edgepack.pipeline.build import build as run_build
-    from edgepack.quality.gate import Gate
     from edgepack.quality.reference import read_eval_text
     from edgepack.quality.tasks import load_tasks
     from edgepack.student import resolve_model
@@ -52,8 +51,7 @@ def build(model: Path | None, target_name: str | None, profile_file: Path | None
     target = resolve_target(target_name, profile_file)
     imatrix, calibration_text = imatrix_choice(no_imatrix, calibration_file)
     options = BuildOptions(out_dir=out_dir, formats=parse_formats(formats), context=context,
-                           gate=Gate.from_options(max_ppl_increase, max_kld, min_task_accuracy),
-                           tasks=tuple(load_tasks(tasks_file)) if tasks_file else (),
+                           gate=gate, behaviour=behaviour, tasks=tuple(load_tasks(tasks_file)) if tasks_file else (),
                            eval_text=read_eval_text(eval_text), prefer=prefer,  # type: ignore[arg-type]
                            imatrix=imatrix, calibration_text=calibration_text, offline_wheels=offline_wheels,
                            force=force, threads=threads)

@@ -82,3 +82,19 @@ def quality_table(report: QualityReport) -> Table:
           f"{v.kld_mean:.5f} [{v.kld_mean_ci[0]:.5f}, {v.kld_mean_ci[1]:.5f}]", f"{v.kld_p99:.4f}",
           f"{v.same_top1:.1%}", f"{v.rms_delta_p:.4f}", "-" if v.task_accuracy is None else f"{v.task_accuracy:.0%}",
           "pass" if v.passed else "FAIL") for v in report.variants])
+
+
+def behaviour_table(report: QualityReport) -> Table | None:
+    """The variants' answers to the behaviour prompts; None when none were asked."""
+    rows = [(v.name, f"{b.identical}/{b.prompts} ({b.identical_share:.0%})",
+             f"{b.correct}/{b.checkable} (reference {b.reference_correct})", f"-{b.only_reference_correct} "
+             f"+{b.only_variant_correct}, p={b.mcnemar_p:.3g}",
+             f"{b.answer_kld_mean:.4f} [{b.answer_kld_ci[0]:.4f}, {b.answer_kld_ci[1]:.4f}]",
+             f"{b.answer_same_top1:.1%}",
+             "-" if b.median_first_divergence is None else f"{b.median_first_divergence:g}")
+            for v in report.variants if (b := v.behaviour) is not None]
+    if not rows:
+        return None
+    return table(f"answers to {report.behaviour_prompts} behaviour prompts vs the reference's greedy answers",
+                 ("variant", "same answer", "right", "lost/gained (McNemar)", "answer KLD [95%]", "answer top-1",
+                  "first divergence (median token)"), rows)

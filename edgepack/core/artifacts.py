@@ -55,6 +55,47 @@ class Variant:
 
 
 @dataclass(frozen=True)
+class AnswerDifference:
+    """One prompt whose greedy answer from a variant differs from the reference's."""
+
+    id: str
+    prompt: str  # the last user message
+    reference: str
+    variant: str
+    first_divergence: int  # the answer token where the variant's most likely token first differs
+
+
+@dataclass(frozen=True)
+class BehaviourQuality:
+    """A variant's answers to the behaviour prompts against the reference's greedy answers."""
+
+    prompts: int
+    identical: int  # prompts answered with the reference's text, to the letter
+    answer_tokens: int  # reference answer tokens teacher-forced
+    answer_kld_mean: float  # KL divergence from the reference per answer token
+    answer_kld_ci: tuple[float, float]  # 95% interval (bootstrap over prompts); the gate judges the upper end
+    answer_same_top1: float  # share of answer tokens whose most likely token is the reference's
+    median_first_divergence: float | None  # answer token where the variant's greedy choice first differs, over
+    # the prompts where it does (the text may still come out the same, spelled with other tokens)
+    checkable: int  # prompts with an answer to check
+    correct: int  # of those, answered right by the variant
+    reference_correct: int  # ... and by the reference
+    only_reference_correct: int  # McNemar's discordant pairs: the reference right, the variant wrong
+    only_variant_correct: int
+    mcnemar_p: float  # one-sided exact p of the variant being right less often than the reference
+    differences: tuple[AnswerDifference, ...]  # a few, for the report
+
+    @property
+    def identical_share(self) -> float:
+        return self.identical / self.prompts if self.prompts else 1.0
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BehaviourQuality:
+        return cls(**{**data, "answer_kld_ci": tuple(data["answer_kld_ci"]),
+                      "differences": tuple(AnswerDifference(**d) for d in data["differences"])})
+
+
+@dataclass(frozen=True)
 class VariantQuality:
     """One variant measured against the reference logits of the original model."""
 
@@ -73,6 +114,7 @@ class VariantQuality:
     seconds: float
     ppl_ratio_ci: tuple[float, float]  # 95% interval (block bootstrap over the scored positions)
     kld_mean_ci: tuple[float, float]  # 95% interval; the gate judges the upper ends of both
+    behaviour: BehaviourQuality | None = None  # None: no behaviour prompts (a model without a chat template)
 
 
 @dataclass(frozen=True)
@@ -101,6 +143,10 @@ class QualityReport:
     gate: dict[str, float | None]
     variants: tuple[VariantQuality, ...]
     crashed: tuple[CrashedVariant, ...] = ()  # scored by nobody: their engine crashed
+    behaviour_prompts: int = 0  # built-in behaviour prompts and the user's tasks, as answered by the reference
+    behaviour_checkable: int = 0
+    reference_behaviour_correct: int = 0
+    behaviour_skipped: tuple[str, ...] = ()  # prompts left out, with why (e.g. longer than the context)
 
     @property
     def passing(self) -> tuple[VariantQuality, ...]:

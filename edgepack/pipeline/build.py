@@ -39,6 +39,7 @@ class BuildOptions:
     context: int | None = None  # the context the server allocates; default min(model's, 4096)
     gate: Gate = field(default_factory=Gate)
     tasks: tuple[Task, ...] = ()
+    behaviour: bool = True  # the built-in behaviour prompts, for a model with a chat template
     eval_text: str | None = None
     imatrix: bool = True  # GGUF quantized kinds with an importance matrix (the IQ kinds need one)
     calibration_text: str | None = None  # the importance matrix's text; None: the built-in one
@@ -132,7 +133,8 @@ def build(model: Path, target: TargetProfile, options: BuildOptions | None = Non
 
     say("[3/5] quality against the original model")
     quality, quality_run = quality_stage(stage, variants, EvalOptions(
-        eval_text=options.eval_text, tasks=options.tasks, gate=options.gate, threads=options.threads,
+        eval_text=options.eval_text, tasks=options.tasks, behaviour=options.behaviour, gate=options.gate,
+        threads=options.threads,
         show_progress=options.show_progress))
 
     where = "measure here" if target.source == "detected" else f"measure here, predict for {target.name}"

@@ -14,7 +14,7 @@ from typing import Any
 
 from converters.registry import ConvertOptions, converter_for
 from edgepack.convert.stage import convert
-from edgepack.core.artifacts import QualityReport, Variant, VariantQuality
+from edgepack.core.artifacts import BehaviourQuality, QualityReport, Variant, VariantQuality
 from edgepack.core.errors import EngineCrashedError
 from edgepack.core.file_lock import held_scratch_dir, remove_abandoned_scratch_dirs
 from edgepack.core.progress import say
@@ -111,12 +111,14 @@ def quality_stage(stage: StageInput, variants: list[Variant], options: EvalOptio
     nothing); a variant is kept as soon as it is scored."""
     from edgepack.quality.evaluate import evaluate
     from edgepack.quality.reference import text_sha256
+    from edgepack.quality.tasks import builtin_tasks, tasks_digest
 
     cache, model, force, gate, tasks = stage.cache, stage.model, stage.force, options.gate, options.tasks
     started = time.perf_counter()
     text = options.text
-    base = {"stage": "quality", "record": 3, "model": stage.fingerprint, "text": text_sha256(text),
+    base = {"stage": "quality", "record": 4, "model": stage.fingerprint, "text": text_sha256(text),
             "tasks": digest_of([asdict(t) for t in tasks] if tasks else None), "window": options.window,
+            "behaviour": tasks_digest(builtin_tasks()) if options.behaviour else None,
             "versions": library_versions(QUALITY_LIBRARIES)}
     keys = {v.kind: digest_of({**base, "variant": v.sha256}) for v in variants}
     records: dict[str, dict[str, Any]] = {}
@@ -150,9 +152,10 @@ def quality_stage(stage: StageInput, variants: list[Variant], options: EvalOptio
         data["path"] = v.path
         data["name"] = v.kind
         data["ppl_ratio_ci"], data["kld_mean_ci"] = tuple(data["ppl_ratio_ci"]), tuple(data["kld_mean_ci"])
-        data["reasons"] = gate.reasons(data["ppl_ratio_ci"][1], data["kld_mean_ci"][1], data["task_accuracy"])
-        data["passed"] = not data["reasons"]
-        gated.append(VariantQuality(**data))
+        data["behaviour"] = BehaviourQuality.from_dict(data["behaviour"]) if data["behaviour"] else None
+        ungated = VariantQuality(**data)
+        reasons = gate.reasons(ungated)
+        gated.append(replace(ungated, passed=not reasons, reasons=reasons))
     report = QualityReport(model=model, gate=gate.as_dict(), variants=tuple(gated), **shared, crashed=crashed)
     return report, StageRun("quality", time.perf_counter() - started, len(missing), len(variants) - len(missing))
 

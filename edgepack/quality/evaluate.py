@@ -14,6 +14,13 @@ from edgepack.core.artifacts import CrashedVariant, QualityReport, VariantQualit
 from edgepack.core.errors import EngineCrashedError
 from edgepack.core.isolation import call_isolated, start_isolation
 from edgepack.core.progress import progress_bar, say
+from edgepack.quality.behaviour import (
+    ReferenceAnswers,
+    reference_answers,
+    score_answers,
+    summarise_behaviour,
+    task_accuracy,
+)
 from edgepack.quality.gate import Gate
 from edgepack.quality.metrics import (
     ReferencePositions,
@@ -28,10 +35,11 @@ from edgepack.quality.reference import (
     EvalWindows,
     first_scored,
     make_windows,
+    model_fingerprint,
     reference_for,
     text_sha256,
 )
-from edgepack.quality.tasks import Task, task_accuracy
+from edgepack.quality.tasks import Task, builtin_tasks
 from runtimes.base import LoadOptions
 from runtimes.registry import open_runtime
 from runtimes.torch_reference import TorchRuntime
@@ -46,12 +54,17 @@ def variant_name(path: Path) -> str:
 @dataclass(frozen=True)
 class EvalOptions:
     eval_text: str | None = None  # None: edgepack's built-in text
-    tasks: tuple[Task, ...] = ()
+    tasks: tuple[Task, ...] = ()  # the user's own, with expected answers
+    behaviour: bool = True  # ask the built-in behaviour prompts (when the model has a chat template)
     gate: Gate = field(default_factory=Gate)
     window: int | None = None  # evaluation window in tokens; None: DEFAULT_WINDOW (capped at the model's context)
     threads: int | None = None
     top_k: int = DEFAULT_TOP_K  # reference log-probabilities kept per position
     show_progress: bool = True
+
+    def behaviour_tasks(self, has_chat_template: bool) -> list[Task]:
+        """What the reference and every variant are asked: the built-in prompts (chat messages), then the user's."""
+        return (builtin_tasks() if self.behaviour and has_chat_template else []) + list(self.tasks)
 
     @property
     def text(self) -> str:
@@ -83,7 +96,11 @@ def evaluate(model_path: Path, variant_paths: list[Path], options: EvalOptions |
         ref_positions = reference_for(reference, Path(model_path), text, windows, window, top_k,
                                       on_window=lambda: advance(1))
     reference_ppl = perplexity(np.concatenate([p.target_logprobs for p in ref_positions]))
-    reference_accuracy = task_accuracy(reference, tasks) if tasks else None
+    prompts = options.behaviour_tasks(reference.has_chat_template())
+    with progress_bar("reference answers", len(prompts), show_progress and bool(prompts)) as advance:
+        answers = reference_answers(reference, model_fingerprint(Path(model_path)), prompts, window, top_k,
+                                    on_prompt=lambda: advance(1))
+    reference_accuracy = task_accuracy(answers.answers, [a.correct for a in answers.answers])
     reference.close()
     del reference
     gc.collect()
@@ -92,20 +109,23 @@ def evaluate(model_path: Path, variant_paths: list[Path], options: EvalOptions |
               "positions_scored": windows.positions, "window": window, "top_k_stored": top_k,
               "outside_top_k_mass": outside,
               "reference_perplexity": reference_ppl, "reference_task_accuracy": reference_accuracy,
-              "tasks": len(tasks or [])}
+              "tasks": len(tasks or []), "behaviour_prompts": len(answers.answers),
+              "behaviour_checkable": sum(1 for a in answers.answers if a.correct is not None),
+              "reference_behaviour_correct": sum(1 for a in answers.answers if a.correct),
+              "behaviour_skipped": answers.skipped}
 
     results, crashed = [], []
     for path in map(Path, variant_paths):
         try:
             scored = call_isolated(f"scoring {variant_name(path)}", score_variant, path, windows, ref_positions,
-                                   reference_ppl, tasks, window, threads, show_progress)
+                                   reference_ppl, answers, window, threads, show_progress)
         except EngineCrashedError as exc:
             crashed.append(CrashedVariant(name=variant_name(path), path=path, stage="quality", cause=exc.cause,
                                           detail=str(exc)))
             if show_progress:
                 say(f"{variant_name(path)}: CRASHED: {exc}")
             continue
-        reasons = gate.reasons(scored.ppl_ratio_ci[1], scored.kld_mean_ci[1], scored.task_accuracy)
+        reasons = gate.reasons(scored)
         results.append(replace(scored, passed=not reasons, reasons=reasons))
         if on_variant is not None:
             on_variant(results[-1], shared)
@@ -119,22 +139,28 @@ def evaluate(model_path: Path, variant_paths: list[Path], options: EvalOptions |
 
 
 def score_variant(path: Path, windows: EvalWindows, ref_positions: list[ReferencePositions], reference_ppl: float,
-                  tasks: list[Task], window: int, threads: int | None, show_progress: bool) -> VariantQuality:
+                  answers: ReferenceAnswers, window: int, threads: int | None, show_progress: bool) -> VariantQuality:
     """One variant against the reference, ungated; run in a child process (edgepack.core.isolation)."""
     started = time.perf_counter()
     runtime = open_runtime(path, LoadOptions(threads=threads, context_length=window))
     scores = []
     with progress_bar(f"{variant_name(path)} ({runtime.name})", len(windows.windows), show_progress) as advance:
         for tokens, positions in zip(windows.windows, ref_positions, strict=True):
-            scores.append(score_positions(positions, runtime.logits(tokens)[first_scored(len(tokens)):-1]))
+            scores.append(score_positions(positions, runtime.logits_from(tokens, first_scored(len(tokens)))[:-1]))
             advance(1)
     summary = summarise(scores)
     intervals = bootstrap_intervals(np.concatenate([p.target_logprobs for p in ref_positions]), scores)
-    accuracy = task_accuracy(runtime, tasks) if tasks else None
+    behaviour, accuracy = None, None
+    if answers.answers:
+        with progress_bar(f"{variant_name(path)} answers", len(answers.answers), show_progress) as advance:
+            answer_scores = score_answers(runtime, answers.answers, on_prompt=lambda: advance(1))
+        accuracy = task_accuracy(answers.answers, [s.correct for s in answer_scores])
+        behaviour = summarise_behaviour(answers.answers, answer_scores)
     runtime.close()
     return VariantQuality(
         name=variant_name(path), path=path, engine=runtime.name, perplexity=summary.perplexity,
         ppl_ratio=summary.perplexity / reference_ppl, kld_mean=summary.kld_mean, kld_p99=summary.kld_p99,
         same_top1=summary.same_top1, rms_delta_p=summary.rms_delta_p, task_accuracy=accuracy, passed=False,
         reasons=(), seconds=time.perf_counter() - started, ppl_ratio_ci=intervals.ppl_ratio,
-        kld_mean_ci=intervals.kld_mean)
+        kld_mean_ci=intervals.kld_mean, behaviour=behaviour)
+

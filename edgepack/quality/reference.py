@@ -92,7 +92,7 @@ def reference_for(runtime, model_path: Path, text: str, windows: EvalWindows, wi
     computed = []
     for tokens in windows.windows:
         first = first_scored(len(tokens))
-        logits = runtime.logits(tokens)[first:-1]
+        logits = runtime.logits_from(tokens, first)[:-1]
         computed.append(reference_positions(logits, np.asarray(tokens[first + 1:]), top_k))
         if on_window is not None:
             on_window()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -14,7 +15,7 @@ from edgepack.core.errors import EdgepackError
 from edgepack.quality import reference as reference_module
 from edgepack.quality.evaluate import EvalOptions, evaluate
 from edgepack.quality.gate import Gate
-from edgepack.quality.tasks import is_correct, load_tasks
+from edgepack.quality.tasks import builtin_tasks, is_correct, load_tasks
 
 QUIET = ConvertOptions(show_progress=False)
 SHORT_TEXT = ("The lighthouse keeper counted the ships every evening. On Tuesday there were 12 fishing boats, "
@@ -134,7 +135,8 @@ def test_eval_cli_json_and_exit_codes(stories_dir, tmp_path):
     assert ok.returncode == 0, ok.stderr
     report = json.loads(ok.stdout)
     assert report["variants"][0]["passed"] is True and report["variants"][0]["kld_mean"] < 1e-4
-    assert report["gate"] == {"max_ppl_increase": 0.05, "max_kld": 0.05, "min_task_accuracy": None}
+    assert report["gate"] == {"max_ppl_increase": 0.05, "max_kld": 0.05, "min_task_accuracy": None,
+                              "max_answer_kld": 0.10, "correctness_alpha": 0.05}
     nothing = run("--max-ppl-increase", "-1%")
     assert nothing.returncode == 5 and "no variant passes" in nothing.stderr
     assert "fails the gate: perplexity" in nothing.stdout
@@ -151,8 +153,14 @@ def test_demo_student_quantization_ordering(demo_conversion):
     assert result.returncode == 0, result.stderr[-3000:]
     model = demo_student()
     paths = [variants / f"{kind}.gguf" for kind in ("gguf-f16", "gguf-q8_0", "gguf-q4_k_m")]
+    facts = [task for task in builtin_tasks() if task.category == "facts"][:8]  # a few of the behaviour prompts
     report = evaluate(model, paths, EvalOptions(
-        window=256, show_progress=False, eval_text=reference_module.DEFAULT_EVAL_TEXT.read_text()[:4000]))
+        window=256, show_progress=False, eval_text=reference_module.DEFAULT_EVAL_TEXT.read_text()[:4000],
+        behaviour=False, tasks=tuple(replace(task, builtin=False) for task in facts)))
     kld = {v.name: v.kld_mean for v in report.variants}
     assert kld["gguf-f16"] <= kld["gguf-q8_0"] <= kld["gguf-q4_k_m"]
     assert report.variants[0].ppl_ratio == pytest.approx(1.0, abs=0.01)
+    answers = {v.name: v.behaviour for v in report.variants}
+    assert answers["gguf-f16"].answer_kld_mean <= answers["gguf-q8_0"].answer_kld_mean \
+        <= answers["gguf-q4_k_m"].answer_kld_mean
+    assert answers["gguf-f16"].identical >= answers["gguf-q4_k_m"].identical

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from edgepack.core.artifacts import VariantQuality
 from edgepack.core.errors import EdgepackError
 from edgepack.quality.gate import Gate, parse_fraction
 from edgepack.quality.metrics import perplexity, reference_positions, score_positions, summarise
@@ -67,14 +68,20 @@ def test_p99_is_the_tail_not_the_mean():
     assert summary.kld_p99 == pytest.approx(5.0)  # the 99th percentile of 100 values lies in the top two
 
 
+def _gated(ppl_ratio_upper: float, kld_upper: float, task_accuracy: float | None) -> VariantQuality:
+    return VariantQuality(name="v", path=None, engine="e", perplexity=1.0, ppl_ratio=1.0, kld_mean=0.0, kld_p99=0.0,
+                          same_top1=1.0, rms_delta_p=0.0, task_accuracy=task_accuracy, passed=False, reasons=(),
+                          seconds=0.0, ppl_ratio_ci=(1.0, ppl_ratio_upper), kld_mean_ci=(0.0, kld_upper))
+
+
 def test_gate_reasons_and_fractions():
     gate = Gate(max_ppl_increase=parse_fraction("5%", "x"), max_kld=0.05, min_task_accuracy=parse_fraction("0.8", "y"))
-    assert gate.reasons(1.049, 0.049, 0.8) == ()
-    reasons = gate.reasons(1.07, 0.06, 0.5)
+    assert gate.reasons(_gated(1.049, 0.049, 0.8)) == ()
+    reasons = gate.reasons(_gated(1.07, 0.06, 0.5))
     assert len(reasons) == 3
     assert "perplexity up to +7.00% (upper end of its 95% interval) > +5.00% allowed" in reasons[0]
     assert "up to 0.0600 (upper end of its 95% interval) > 0.0500" in reasons[1] and "50.0% < 80.0%" in reasons[2]
-    assert Gate().reasons(1.01, 0.01, None) == ()
+    assert Gate().reasons(_gated(1.01, 0.01, None)) == ()
     with pytest.raises(EdgepackError, match="not a number or a percentage"):
         parse_fraction("five", "--max-ppl-increase")
 

@@ -52,6 +52,21 @@ def test_logits_match_the_reference(runtimes, engine):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+def test_logits_from_a_position_reuse_a_shared_prefix_and_match_the_whole_rows(runtimes, engine):
+    reference = runtimes("qwen3-bpe", "torch")
+    runtime = runtimes("qwen3-bpe", engine)
+    first = reference.tokenize("Rivers carry sediment downstream to the sea")
+    second = first[:5] + reference.tokenize(" and lakes hold still water", add_special=False)
+    for ids, start in ((first, 3), (second, 6), (second, 2), (first, 0)):  # shared prefixes, then none
+        expected = reference.logits(ids)[start:]
+        got = runtime.logits_from(ids, start)
+        assert got.shape == expected.shape
+        assert np.abs(got - expected).max() < 2e-3 * np.abs(expected).max()
+    assert runtime.complete(first, GenerationOptions(max_tokens=4)).token_ids == \
+        reference.complete(first, GenerationOptions(max_tokens=4)).token_ids  # generation after it starts clean
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_stream_cancel_stop_and_logprobs(runtimes, engine):
     runtime = runtimes("llama-bpe", engine)
     prompt = runtime.tokenize("The lighthouse keeper")
