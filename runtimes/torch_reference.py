@@ -74,6 +74,35 @@ class TorchRuntime(HFTokenizerText, Runtime):
         self._cache = output.past_key_values
         return output.logits[0, -1].float().cpu().numpy()
 
+    @torch.inference_mode()
+    def greedy_batch(self, prompts: list[list[int]], max_tokens: int, batch_size: int = 16) -> list[list[int]]:
+        """Greedy continuations of several prompts, `batch_size` at a time, left-padded (about 1.5x faster than one
+        at a time on a 2-core CPU). Each ends with its first end-of-generation token, or after `max_tokens`."""
+        from transformers import GenerationConfig
+
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_token_ids)
+        config = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=sorted(self.eos_token_ids),
+                                  pad_token_id=pad)
+        answers = []
+        for start in range(0, len(prompts), batch_size):
+            group = prompts[start:start + batch_size]
+            width = max(len(prompt) for prompt in group)
+            ids = torch.full((len(group), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(group), width), dtype=torch.long)
+            for row, prompt in enumerate(group):
+                ids[row, width - len(prompt):] = torch.tensor(prompt)
+                mask[row, width - len(prompt):] = 1
+            made = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                       generation_config=config)
+            for row in made[:, width:].tolist():
+                answer = []
+                for token in row[:max_tokens]:
+                    answer.append(token)
+                    if token in self.eos_token_ids:
+                        break
+                answers.append(answer)
+        return answers
+
     def memory_bytes(self) -> int:
         config = self.model.config
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())

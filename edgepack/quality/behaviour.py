@@ -24,7 +24,7 @@ from edgepack.core.errors import EdgepackError
 from edgepack.core.fileio import atomic_output_file
 from edgepack.quality.metrics import ReferencePositions, reference_positions, score_positions
 from edgepack.quality.tasks import Task, is_correct, tasks_digest
-from runtimes.base import GenerationOptions
+from runtimes.base import GenerationOptions, IncrementalDecoder
 
 CACHE_FORMAT = 1
 DIFFERENCES_SHOWN = 3
@@ -56,7 +56,7 @@ class AnswerScore:
     same_top1: int  # answer tokens whose most likely token is the reference's
     tokens: int
     first_divergence: int | None  # None: the variant's greedy answer is the reference's, token for token
-    text: str  # the variant's greedy answer
+    text: str | None  # the variant's greedy answer (None: it differs, and there is nothing to check)
     correct: bool | None
     identical: bool  # the same text as the reference's answer (other tokens may spell the same text)
 
@@ -67,14 +67,11 @@ def prompt_ids_for(runtime, task: Task) -> list[int]:
     return runtime.tokenize(task.prompt)
 
 
-def greedy_answer(runtime, prompt_ids: Sequence[int], max_tokens: int) -> tuple[list[int], str]:
-    """The greedy answer's token ids (with the end-of-generation token when it ended by itself) and its text."""
-    ids, texts = [], []
-    for chunk in runtime.generate(list(prompt_ids), GenerationOptions(max_tokens=max_tokens)):
-        texts.append(chunk.text)
-        if chunk.token_id is not None:
-            ids.append(chunk.token_id)
-    return ids, "".join(texts)
+def answer_text(runtime, prompt_ids: Sequence[int], answer_ids: Sequence[int]) -> str:
+    """The text of `answer_ids` as generation streams it after `prompt_ids` (an end-of-generation token adds none)."""
+    decoder = IncrementalDecoder(runtime.detokenize, prompt_ids)
+    pieces = [decoder.add(token) for token in answer_ids if token not in runtime.eos_token_ids]
+    return "".join(pieces) + decoder.flush()
 
 
 def answer_logits(runtime, prompt_ids: Sequence[int], answer_ids: Sequence[int]) -> np.ndarray:
@@ -91,6 +88,7 @@ def cache_path(model_fingerprint: str, tasks: Sequence[Task], context: int, top_
 def reference_answers(runtime, model_fingerprint: str, tasks: Sequence[Task], context: int, top_k: int,
                       on_prompt: Callable[[], None] | None = None) -> ReferenceAnswers:
     """The reference's greedy answers to `tasks` that fit `context` tokens, from the cache or computed and cached.
+    `runtime` is the TorchRuntime: it answers in batches of prompts.
 
     A built-in prompt the model's chat template refuses is left out (and said so); a user's task that it refuses
     is an error."""
@@ -111,10 +109,15 @@ def reference_answers(runtime, model_fingerprint: str, tasks: Sequence[Task], co
                            f"the {context}-token context")
             continue
         asked.append((index, prompt_ids))
+    answer_ids = {}
+    for max_tokens in sorted({tasks[i].max_tokens for i, _ in asked}):  # one batch size of answer per group
+        group = [(i, prompt) for i, prompt in asked if tasks[i].max_tokens == max_tokens]
+        for (i, _), ids in zip(group, runtime.greedy_batch([prompt for _, prompt in group], max_tokens), strict=True):
+            answer_ids[i] = ids
     answers = []
     for index, prompt_ids in asked:
-        task = tasks[index]
-        ids, text = greedy_answer(runtime, prompt_ids, task.max_tokens)
+        task, ids = tasks[index], answer_ids[index]
+        text = answer_text(runtime, prompt_ids, ids)
         positions = reference_positions(answer_logits(runtime, prompt_ids, ids), np.asarray(ids), top_k)
         answers.append((index, ReferenceAnswer(task=task, prompt_ids=tuple(prompt_ids), answer_ids=tuple(ids),
                                                text=text, correct=is_correct(text, task), positions=positions)))
@@ -161,10 +164,12 @@ def score_answers(runtime, answers: Sequence[ReferenceAnswer],
         first = first_divergence(logits.argmax(axis=1), answer.answer_ids, runtime.eos_token_ids)
         if first is None:
             text, correct = answer.text, answer.correct
-        else:  # generated from the prompt, as a user would get it: prefilling the agreed part of the answer in
-            # one batch instead of token by token can flip a near-tie, so the answer could differ from the user's
-            text = greedy_answer(runtime, answer.prompt_ids, answer.task.max_tokens)[1]
+        elif answer.task.checkable:  # generated from the prompt, as a user would get it: prefilling the agreed
+            # part of the answer in one batch instead of token by token can flip a near-tie
+            text = runtime.complete(list(answer.prompt_ids), GenerationOptions(max_tokens=answer.task.max_tokens)).text
             correct = is_correct(text, answer.task)
+        else:  # nothing to check: knowing that it differs is enough, so its answer is not generated
+            text, correct = None, None
         scores.append(AnswerScore(kld_sum=float(positions.kld.sum()), same_top1=int(positions.same_top1.sum()),
                                   tokens=len(answer.answer_ids), first_divergence=first, text=text, correct=correct,
                                   identical=first is None or text == answer.text))
@@ -213,7 +218,7 @@ def summarise_behaviour(answers: Sequence[ReferenceAnswer], scores: Sequence[Ans
 def differences_to_show(answers: Sequence[ReferenceAnswer], scores: Sequence[AnswerScore],
                         limit: int = DIFFERENCES_SHOWN) -> tuple[AnswerDifference, ...]:
     """A few prompts whose answers differ: first where the variant lost a right answer, then any other."""
-    differing = [(a, s) for a, s in zip(answers, scores, strict=True) if not s.identical]
+    differing = [(a, s) for a, s in zip(answers, scores, strict=True) if not s.identical and s.text is not None]
     differing.sort(key=lambda pair: 0 if pair[0].correct and pair[1].correct is False else 1)
     return tuple(AnswerDifference(id=a.task.id, prompt=a.task.question, reference=a.text.strip(),
                                   variant=s.text.strip(), first_divergence=int(s.first_divergence))
