@@ -90,6 +90,8 @@ def test_an_engine_that_crashes_rejects_its_variant_and_the_build_goes_on(plugin
     assert run_edgepack(["verify", result["bundle"]], env).returncode == 0
     report = (Path(result["bundle"]) / "report.md").read_text()
     assert "caesar-13" in report and "SIGABRT" in report
+    # the tiny model has a chat template, so the build asked the behaviour prompts and reports the answers
+    assert "## Answers to the behaviour prompts" in report and "| gguf-f16 | " in report.split("## Answers")[1]
 
     # measuring it alone: the crash is reported, and with nothing measured the exit code is 8
     variant = next((tmp_path / "cache" / "build" / "convert").rglob("caesar-13.caesar"))

@@ -4,7 +4,9 @@ The reference is stored compactly per position: its top-k log-probabilities (ids
 probability mass outside them, and its log-probability of the token that actually comes next. The variant side
 is always the full distribution from its logits. KL divergence treats the reference's mass outside its top k as
 one bucket, which gives a lower bound of the exact value that is tight when k covers nearly all the mass
-(k = 32 keeps > 99% of it on fluent text).
+(edgepack keeps k = 1024: on the demo student's built-in text the reference leaves 14% of its mass outside its top 32,
+and mean KL divergence of Q4_K_M read 0.025 with k = 32, 0.030 with 256, 0.032 with 2048, against 0.0326 from
+llama.cpp's llama-perplexity, which keeps the whole distribution).
 """
 
 from __future__ import annotations
