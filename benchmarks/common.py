@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -52,3 +54,11 @@ def llama_cpp_generate_timing(llm, prompt: list[int], new_tokens: int) -> tuple[
         if count == new_tokens:
             break
     return first - start, (new_tokens - 1) / (time.perf_counter() - first)
+
+
+def resolve_demo_model() -> Path:
+    """The demo student's folder, resolved in a child process so the benchmark itself never imports torch (a
+    child's peak RSS starts from its parent's size)."""
+    code = "from edgepack.student.demo import resolve_model; print(resolve_model(None))"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return Path(out.stdout.strip().splitlines()[-1])

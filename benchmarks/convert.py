@@ -20,18 +20,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RunResult, median, run_measured
+from benchmarks.common import RunResult, median, resolve_demo_model, run_measured
 
 OURS_CLI = "edgepack convert (with tokenizer parity check)"
 OURS_CORE = "edgepack converter alone"
 THEIRS = "llama.cpp convert_hf_to_gguf.py"
-
-
-def resolve_demo_model() -> Path:
-    # in a child process, so this one never imports torch (a child's peak RSS starts from its parent's size)
-    code = "from edgepack.student.demo import resolve_model; print(resolve_model(None))"
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-    return Path(out.stdout.strip().splitlines()[-1])
 
 
 def fetch_llama_cpp_converter(into: Path) -> Path:

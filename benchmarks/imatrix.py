@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import resolve_demo_model
+
 
 def _run(command: list[str]) -> None:
     done = subprocess.run(command, capture_output=True, text=True)
@@ -43,12 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     from runtimes.llamacpp_amx import use_extra_buffers_here
 
     console = Console(stderr=True, soft_wrap=True)
-    if args.model is None:
-        code = "from edgepack.student.demo import resolve_model; print(resolve_model(None))"
-        out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-        model = Path(out.stdout.strip().splitlines()[-1])
-    else:
-        model = args.model
+    model = args.model or resolve_demo_model()
     root = cache_root() / "bench" / model.name / "imatrix-check"
     ours, none = root / "ours", root / "none"
     edgepack = [sys.executable, "-m", "edgepack"]

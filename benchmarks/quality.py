@@ -23,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.common import run_measured
+from benchmarks.common import resolve_demo_model, run_measured
 
 KINDS = ("gguf-f16", "gguf-q8_0", "gguf-q4_k_m", "onnx-fp32", "onnx-int8", "onnx-int4")
 
@@ -44,12 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     from edgepack.core.cache import cache_root
 
     console = Console(stderr=True, soft_wrap=True)
-    if args.model is None:
-        code = "from edgepack.student.demo import resolve_model; print(resolve_model(None))"
-        out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-        model = Path(out.stdout.strip().splitlines()[-1])
-    else:
-        model = args.model
+    model = args.model or resolve_demo_model()
     root = cache_root() / "bench" / model.name
     ensure_variants(model, root)
     with_cache_dir = root / "quality-cache"  # a cache of our own, so the first run really computes the reference
