@@ -44,16 +44,17 @@ def render_markdown(report: dict[str, Any]) -> str:
            if quality['gate'].get('min_task_accuracy') is not None else "")
         + f"; judged on the upper ends of 95% intervals (a block bootstrap over the scored positions). Reference "
           f"perplexity {quality['reference_perplexity']:.3f} over {quality['positions_scored']} positions (the "
-          f"second half of each {quality['window']}-token window, as llama.cpp's perplexity tool scores); the "
+          f"second half of each {quality['window']}-token window, as llama.cpp's perplexity tool scores; a variant "
+          "stops reading once its mean KL divergence is known to ±10% of itself and its perplexity ratio to ±0.5 "
+          "points, after 8 windows, and is compared over the positions it read); the "
           f"reference's probability mass outside its stored top {quality['top_k_stored']}: "
           f"{quality['outside_top_k_mass']:.2%} on average.",
         "",
         "## Variants",
         "",
-        "| variant | engine | MiB on disk | PPL ratio [95%] | KLD mean [95%] | same top-1 | gate | memory MiB | "
-        "decode t/s | "
-        "verdict |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | engine | MiB on disk | positions | PPL ratio [95%] | KLD mean [95%] | same top-1 | gate | "
+        "memory MiB | decode t/s | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     rejected = {r["name"]: r for r in decision["rejected"]}
     for q in quality["variants"]:
@@ -61,12 +62,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         verdict = "**chosen**" if q["name"] == chosen else \
             f"{rejected[q['name']]['reason']}: {rejected[q['name']]['detail']}"
         lines.append(f"| {q['name']} | {p['engine']} | {_mib(report['variant_bytes'][q['name']])} | "
-                     f"{q['ppl_ratio']:.4f} {_interval(q['ppl_ratio_ci'])} | {q['kld_mean']:.4f} "
-                     f"{_interval(q['kld_mean_ci'])} | {q['same_top1']:.1%} | "
+                     f"{q.get('positions_scored', '-')} | {q['ppl_ratio']:.4f} {_interval(q['ppl_ratio_ci'])} | "
+                     f"{q['kld_mean']:.4f} {_interval(q['kld_mean_ci'])} | {q['same_top1']:.1%} | "
                      f"{'pass' if q['passed'] else 'FAIL'} | {_mib(p['memory_bytes'])} | {_tps(p['decode_tps'])} | "
                      f"{verdict} |")
     for c in quality.get("crashed", []):
-        lines.append(f"| {c['name']} | - | {_mib(report['variant_bytes'][c['name']])} | - | - | - | - | - | - | "
+        lines.append(f"| {c['name']} | - | {_mib(report['variant_bytes'][c['name']])} | - | - | - | - | - | - | - | "
                      f"crashed in the {c['stage']} stage: {c['cause']} |")
     for c in quality.get("crashed", []):
         lines += ["", f"`{c['name']}` was not shipped: {c['detail']}"]

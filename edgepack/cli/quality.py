@@ -41,7 +41,7 @@ def gate_options(command):
 @click.command("eval")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--eval-text", type=click.Path(path_type=Path), default=None,
-              help="Evaluation text (default: edgepack's built-in text of ~2,400 words).")
+              help="Evaluation text (default: edgepack's built-in text of ~16,700 words).")
 @click.option("--tasks", "tasks_file", type=click.Path(path_type=Path), default=None,
               help="JSONL of {prompt|messages, expected, match: contains|number|json|exact}, asked with the "
                    "behaviour prompts.")

@@ -72,12 +72,12 @@ def key_value_table(title: str, rows: list[tuple[str, str]]) -> Table:
 
 def quality_table(report: QualityReport) -> Table:
     return table(
-        f"quality vs {report.model.name} (reference perplexity {report.reference_perplexity:.3f}, "
-        f"{report.positions_scored} positions, the second half of each {report.window}-token window; the gate "
-        f"judges the upper ends of the 95% intervals)",
-        ("variant", "engine", "PPL", "PPL ratio [95%]", "KLD mean [95%]", "KLD p99", "same top-1", "RMS Δp", "tasks",
-         "gate"),
-        [(v.name, v.engine, f"{v.perplexity:.3f}",
+        f"quality vs {report.model.name} (reference perplexity {report.reference_perplexity:.3f} over "
+        f"{report.positions_scored} positions, the second half of each {report.window}-token window; a variant stops "
+        f"once its intervals are tight; the gate judges the upper ends of the 95% intervals)",
+        ("variant", "engine", "positions", "PPL", "PPL ratio [95%]", "KLD mean [95%]", "KLD p99", "same top-1",
+         "RMS Δp", "tasks", "gate"),
+        [(v.name, v.engine, str(v.positions_scored), f"{v.perplexity:.3f}",
           f"{v.ppl_ratio:.4f} [{v.ppl_ratio_ci[0]:.4f}, {v.ppl_ratio_ci[1]:.4f}]",
           f"{v.kld_mean:.5f} [{v.kld_mean_ci[0]:.5f}, {v.kld_mean_ci[1]:.5f}]", f"{v.kld_p99:.4f}",
           f"{v.same_top1:.1%}", f"{v.rms_delta_p:.4f}", "-" if v.task_accuracy is None else f"{v.task_accuracy:.0%}",

@@ -115,6 +115,7 @@ class VariantQuality:
     ppl_ratio_ci: tuple[float, float]  # 95% interval (block bootstrap over the scored positions)
     kld_mean_ci: tuple[float, float]  # 95% interval; the gate judges the upper ends of both
     behaviour: BehaviourQuality | None = None  # None: no behaviour prompts (a model without a chat template)
+    positions_scored: int = 0  # of the evaluation text: fewer than the report's when the intervals were tight early
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,7 @@ class QualityReport:
     model: Path
     eval_text_sha256: str
     eval_tokens: int
-    positions_scored: int
+    positions_scored: int  # the evaluation text's scored positions; a variant may stop early (its own count)
     window: int
     top_k_stored: int
     outside_top_k_mass: float  # the reference's mean probability mass outside the stored top-k (KLD's blind spot)

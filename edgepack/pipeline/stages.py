@@ -116,7 +116,7 @@ def quality_stage(stage: StageInput, variants: list[Variant], options: EvalOptio
     cache, model, force, gate, tasks = stage.cache, stage.model, stage.force, options.gate, options.tasks
     started = time.perf_counter()
     text = options.text
-    base = {"stage": "quality", "record": 5, "model": stage.fingerprint, "text": text_sha256(text),
+    base = {"stage": "quality", "record": 6, "model": stage.fingerprint, "text": text_sha256(text),
             "top_k": options.top_k, "tasks": digest_of([asdict(t) for t in tasks] if tasks else None),
             "window": options.window,
             "behaviour": tasks_digest(builtin_tasks()) if options.behaviour else None,

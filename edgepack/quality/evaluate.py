@@ -26,6 +26,7 @@ from edgepack.quality.metrics import (
     ReferencePositions,
     bootstrap_intervals,
     perplexity,
+    precise_enough,
     score_positions,
     summarise,
 )
@@ -45,6 +46,7 @@ from runtimes.registry import open_runtime
 from runtimes.torch_reference import TorchRuntime
 
 DEFAULT_WINDOW = 512
+MIN_WINDOWS = 8  # read before a variant may stop early (about 2,000 scored positions at 512 tokens)
 
 
 def variant_name(path: Path) -> str:
@@ -118,7 +120,7 @@ def evaluate(model_path: Path, variant_paths: list[Path], options: EvalOptions |
     for path in map(Path, variant_paths):
         try:
             scored = call_isolated(f"scoring {variant_name(path)}", score_variant, path, windows, ref_positions,
-                                   reference_ppl, answers, window, threads, show_progress)
+                                   answers, window, threads, show_progress)
         except EngineCrashedError as exc:
             crashed.append(CrashedVariant(name=variant_name(path), path=path, stage="quality", cause=exc.cause,
                                           detail=str(exc)))
@@ -138,9 +140,10 @@ def evaluate(model_path: Path, variant_paths: list[Path], options: EvalOptions |
                          crashed=tuple(crashed))
 
 
-def score_variant(path: Path, windows: EvalWindows, ref_positions: list[ReferencePositions], reference_ppl: float,
+def score_variant(path: Path, windows: EvalWindows, ref_positions: list[ReferencePositions],
                   answers: ReferenceAnswers, window: int, threads: int | None, show_progress: bool) -> VariantQuality:
-    """One variant against the reference, ungated; run in a child process (edgepack.core.isolation)."""
+    """One variant against the reference, ungated; run in a child process (edgepack.core.isolation). It reads the
+    windows in order and stops once its intervals are tight (metrics.precise_enough), after MIN_WINDOWS at least."""
     started = time.perf_counter()
     runtime = open_runtime(path, LoadOptions(threads=threads, context_length=window))
     scores = []
@@ -148,8 +151,14 @@ def score_variant(path: Path, windows: EvalWindows, ref_positions: list[Referenc
         for tokens, positions in zip(windows.windows, ref_positions, strict=True):
             scores.append(score_positions(positions, runtime.logits_from(tokens, first_scored(len(tokens)))[:-1]))
             advance(1)
+            if len(scores) >= MIN_WINDOWS and len(scores) % 2 == 0 and len(scores) < len(windows.windows):
+                so_far = bootstrap_intervals(_reference_logprobs(ref_positions[:len(scores)]), scores)
+                if precise_enough(so_far, float(np.concatenate([s.kld for s in scores]).mean())):
+                    break  # tight enough: the rest of the text would only narrow the intervals
+    read = ref_positions[:len(scores)]
     summary = summarise(scores)
-    intervals = bootstrap_intervals(np.concatenate([p.target_logprobs for p in ref_positions]), scores)
+    reference_ppl = perplexity(_reference_logprobs(read))  # over the same positions as the variant's
+    intervals = bootstrap_intervals(_reference_logprobs(read), scores)
     behaviour, accuracy = None, None
     if answers.answers:
         with progress_bar(f"{variant_name(path)} answers", len(answers.answers), show_progress) as advance:
@@ -162,5 +171,9 @@ def score_variant(path: Path, windows: EvalWindows, ref_positions: list[Referenc
         ppl_ratio=summary.perplexity / reference_ppl, kld_mean=summary.kld_mean, kld_p99=summary.kld_p99,
         same_top1=summary.same_top1, rms_delta_p=summary.rms_delta_p, task_accuracy=accuracy, passed=False,
         reasons=(), seconds=time.perf_counter() - started, ppl_ratio_ci=intervals.ppl_ratio,
-        kld_mean_ci=intervals.kld_mean, behaviour=behaviour)
+        kld_mean_ci=intervals.kld_mean, behaviour=behaviour, positions_scored=sum(len(s.kld) for s in scores))
+
+
+def _reference_logprobs(positions: list[ReferencePositions]) -> np.ndarray:
+    return np.concatenate([p.target_logprobs for p in positions])
 

@@ -136,6 +136,19 @@ def bootstrap_intervals(reference_target_logprobs: np.ndarray, scores: list[Posi
     return Intervals(ppl_ratio=_percentiles(ratios), kld_mean=_percentiles(means))
 
 
+# A variant stops reading the evaluation text once both intervals are this tight (and it has read MIN_WINDOWS):
+# the mean KL divergence to within 10% of itself, the perplexity ratio to within half a percentage point. The rule
+# does not look at the gate, so a stored result serves any gate.
+KLD_RELATIVE_HALF_WIDTH = 0.10
+PPL_RATIO_HALF_WIDTH = 0.005
+
+
+def precise_enough(intervals: Intervals, kld_mean: float) -> bool:
+    kld_half = (intervals.kld_mean[1] - intervals.kld_mean[0]) / 2
+    ppl_half = (intervals.ppl_ratio[1] - intervals.ppl_ratio[0]) / 2
+    return kld_half <= KLD_RELATIVE_HALF_WIDTH * kld_mean and ppl_half <= PPL_RATIO_HALF_WIDTH
+
+
 def _percentiles(values: np.ndarray) -> tuple[float, float]:
     low, high = np.percentile(values, [2.5, 97.5])
     return float(low), float(high)

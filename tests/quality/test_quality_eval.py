@@ -7,6 +7,7 @@ import subprocess
 import sys
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from converters.registry import ConvertOptions
@@ -164,3 +165,40 @@ def test_demo_student_quantization_ordering(demo_conversion):
     assert answers["gguf-f16"].answer_kld_mean <= answers["gguf-q8_0"].answer_kld_mean \
         <= answers["gguf-q4_k_m"].answer_kld_mean
     assert answers["gguf-f16"].identical >= answers["gguf-q4_k_m"].identical
+
+
+def test_variants_stop_reading_once_their_intervals_are_tight_and_compare_over_what_they_read(tiny_model,
+                                                                                              tiny_variants):
+    from edgepack.quality.evaluate import MIN_WINDOWS
+    from edgepack.quality.metrics import KLD_RELATIVE_HALF_WIDTH, PPL_RATIO_HALF_WIDTH
+    from edgepack.quality.reference import first_scored, make_windows
+    from runtimes.base import LoadOptions
+    from runtimes.torch_reference import TorchRuntime
+
+    text = SHORT_TEXT * 24
+    model = tiny_model("qwen3-bpe")
+    kinds = ("gguf-f32", "gguf-q4_k_m", "onnx-int4")
+    report = evaluate(model, [tiny_variants[k] for k in kinds], EvalOptions(eval_text=text, window=64,
+                                                                           behaviour=False, show_progress=False))
+    reference = TorchRuntime(model, LoadOptions(threads=1))
+    windows = make_windows(reference, text, 64).windows
+    per_window = []  # the reference's log-probability of each next token, window by window, computed anew here
+    for tokens in windows:
+        first = first_scored(len(tokens))
+        logits = reference.logits(tokens).astype(np.float64)[first:-1]
+        logprobs = logits - logits.max(axis=1, keepdims=True)
+        logprobs -= np.log(np.exp(logprobs).sum(axis=1, keepdims=True))
+        per_window.append(logprobs[np.arange(len(tokens) - 1 - first), list(tokens[first + 1:])])
+    reference.close()
+    assert len(windows) > 2 * MIN_WINDOWS
+    read = np.cumsum([len(logprobs) for logprobs in per_window])
+    for variant in report.variants:
+        assert variant.positions_scored in read, "a variant reads whole windows"
+        count = int(np.searchsorted(read, variant.positions_scored)) + 1
+        assert count >= MIN_WINDOWS
+        ppl = float(np.exp(-np.concatenate(per_window[:count]).mean()))
+        assert variant.ppl_ratio == pytest.approx(variant.perplexity / ppl, rel=1e-4)
+        if count < len(windows):  # stopped early: both intervals were as tight as the rule asks
+            assert (variant.kld_mean_ci[1] - variant.kld_mean_ci[0]) / 2 <= KLD_RELATIVE_HALF_WIDTH * variant.kld_mean
+            assert (variant.ppl_ratio_ci[1] - variant.ppl_ratio_ci[0]) / 2 <= PPL_RATIO_HALF_WIDTH
+    assert len({v.positions_scored for v in report.variants}) > 1  # precise and noisy variants stop apart

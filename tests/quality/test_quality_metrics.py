@@ -10,7 +10,14 @@ import pytest
 from edgepack.core.artifacts import VariantQuality
 from edgepack.core.errors import EdgepackError
 from edgepack.quality.gate import Gate, parse_fraction
-from edgepack.quality.metrics import perplexity, reference_positions, score_positions, summarise
+from edgepack.quality.metrics import (
+    Intervals,
+    perplexity,
+    precise_enough,
+    reference_positions,
+    score_positions,
+    summarise,
+)
 
 P = np.array([0.7, 0.2, 0.1])
 Q = np.array([0.5, 0.3, 0.2])
@@ -105,3 +112,10 @@ def test_bootstrap_intervals_match_the_normal_approximation_on_independent_posit
     assert low < kld.mean() < high
     assert (high - low) / 2 == pytest.approx(half_width, rel=0.25)
     assert intervals.ppl_ratio == pytest.approx((math.exp(0.01), math.exp(0.01)), rel=1e-9)
+
+
+def test_a_variant_reads_on_until_both_intervals_are_tight():
+    # half widths by hand: PPL ratio 0.004 (limit 0.005), KLD 0.0005 of a mean of 0.01 (limit 10% = 0.001)
+    assert precise_enough(Intervals(ppl_ratio=(1.000, 1.008), kld_mean=(0.0095, 0.0105)), 0.01)
+    assert not precise_enough(Intervals(ppl_ratio=(1.000, 1.012), kld_mean=(0.0095, 0.0105)), 0.01)
+    assert not precise_enough(Intervals(ppl_ratio=(1.000, 1.008), kld_mean=(0.008, 0.012)), 0.01)
