@@ -3,8 +3,8 @@
     edgepack.core -> runtimes -> converters -> the stages -> edgepack.pipeline -> edgepack.cli
 
 each layer imports only from layers to its left. The stages are ordered as the pipeline runs (student, convert,
-quality, measure, select, bundle, serve): a stage may use an earlier one, never a later one. And no module imports
-itself back through others (no cycles)."""
+quality, distill (which measures with the quality stage), measure, select, bundle, serve): a stage may use an
+earlier one, never a later one. And no module imports itself back through others (no cycles)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("student", ("edgepack.student",)),
     ("convert", ("edgepack.convert",)),
     ("quality", ("edgepack.quality",)),
+    ("distill", ("edgepack.distill",)),
     ("measure", ("edgepack.measure",)),
     ("select", ("edgepack.select",)),
     ("bundle", ("edgepack.bundle",)),

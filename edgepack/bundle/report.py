@@ -17,6 +17,16 @@ def _interval(bounds: list[float] | tuple[float, float]) -> str:
     return f"[{bounds[0]:.4f}, {bounds[1]:.4f}]"
 
 
+def _distillation_line(record: dict[str, Any]) -> str:
+    before, after = record.get("before") or {}, record.get("after") or {}
+    line = (f"- Distilled by edgepack from {record['teacher']['name']} ({record['settings']['mode']} mode, "
+            f"{record['steps']} steps; student: {record['student']['initialisation']})")
+    if before.get("kld_mean") is not None and after.get("kld_mean") is not None:
+        line += (f"; mean KL divergence to the teacher on held-out text {before['kld_mean']:.4f} before, "
+                 f"{after['kld_mean']:.4f} after")
+    return line + ". The quality figures below compare each variant with this student, not with the teacher."
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     model, target, decision = report["model"], report["target"], report["decision"]
     quality, performance = report["quality"], {p["variant"]: p for p in report["performance"]}
@@ -30,6 +40,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- Model: {model['name']} ({model['architecture']}, {model['parameter_count']:,} parameters, context "
         f"{model['context_length']}); served with a context of {report['context']} tokens.",
         *([f"- Reference weights: {model['origin']}."] if model.get("origin") else []),
+        *([_distillation_line(model["distillation"])] if model.get("distillation") else []),
         f"- Target: {target['name']} — {target['description']}. Memory budget {target['memory_budget_gib']:g} GiB "
         f"of {target['memory_total_gib']:g} GiB ({target['memory_budget_reason']}).",
         f"- Speeds and memory are **{'measured on this machine' if measured else 'predicted'}**"

@@ -8,6 +8,7 @@ import click
 from edgepack.cli.build import build
 from edgepack.cli.bundle import verify
 from edgepack.cli.convert import convert, import_gguf
+from edgepack.cli.distill import distill
 from edgepack.cli.doctor import doctor
 from edgepack.cli.inspect import inspect
 from edgepack.cli.measure import profile, targets
@@ -16,7 +17,8 @@ from edgepack.cli.rendering import handles_errors
 from edgepack.cli.run import run
 from edgepack.cli.serve import route, route_calibrate, serve
 
-COMMANDS = (convert, import_gguf, inspect, run, eval_command, targets, profile, build, verify, serve, route, doctor)
+COMMANDS = (distill, convert, import_gguf, inspect, run, eval_command, targets, profile, build, verify, serve, route,
+            doctor)
 
 
 @click.group()

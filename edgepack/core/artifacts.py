@@ -39,6 +39,7 @@ class StudentModel:
     has_chat_template: bool
     dtype: str  # the dtype the weights are stored in, e.g. "bfloat16"
     origin: str | None = None  # where the weights came from when that qualifies every figure (an imported GGUF)
+    distillation: dict | None = None  # the summary of distill.json, for a student made by `edgepack distill`
 
 
 @dataclass(frozen=True)

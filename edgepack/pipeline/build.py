@@ -194,7 +194,8 @@ def _report(student: StudentModel, fingerprint: str, target: TargetProfile, cont
         "model": {"name": student.path.name, "architecture": student.architecture,
                   "hf_model_type": student.hf_model_type, "parameter_count": student.parameter_count,
                   "context_length": student.context_length, "tokenizer_kind": student.tokenizer_kind,
-                  "dtype": student.dtype, "fingerprint": fingerprint, "origin": student.origin},
+                  "dtype": student.dtype, "fingerprint": fingerprint, "origin": student.origin,
+                  "distillation": student.distillation},
         "target": to_json_dict(replace(target, source=target.source if target.source == "detected"
                                        else Path(target.source).name)),
         "context": context, "build_host": _host_description(), "quality": quality_data,

@@ -27,7 +27,23 @@ def load_student(path: Path, allow_pickle: bool = False) -> StudentModel:
         has_chat_template=bool(model.chat_template),
         dtype=model.stored_dtype,
         origin=_origin_note(model.path),
+        distillation=distillation_summary(model.path),
     )
+
+
+DISTILL_RECORD = "distill.json"  # written by `edgepack distill` beside the student's weights
+
+
+def distillation_summary(path: Path) -> dict | None:
+    """What `edgepack distill` recorded about how this student was made (teacher, settings, before/after
+    metrics), without the per-step history; None for a model that was not made by it."""
+    try:
+        record = json.loads((Path(path) / DISTILL_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    return {key: value for key, value in record.items() if key not in ("losses", "evaluations")}
 
 
 def _origin_note(path: Path) -> str | None:

@@ -1,0 +1,166 @@
+"""Sequence-level distillation's data: the teacher's answers to prompts, cached.
+
+The teacher is a Hugging Face model (transformers' generate) or an OpenAI-compatible endpoint (a cloud model, or
+`edgepack serve` of a bigger local model; the key, if any, from an environment variable, never the command line).
+Each prompt is answered `samples` times, greedily at temperature 0, else sampled with a seed. From an endpoint that
+returns log-probabilities, each answer token's log-probability (and the alternatives', with `top_logprobs`) comes
+back too; when those tokens map one to one onto the student's vocabulary they become sparse soft targets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from edgepack.core.cache import cache_root
+from edgepack.core.errors import EdgepackError
+from edgepack.core.fileio import atomic_output_file
+
+CACHE_FORMAT = 1
+ENDPOINT_TOP_LOGPROBS = 20  # the most OpenAI's API returns per token
+DEFAULT_KEY_ENV = "EDGEPACK_TEACHER_API_KEY"
+
+
+@dataclass(frozen=True)
+class TeacherAnswer:
+    prompt_index: int
+    sample: int
+    text: str
+    # per answer token, (token text, [(alternative text, logprob), ...] most likely first), when the teacher gave them
+    token_logprobs: list[tuple[str, list[tuple[str, float]]]] | None = None
+
+
+@dataclass(frozen=True)
+class AnswerSettings:
+    samples: int = 1
+    temperature: float = 0.0
+    max_tokens: int = 256
+    seed: int = 0
+
+
+def answers_cache_path(teacher_identity: str, prompts: list[tuple[dict, ...]], settings: AnswerSettings) -> Path:
+    key = json.dumps([CACHE_FORMAT, teacher_identity, [list(p) for p in prompts], asdict(settings)], sort_keys=True)
+    return cache_root() / "distill-answers" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+
+
+def cached_answers(path: Path, make: Callable[[], list[TeacherAnswer]]) -> tuple[list[TeacherAnswer], bool]:
+    """The answers from the cache, or made and cached; and whether the cache had them."""
+    if path.is_file():
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        return [TeacherAnswer(r["prompt_index"], r["sample"], r["text"],
+                              [(t, [tuple(a) for a in alts]) for t, alts in r["token_logprobs"]]
+                              if r.get("token_logprobs") is not None else None) for r in rows], True
+    answers = make()
+    with atomic_output_file(path) as tmp:
+        tmp.write_text(json.dumps([asdict(a) for a in answers]), encoding="utf-8")
+    return answers, False
+
+
+def hf_answers(model, tokenizer, prompts: list[tuple[dict, ...]], settings: AnswerSettings, device: str,
+               on_prompt: Callable[[], None] | None = None) -> list[TeacherAnswer]:
+    """The teacher's answers through transformers' generate (one prompt at a time, `samples` sequences each)."""
+    import torch
+    from transformers import GenerationConfig
+
+    if not tokenizer.chat_template:
+        raise EdgepackError("the teacher has no chat template, so it cannot answer chat prompts; give --data text "
+                            "for --mode logits instead")
+    eos = tokenizer.eos_token_id
+    sampled = settings.temperature > 0
+    config = GenerationConfig(max_new_tokens=settings.max_tokens, do_sample=sampled,
+                              temperature=settings.temperature if sampled else None, top_p=None, top_k=None,
+                              num_return_sequences=settings.samples if sampled else 1,
+                              pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
+                              eos_token_id=eos)
+    answers = []
+    for index, messages in enumerate(prompts):
+        text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
+        torch.manual_seed(settings.seed + index)
+        with torch.inference_mode():
+            made = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+        outputs = [made[row, ids.shape[1]:] for row in range(made.shape[0])]
+        if not sampled:
+            outputs = outputs * settings.samples  # greedy answers are all the same: say it once, use it `samples` times
+        for sample, output in enumerate(outputs[:settings.samples]):
+            answers.append(TeacherAnswer(index, sample, tokenizer.decode(output, skip_special_tokens=True)))
+        if on_prompt is not None:
+            on_prompt()
+    return answers
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    url: str  # the API base, e.g. http://127.0.0.1:8080/v1
+    model: str
+    key_env: str = DEFAULT_KEY_ENV
+
+    def client(self):
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.url, api_key=os.environ.get(self.key_env) or "not-needed", timeout=300.0,
+                      max_retries=1)
+
+    def check_reachable(self) -> None:
+        """Before any training: the endpoint answers and serves `model` (a clear error otherwise)."""
+        import openai
+
+        try:
+            served = [m.id for m in self.client().models.list().data]
+        except openai.APIConnectionError as exc:
+            raise EdgepackError(f"the teacher endpoint {self.url} cannot be reached ({exc.__cause__ or exc}); start "
+                                "it (e.g. `edgepack serve BUNDLE`) or check --teacher-url") from exc
+        except openai.APIStatusError as exc:
+            raise EdgepackError(f"the teacher endpoint {self.url} answered {exc.status_code} to GET /models: "
+                                f"{exc.message}") from exc
+        if served and self.model not in served:
+            raise EdgepackError(f"the teacher endpoint {self.url} does not serve {self.model!r}; it serves: "
+                                f"{', '.join(served)}")
+
+
+def endpoint_answers(endpoint: Endpoint, prompts: list[tuple[dict, ...]], settings: AnswerSettings,
+                     on_prompt: Callable[[], None] | None = None) -> list[TeacherAnswer]:
+    import openai
+
+    client = endpoint.client()
+    answers = []
+    for index, messages in enumerate(prompts):
+        for sample in range(settings.samples):
+            try:
+                response = _ask(client, endpoint.model, list(messages), settings, sample + settings.seed,
+                                top_logprobs=ENDPOINT_TOP_LOGPROBS)
+            except openai.BadRequestError:  # an endpoint that gives no alternatives still gives the chosen tokens'
+                response = _ask(client, endpoint.model, list(messages), settings, sample + settings.seed,
+                                top_logprobs=None)
+            except openai.APIError as exc:
+                raise EdgepackError(f"the teacher endpoint {endpoint.url} failed on prompt {index + 1}: {exc}") \
+                    from exc
+            choice = response.choices[0]
+            answers.append(TeacherAnswer(index, sample, choice.message.content or "", _token_logprobs(choice)))
+        if on_prompt is not None:
+            on_prompt()
+    return answers
+
+
+def _ask(client, model: str, messages: list[dict], settings: AnswerSettings, seed: int, top_logprobs: int | None):
+    extra = {"top_logprobs": top_logprobs} if top_logprobs else {}
+    return client.chat.completions.create(model=model, messages=messages, max_tokens=settings.max_tokens,
+                                          temperature=settings.temperature, seed=seed, logprobs=True, **extra)
+
+
+def _token_logprobs(choice) -> list[tuple[str, list[tuple[str, float]]]] | None:
+    content = getattr(choice.logprobs, "content", None) if choice.logprobs is not None else None
+    if not content:
+        return None
+    tokens = []
+    for entry in content:
+        alternatives = [(a.token, float(a.logprob)) for a in (entry.top_logprobs or [])]
+        if entry.token not in {text for text, _ in alternatives}:
+            alternatives.insert(0, (entry.token, float(entry.logprob)))
+        alternatives.sort(key=lambda pair: -pair[1])
+        tokens.append((entry.token, alternatives))
+    return tokens
