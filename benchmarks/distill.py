@@ -1,13 +1,14 @@
 """Logit distillation against cross-entropy-only training, on the demo student with half its layers dropped.
 
-    python -m benchmarks.distill [--steps 150] [--precision bf16] [--json]
+    python -m benchmarks.distill [--steps 160] [--rows 0,1,2] [--precision bf16] [--json]
 
 Teacher: the demo student (SmolLM2-135M-Instruct). Student: the teacher with half its layers dropped (15 of 30,
 first and last kept). Training text: the docstrings of Python's standard library on this machine (English prose
-about software, ~110,000 tokens; generated here, never shipped). Held-out text: edgepack's built-in evaluation
-text, which is not training data. Each row trains the same student on the same data for the same steps and seed;
-only the loss differs. Each row runs `edgepack distill` in a fresh process, one after the other, so the timings
-do not share the 2 cores. Prints a table (stderr) and writes the learning curves of every row to one PNG.
+about software; 240,000 characters, ~57,000 tokens; generated here, never shipped). Held-out text: edgepack's evaluation
+text (prose), or with `--held-out docstrings` the next 40,000 characters of docstrings (none of them trained on). Each
+row trains the same student on the same data for the same steps and seed; only the loss differs. Each row runs
+`edgepack distill` in a fresh process, one after the other, so the timings do not share the 2 cores. Prints a table
+(stderr) and writes the learning curves of every row to one PNG.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ ROWS = {
     "cross-entropy only (alpha=0)": ["--alpha", "0"],
     "logit KD (forward KL, T=1, alpha=1)": ["--loss", "forward-kl", "--temperature", "1", "--alpha", "1"],
 }
+HELD_OUT_CHARS = 40_000
 SKIPPED_MODULES = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo"}
 
 
@@ -59,13 +61,16 @@ def stdlib_docstrings(max_chars: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=160)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--precision", default="bf16", help="bf16 (AMX CPUs and GPUs) or no")
-    parser.add_argument("--data-chars", type=int, default=480_000)
-    parser.add_argument("--rows", default="0,1", help="which rows, by index: " +
+    parser.add_argument("--data-chars", type=int, default=240_000)
+    parser.add_argument("--held-out", choices=("docstrings", "builtin"), default="builtin",
+                        help="docstrings: the next 40,000 characters of docstrings after the training text (same "
+                             "kind of text, none of it trained on); builtin: edgepack's evaluation text (prose)")
+    parser.add_argument("--rows", default="0,1,2", help="which rows, by index: " +
                         "; ".join(f"{i}: {name}" for i, name in enumerate(ROWS)))
     parser.add_argument("--out", type=Path, default=None, help="keep the students and the plot here")
     parser.add_argument("--json", action="store_true")
@@ -76,9 +81,14 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     data = work / "stdlib_docstrings.txt"
     # made in a child process: importing the whole standard library here would swell every child's peak RSS
-    code = f"from benchmarks.distill import stdlib_docstrings; print(stdlib_docstrings({args.data_chars}), end='')"
-    data.write_text(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
-                                   text=True).stdout, encoding="utf-8")
+    code = (f"from benchmarks.distill import stdlib_docstrings; "
+            f"print(stdlib_docstrings({args.data_chars + HELD_OUT_CHARS}), end='')")
+    corpus = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    cut = corpus.rfind("\n\n", 0, args.data_chars)  # between two docstrings
+    data.write_text(corpus[:cut], encoding="utf-8")
+    held_out = work / "held_out_docstrings.txt"
+    held_out.write_text(corpus[cut + 2:], encoding="utf-8")
+    held_out_args = ["--eval-text", str(held_out)] if args.held_out == "docstrings" else []
     names = [list(ROWS)[int(i)] for i in args.rows.split(",")]
     results = []
     for index, name in enumerate(names):
@@ -87,7 +97,7 @@ def main() -> None:
                    "--keep-layers", "0.5", "--data", str(data), "--max-steps", str(args.steps), "--seq-len",
                    str(args.seq_len), "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--precision",
                    args.precision, "--eval-every", str(max(1, args.steps // 6)), "--out", str(out), "--force",
-                   *ROWS[name]]
+                   *held_out_args, *ROWS[name]]
         print(f"[{index + 1}/{len(names)}] {name}", file=sys.stderr)
         timing = run_measured(command)
         record = json.loads((out / "distill.json").read_text())

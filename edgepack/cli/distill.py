@@ -95,6 +95,8 @@ def distill(teacher, teacher_url, teacher_model, teacher_key_env, student, from_
         sample_temperature=sample_temperature, max_answer_tokens=max_answer_tokens, lora_rank=lora_rank,
         gradient_checkpointing=gradient_checkpointing, precision=precision, device=device, threads=threads,
         seed=seed, resume=resume, force=force, keep_checkpoints=keep_checkpoints, show_progress=not as_json))
+    if not result.main_process:
+        return  # under `accelerate launch`, the main process reports
     if as_json:
         print_json(result.record)
         return

@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from edgepack.core.errors import EdgepackError
 
@@ -158,3 +160,20 @@ def check_safe_name(value: str, what: str) -> str:
     if problem:
         raise EdgepackError(f"{what} {value!r} {problem}")
     return value
+
+
+def read_jsonl(path: Path, what: str) -> list[tuple[int, Any]]:
+    """(line number, value) for each non-blank line of a JSON Lines file; a clear error naming `what` for a missing
+    file, and the line for one that is not JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdgepackError(f"{what} {path} does not exist")
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((number, json.loads(line)))
+        except ValueError as exc:
+            raise EdgepackError(f"{path}:{number}: not JSON: {exc}") from exc
+    return rows

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgepack.core.errors import EdgepackError
-from edgepack.core.fileio import sha256_file
+from edgepack.core.fileio import read_jsonl, sha256_file
 
 TEXT_SUFFIXES = (".txt", ".md")
 JSON_SUFFIXES = (".jsonl", ".json")
@@ -99,16 +99,8 @@ def _document_from_row(row: dict, path: Path, number: int) -> Document:
 def read_prompts(path: Path | None) -> list[tuple[dict, ...]]:
     """Prompts as chat messages, ending with the user's turn; edgepack's built-in set when `path` is None."""
     path = Path(path) if path is not None else BUILTIN_PROMPTS
-    if not path.is_file():
-        raise EdgepackError(f"prompt file {path} does not exist")
     prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise EdgepackError(f"{path} line {number} is not JSON: {exc}") from exc
+    for number, row in read_jsonl(path, "prompt file"):
         if isinstance(row, dict) and isinstance(row.get("prompt"), str) and row["prompt"].strip():
             prompts.append(({"role": "user", "content": row["prompt"]},))
             continue
@@ -116,7 +108,7 @@ def read_prompts(path: Path | None) -> list[tuple[dict, ...]]:
         if not (isinstance(messages, list) and messages and all(
                 isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)
                 and messages[-1].get("role") == "user"):
-            raise EdgepackError(f"{path} line {number}: needs \"prompt\" (a string) or \"messages\" ending with "
+            raise EdgepackError(f"{path}:{number}: needs \"prompt\" (a string) or \"messages\" ending with "
                                 "the user's turn")
         prompts.append(tuple({"role": m["role"], "content": m["content"]} for m in messages))
     if not prompts:

@@ -61,3 +61,4 @@ class DistillResult:
     after: dict
     teacher_cache_hit: bool | None  # None: no teacher targets were needed
     record: dict  # what distill.json holds
+    main_process: bool = True  # False in the other processes of a multi-process run (they print nothing)

@@ -87,6 +87,8 @@ def write_report(directory: Path, record: dict, curve: str | None) -> None:
     if curve:
         lines += ["", f"![learning curve]({curve})"]
     if record.get("evaluations"):
-        lines += ["", "| step | mean KLD | perplexity |", "|---|---|---|"]
+        precision = "float32" if record["settings"]["precision"] == "no" else record["settings"]["precision"]
+        lines += ["", f"During training (at the training precision, {precision}; before "
+                      "and after above are in float32):", "", "| step | mean KLD | perplexity |", "|---|---|---|"]
         lines += [f"| {e['step']} | {e['kld_mean']:.4f} | {e['perplexity']:.3f} |" for e in record["evaluations"]]
     (directory / REPORT_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -19,10 +19,10 @@ from edgepack.core.errors import EdgepackError
 from edgepack.core.fileio import fsync_tree
 from edgepack.core.progress import progress_bar, say
 from edgepack.core.versions import EDGEPACK_VERSION
+from edgepack.distill.answer_targets import answer_training
 from edgepack.distill.data import (
     BUILTIN_PROMPTS,
     TrainingSequence,
-    answer_sequence,
     files_digest,
     pack_documents,
     read_documents,
@@ -35,14 +35,12 @@ from edgepack.distill.student_init import check_same_vocabulary, copy_tokenizer_
 from edgepack.distill.teacher_answers import (
     AnswerSettings,
     Endpoint,
-    TeacherAnswer,
     answers_cache_path,
     cached_answers,
     endpoint_answers,
     hf_answers,
 )
 from edgepack.distill.teacher_targets import (
-    REST_LOGMASS_FLOOR,
     SparseTargets,
     cache_dir,
     load_targets,
@@ -136,6 +134,7 @@ def distill(options: DistillOptions) -> DistillResult:
         sequences += pack_documents(student_tokenizer, documents, options.seq_len)
     answers_hit = None
     answer_targets: list[SparseTargets] | None = None
+    soft_answers = 0
     if prompts:
         settings = AnswerSettings(options.samples, options.sample_temperature, options.max_answer_tokens, options.seed)
         identity = model_fingerprint(teacher_path) if teacher is not None else f"{endpoint.url}|{endpoint.model}"
@@ -143,12 +142,12 @@ def distill(options: DistillOptions) -> DistillResult:
                 as advance, accelerator.main_process_first():
             answers, answers_hit = cached_answers(
                 answers_cache_path(identity, prompts, settings),
-                lambda: hf_answers(teacher.model, teacher.tokenizer, prompts, settings, teacher.device,
-                                   on_prompt=lambda: advance(1)) if teacher is not None
+                lambda: hf_answers(teacher, prompts, settings, on_prompt=lambda: advance(1)) if teacher is not None
                 else endpoint_answers(endpoint, prompts, settings, on_prompt=lambda: advance(1)))
-        answer_seqs, answer_targets = _answer_sequences(student_tokenizer, prompts, answers, options.seq_len,
-                                                        use_logprobs=teacher is None)
-        sequences += answer_seqs
+        from_answers = answer_training(student_tokenizer, prompts, answers, options.seq_len,
+                                       use_logprobs=teacher is None)
+        sequences += from_answers.sequences
+        answer_targets, soft_answers = from_answers.targets, from_answers.with_soft_targets
     if not sequences:
         raise EdgepackError("nothing to train on: the data and prompts gave no sequence of at least 2 tokens")
 
@@ -167,8 +166,10 @@ def distill(options: DistillOptions) -> DistillResult:
 
     # held-out text, read by the teacher through the quality stage's cache
     held_out = None
-    if teacher is not None and accelerator.is_main_process:
-        held_out = _held_out(teacher, teacher_path, held_out_text, options, student_context)
+    if teacher is not None:
+        with accelerator.main_process_first():  # the others read the teacher's figures from the cache
+            held_out = _held_out(teacher, teacher_path, held_out_text, options, student_context,
+                                 options.show_progress and accelerator.is_main_process)
     evaluate = (lambda model: asdict(measure_student(model, held_out, accelerator.device, with_answers=False))) \
         if held_out is not None else None
 
@@ -191,10 +192,10 @@ def distill(options: DistillOptions) -> DistillResult:
         (student_tokenizer.eos_token_id or 0)
     say(f"training {parameters:,} parameters for {steps} steps on {len(sequences)} sequences "
         f"({sum(s.scored_count for s in sequences):,} scored tokens), {device}, precision {precision}")
-    model, state = train(model, sequences, targets, options.loss, train_settings, work, pad_id, accelerator,
-                         options.resume, evaluate, options.show_progress)
+    model, state, full_state = train(model, sequences, targets, options.loss, train_settings, work, pad_id,
+                                     accelerator, options.resume, evaluate, options.show_progress)
     if options.lora_rank:
-        model = model.merge_and_unload()
+        model, full_state = model.merge_and_unload(), None
     after = asdict(measure_student(model, held_out, accelerator.device)) if held_out is not None else {}
     record = {
         "edgepack_version": EDGEPACK_VERSION,
@@ -209,6 +210,8 @@ def distill(options: DistillOptions) -> DistillResult:
                  (BUILTIN_PROMPTS.name if prompts else None),
                  "prompts_count": len(prompts), "sequences": len(sequences),
                  "scored_tokens": sum(s.scored_count for s in sequences)},
+        # answers whose tokens' log-probabilities (from the endpoint) were the student's soft targets
+        "answers_with_soft_targets": soft_answers if targets is answer_targets else 0,
         "settings": {"mode": options.mode, "loss": options.loss.kind, "temperature": options.loss.temperature,
                      "alpha": options.loss.alpha, "jsd_beta": options.loss.jsd_beta, "top_k": options.top_k,
                      "seq_len": options.seq_len, "lr": options.lr, "batch_size": options.batch_size,
@@ -225,10 +228,11 @@ def distill(options: DistillOptions) -> DistillResult:
         "losses": [[s, round(v, 5)] for s, v in state.losses],
     }
     if accelerator.is_main_process:
-        _finish(out, work, model, student_tokenizer, start_dir, record, state, options.keep_checkpoints)
+        _finish(out, work, model, full_state, student_tokenizer, start_dir, record, state, options.keep_checkpoints)
     accelerator.wait_for_everyone()
     return DistillResult(out=out, steps=state.step, seconds=state.seconds, tokens=state.tokens, before=before,
-                         after=after, teacher_cache_hit=cache_hit, record=record)
+                         after=after, teacher_cache_hit=cache_hit, record=record,
+                         main_process=accelerator.is_main_process)
 
 
 def _check_options(options: DistillOptions) -> None:
@@ -334,108 +338,29 @@ def _held_out_text(options: DistillOptions) -> str:
 
 
 def _held_out(teacher: TorchRuntime, teacher_path: Path, text: str, options: DistillOptions,
-              student_context: int) -> HeldOut:
+              student_context: int, show_progress: bool) -> HeldOut:
     window = min(DEFAULT_WINDOW, teacher.context_length, student_context or DEFAULT_WINDOW)
     windows = make_windows(teacher, text, window)
-    with progress_bar("teacher on held-out text", len(windows.windows), options.show_progress) as advance:
+    with progress_bar("teacher on held-out text", len(windows.windows), show_progress) as advance:
         reference = reference_for(teacher, teacher_path, text, windows, window, DEFAULT_TOP_K,
                                   on_window=lambda: advance(1))
     count = min(options.eval_windows, len(windows.windows))
     answers = ()
     if options.behaviour and teacher.has_chat_template():
         tasks = builtin_tasks()
-        with progress_bar("teacher answers to the behaviour prompts", len(tasks), options.show_progress) as advance:
+        with progress_bar("teacher answers to the behaviour prompts", len(tasks), show_progress) as advance:
             answers = reference_answers(teacher, model_fingerprint(teacher_path), tasks, window, DEFAULT_TOP_K,
                                         on_prompt=lambda: advance(1)).answers
     return HeldOut(EvalWindows(windows.windows[:count]), tuple(reference[:count]), tuple(answers))
 
 
-def _answer_sequences(tokenizer, prompts: list[tuple[dict, ...]], answers: list[TeacherAnswer], seq_len: int,
-                      use_logprobs: bool) -> tuple[list[TrainingSequence], list[SparseTargets] | None]:
-    """Each answer after its prompt (chat template), the end-of-turn token after it; sparse soft targets when every
-    answer came with log-probabilities whose tokens map one to one onto the student's vocabulary."""
-    import numpy as np
-
-    pieces = _piece_ids(tokenizer) if use_logprobs else {}
-    eos = tokenizer.eos_token_id
-    sequences, targets, all_mapped = [], [], use_logprobs
-    for answer in answers:
-        if not answer.text.strip():
-            continue
-        prompt_ids = tokenizer(tokenizer.apply_chat_template(list(prompts[answer.prompt_index]), tokenize=False,
-                                                             add_generation_prompt=True),
-                               add_special_tokens=False)["input_ids"]
-        mapped = _mapped_answer(answer, pieces) if use_logprobs else None
-        all_mapped = all_mapped and mapped is not None
-        answer_ids = [ids for ids, _ in mapped] if mapped else tokenizer(answer.text, add_special_tokens=False)[
-            "input_ids"]
-        answer_ids = answer_ids + ([eos] if eos is not None else [])
-        room = seq_len - len(prompt_ids)
-        if room < 2:
-            continue
-        sequences.append(answer_sequence(prompt_ids, answer_ids[:room]))
-        if mapped:
-            alternatives = [alts for _, alts in mapped] + [[(eos, 0.0)]]
-            targets.append(_sparse(alternatives[:room], len(tokenizer)))
-    if not (all_mapped and targets and len(targets) == len(sequences)):
-        return sequences, None
-    width = min(t.top_ids.shape[1] for t in targets)
-    return sequences, [SparseTargets(t.top_ids[:, :width], t.top_logprobs[:, :width], np.asarray(
-        [_rest(row) for row in t.top_logprobs[:, :width]], dtype=np.float32)) for t in targets]
-
-
-def _piece_ids(tokenizer) -> dict[str, int]:
-    """Token text -> id, for the texts exactly one token decodes to."""
-    seen: dict[str, int | None] = {}
-    for token_id in range(len(tokenizer)):
-        text = tokenizer.decode([token_id])
-        seen[text] = None if text in seen else token_id
-    return {text: i for text, i in seen.items() if i is not None}
-
-
-def _mapped_answer(answer: TeacherAnswer, pieces: dict[str, int]):
-    if not answer.token_logprobs or "".join(t for t, _ in answer.token_logprobs) != answer.text:
-        return None
-    mapped = []
-    for token, alternatives in answer.token_logprobs:
-        if token not in pieces:
-            return None
-        mapped.append((pieces[token], [(pieces[t], lp) for t, lp in alternatives if t in pieces]))
-    return mapped
-
-
-def _sparse(alternatives: list[list[tuple[int, float]]], vocab: int) -> SparseTargets:
-    """Per position the alternatives given (most likely first), padded to the widest with tokens of no mass."""
-    import numpy as np
-
-    width = max(len(a) for a in alternatives)
-    ids = np.zeros((len(alternatives), width), dtype=np.int32)
-    logprobs = np.full((len(alternatives), width), REST_LOGMASS_FLOOR, dtype=np.float32)
-    for row, alts in enumerate(alternatives):
-        used = {i for i, _ in alts}
-        fillers = (i for i in range(vocab) if i not in used)
-        for column in range(width):
-            if column < len(alts):
-                ids[row, column], logprobs[row, column] = alts[column]
-            else:
-                ids[row, column] = next(fillers)
-    return SparseTargets(ids, logprobs.astype(np.float16), np.zeros(len(alternatives), dtype=np.float32))
-
-
-def _rest(top_logprobs) -> float:
-    import numpy as np
-
-    rest = 1.0 - float(np.exp(top_logprobs.astype(np.float64)).sum())
-    return float(np.log(rest)) if rest > np.exp(REST_LOGMASS_FLOOR) else REST_LOGMASS_FLOOR
-
-
-def _finish(out: Path, work: Path, model, tokenizer, start_dir: Path, record: dict, state,
+def _finish(out: Path, work: Path, model, full_state: dict | None, tokenizer, start_dir: Path, record: dict, state,
             keep_checkpoints: bool) -> None:
     """The student's files go to OUT/.work/final first and are moved into OUT together, the record last."""
     final = work / "final"
     shutil.rmtree(final, ignore_errors=True)
     final.mkdir(parents=True)
-    model.save_pretrained(final, safe_serialization=True)
+    model.save_pretrained(final, safe_serialization=True, **({"state_dict": full_state} if full_state else {}))
     tokenizer.save_pretrained(final)
     copy_tokenizer_files(start_dir, final)
     curve = plot_curve(final, state.losses, state.evaluations)

@@ -60,34 +60,41 @@ def cached_answers(path: Path, make: Callable[[], list[TeacherAnswer]]) -> tuple
     return answers, False
 
 
-def hf_answers(model, tokenizer, prompts: list[tuple[dict, ...]], settings: AnswerSettings, device: str,
+def hf_answers(runtime, prompts: list[tuple[dict, ...]], settings: AnswerSettings,
                on_prompt: Callable[[], None] | None = None) -> list[TeacherAnswer]:
-    """The teacher's answers through transformers' generate (one prompt at a time, `samples` sequences each)."""
+    """The teacher's answers through transformers (`runtime` is the teacher's TorchRuntime): greedy answers in
+    left-padded batches, sampled ones one prompt at a time with `samples` sequences each."""
     import torch
     from transformers import GenerationConfig
 
+    tokenizer = runtime.tokenizer
     if not tokenizer.chat_template:
         raise EdgepackError("the teacher has no chat template, so it cannot answer chat prompts; give --data text "
                             "for --mode logits instead")
-    eos = tokenizer.eos_token_id
-    sampled = settings.temperature > 0
-    config = GenerationConfig(max_new_tokens=settings.max_tokens, do_sample=sampled,
-                              temperature=settings.temperature if sampled else None, top_p=None, top_k=None,
-                              num_return_sequences=settings.samples if sampled else 1,
-                              pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
-                              eos_token_id=eos)
+    prompt_ids = [runtime.chat_prompt_ids(list(messages)) for messages in prompts]
     answers = []
-    for index, messages in enumerate(prompts):
-        text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
+    if settings.temperature <= 0:  # greedy answers are all the same: made once, used `samples` times
+        for start in range(0, len(prompts), 16):
+            group = prompt_ids[start:start + 16]
+            for offset, ids in enumerate(runtime.greedy_batch(group, settings.max_tokens)):
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+                answers += [TeacherAnswer(start + offset, sample, text) for sample in range(settings.samples)]
+                if on_prompt is not None:
+                    on_prompt()
+        return answers
+    eos = sorted(runtime.eos_token_ids)
+    config = GenerationConfig(max_new_tokens=settings.max_tokens, do_sample=True, temperature=settings.temperature,
+                              top_p=None, top_k=None, num_return_sequences=settings.samples, eos_token_id=eos,
+                              pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0])
+    for index, ids in enumerate(prompt_ids):
+        tensor = torch.tensor([ids], device=runtime.device)
         torch.manual_seed(settings.seed + index)
         with torch.inference_mode():
-            made = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
-        outputs = [made[row, ids.shape[1]:] for row in range(made.shape[0])]
-        if not sampled:
-            outputs = outputs * settings.samples  # greedy answers are all the same: say it once, use it `samples` times
-        for sample, output in enumerate(outputs[:settings.samples]):
-            answers.append(TeacherAnswer(index, sample, tokenizer.decode(output, skip_special_tokens=True)))
+            made = runtime.model.generate(input_ids=tensor, attention_mask=torch.ones_like(tensor),
+                                          generation_config=config)
+        for sample in range(made.shape[0]):
+            answers.append(TeacherAnswer(index, sample, tokenizer.decode(made[sample, len(ids):],
+                                                                         skip_special_tokens=True)))
         if on_prompt is not None:
             on_prompt()
     return answers

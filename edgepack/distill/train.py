@@ -128,8 +128,9 @@ def prepare_model(model, settings: TrainSettings):
 
 def train(model, sequences: list[TrainingSequence], targets: list[SparseTargets] | None, loss: LossSettings,
           settings: TrainSettings, work_dir: Path, pad_id: int, accelerator, resume: bool,
-          evaluate: Callable[[object], dict] | None, show_progress: bool = True) -> tuple[object, TrainState]:
-    """Train `model` for settings.max_steps optimizer steps; returns the (unwrapped) model and the state."""
+          evaluate: Callable[[object], dict] | None, show_progress: bool = True) -> tuple[object, TrainState, dict]:
+    """Train `model` for settings.max_steps optimizer steps; returns the (unwrapped) model, the state, and the whole
+    state dict gathered on the main process (from every shard, under FSDP or ZeRO-3)."""
     from transformers import get_cosine_schedule_with_warmup
 
     model = prepare_model(model, settings)
@@ -148,7 +149,9 @@ def train(model, sequences: list[TrainingSequence], targets: list[SparseTargets]
             raise EdgepackError(f"the checkpoint in {work_dir} is at step {state.step}, past --max-steps "
                                 f"{settings.max_steps}")
     model.train()
-    if evaluate is not None and not state.evaluations and accelerator.is_main_process:
+    # every process evaluates (a sharded model, FSDP or ZeRO-3, needs all of them for a forward pass); the main
+    # process's figures are kept
+    if evaluate is not None and not state.evaluations:
         state.evaluations.append({"step": 0, **evaluate(accelerator.unwrap_model(model))})
     progress = _Progress(settings.max_steps, state.step, enabled=show_progress and accelerator.is_main_process)
     with progress:
@@ -183,13 +186,13 @@ def train(model, sequences: list[TrainingSequence], targets: list[SparseTargets]
             progress.update(state, mean_loss)
             last = state.step == settings.max_steps
             if evaluate is not None and (last or state.step % settings.eval_every == 0):
-                if accelerator.is_main_process:
-                    state.evaluations.append({"step": state.step, **evaluate(accelerator.unwrap_model(model))})
-                    progress.note(state.evaluations[-1])
-                accelerator.wait_for_everyone()
+                state.evaluations.append({"step": state.step, **evaluate(accelerator.unwrap_model(model))})
+                progress.note(state.evaluations[-1])
             if not last and state.step % settings.save_every == 0:
                 save_checkpoint(accelerator, work_dir, state)
-    return accelerator.unwrap_model(model), state
+    full_state = accelerator.get_state_dict(model)
+    # without the mixed-precision wrapper: the "after" figures are measured in float32, as the "before" ones
+    return accelerator.unwrap_model(model, keep_fp32_wrapper=False), state, full_state
 
 
 def save_checkpoint(accelerator, work_dir: Path, state: TrainState) -> None:

@@ -7,12 +7,12 @@ and the rest, and is written to the router config the server reads.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edgepack.core.errors import EdgepackError
+from edgepack.core.fileio import read_jsonl
 from edgepack.serve.router import RouterConfig, confidence_of
 from edgepack.serve.session import ModelSession
 from runtimes.base import GenerationOptions
@@ -28,17 +28,8 @@ class Calibration:
 
 
 def load_prompts(path: Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise EdgepackError(f"prompts file {path} does not exist")
     prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except ValueError as exc:
-            raise EdgepackError(f"{path}:{number}: not JSON: {exc}") from exc
+    for number, item in read_jsonl(path, "prompts file"):
         if not isinstance(item, dict) or not (isinstance(item.get("prompt"), str) or
                                               isinstance(item.get("messages"), list)):
             raise EdgepackError(f"{path}:{number}: each line must be {{\"prompt\": TEXT}} or "
