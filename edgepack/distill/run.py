@@ -31,7 +31,12 @@ from edgepack.distill.data import (
 from edgepack.distill.evaluation import HeldOut, measure_student
 from edgepack.distill.options import MODES, PRECISIONS, DistillOptions, DistillResult
 from edgepack.distill.report import RECORD_FILE, plot_curve, write_record, write_report
-from edgepack.distill.student_init import check_same_vocabulary, copy_tokenizer_files, student_from_teacher
+from edgepack.distill.student_init import (
+    check_same_vocabulary,
+    copy_tokenizer_files,
+    kept_layers,
+    student_from_teacher,
+)
 from edgepack.distill.teacher_answers import (
     AnswerSettings,
     Endpoint,
@@ -102,12 +107,12 @@ def distill(options: DistillOptions) -> DistillResult:
 
     # the student's starting point (made once; a resumed run finds it in .work)
     if options.keep_layers is not None:
-        start_dir, kept = work / INIT_DIR, None
-        if not (start_dir / "config.json").is_file():
-            with accelerator.main_process_first():
-                if accelerator.is_main_process:
-                    say(f"making the student: the teacher's layers, keeping {options.keep_layers}")
-                    kept = student_from_teacher(teacher_path, options.keep_layers, start_dir)
+        start_dir = work / INIT_DIR
+        kept = kept_layers(int(teacher.model.config.num_hidden_layers), options.keep_layers)
+        with accelerator.main_process_first():  # every process enters: the barrier must be met by all
+            if accelerator.is_main_process and not (start_dir / "config.json").is_file():
+                say(f"making the student: the teacher's layers, keeping {options.keep_layers}")
+                student_from_teacher(teacher_path, options.keep_layers, start_dir)
         initialisation = f"the teacher with layers dropped (--keep-layers {options.keep_layers})"
     else:
         start_dir, kept = Path(options.student), None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -40,10 +41,17 @@ def test_two_cpu_processes_train_one_student(tiny_model, tmp_path):
                "--data", str(tmp_path / "train.txt"), "--seq-len", "64", "--batch-size", "2", "--max-steps", "2",
                "--eval-text", str(tmp_path / "held_out.txt"), "--eval-windows", "1", "--no-behaviour",
                "--threads", "1", "--out", str(out), "--json"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "EDGEPACK_CACHE": str(tmp_path / "cache")})
-    assert done.returncode == 0, done.stderr[-3000:]
-    record = json.loads(done.stdout)  # one report: the main process's
+    # a session of its own, so a hang (a barrier one process missed) is killed whole: torchrun and both workers
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, env={**os.environ, "EDGEPACK_CACHE": str(tmp_path / "cache")})
+    try:
+        stdout, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"two-process distillation did not finish in 300 s:\n{stderr[-3000:]}") from None
+    assert process.returncode == 0, stderr[-3000:]
+    record = json.loads(stdout)  # one report: the main process's
     assert record["settings"]["processes"] == 2 and record["steps"] == 2
     # each step: 2 sequences in each of the 2 processes, up to 63 scored tokens each
     assert 2 * 2 * 2 * 16 < record["tokens_trained"] <= 2 * 2 * 2 * 63
