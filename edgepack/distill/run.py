@@ -104,6 +104,8 @@ def distill(options: DistillOptions) -> DistillResult:
     teacher = TorchRuntime(teacher_path, LoadOptions(threads=options.threads,
                                                      device="cuda" if device == "cuda" else "cpu")) \
         if teacher_path is not None else None
+    # the teacher's identity (sha256 of its weights): computed once, it keys every cache below
+    teacher_fingerprint = model_fingerprint(teacher_path) if teacher_path is not None else None
 
     # the student's starting point (made once; a resumed run finds it in .work)
     if options.keep_layers is not None:
@@ -142,7 +144,7 @@ def distill(options: DistillOptions) -> DistillResult:
     soft_answers = 0
     if prompts:
         settings = AnswerSettings(options.samples, options.sample_temperature, options.max_answer_tokens, options.seed)
-        identity = model_fingerprint(teacher_path) if teacher is not None else f"{endpoint.url}|{endpoint.model}"
+        identity = teacher_fingerprint if teacher is not None else f"{endpoint.url}|{endpoint.model}"
         with progress_bar("teacher answers", len(prompts), options.show_progress and accelerator.is_main_process) \
                 as advance, accelerator.main_process_first():
             answers, answers_hit = cached_answers(
@@ -160,7 +162,7 @@ def distill(options: DistillOptions) -> DistillResult:
     targets: list[SparseTargets] | None = None
     cache_hit = None
     if token_level and options.loss.alpha > 0:
-        directory = cache_dir(model_fingerprint(teacher_path), sequences, options.top_k)
+        directory = cache_dir(teacher_fingerprint, sequences, options.top_k)
         with progress_bar("teacher logits", len(sequences), options.show_progress and accelerator.is_main_process) \
                 as advance, accelerator.main_process_first():
             entry = teacher_targets(teacher.model, sequences, options.top_k, directory, options.batch_size,
@@ -173,7 +175,7 @@ def distill(options: DistillOptions) -> DistillResult:
     held_out = None
     if teacher is not None:
         with accelerator.main_process_first():  # the others read the teacher's figures from the cache
-            held_out = _held_out(teacher, teacher_path, held_out_text, options, student_context,
+            held_out = _held_out(teacher, teacher_path, teacher_fingerprint, held_out_text, options, student_context,
                                  options.show_progress and accelerator.is_main_process)
     evaluate = (lambda model: asdict(measure_student(model, held_out, accelerator.device, with_answers=False))) \
         if held_out is not None else None
@@ -206,7 +208,7 @@ def distill(options: DistillOptions) -> DistillResult:
         "edgepack_version": EDGEPACK_VERSION,
         "teacher": {"kind": "huggingface" if teacher is not None else "endpoint",
                     "name": teacher_path.name if teacher_path else f"{endpoint.model} at {endpoint.url}",
-                    "fingerprint": model_fingerprint(teacher_path) if teacher_path else None},
+                    "fingerprint": teacher_fingerprint},
         "student": {"initialisation": initialisation, "parameters": parameters,
                     "kept_layers": kept if kept is not None else None},
         "data": {"files": [Path(p).name for p in options.data],
@@ -342,7 +344,7 @@ def _held_out_text(options: DistillOptions) -> str:
     return text
 
 
-def _held_out(teacher: TorchRuntime, teacher_path: Path, text: str, options: DistillOptions,
+def _held_out(teacher: TorchRuntime, teacher_path: Path, teacher_fingerprint: str, text: str, options: DistillOptions,
               student_context: int, show_progress: bool) -> HeldOut:
     window = min(DEFAULT_WINDOW, teacher.context_length, student_context or DEFAULT_WINDOW)
     windows = make_windows(teacher, text, window)
@@ -354,7 +356,7 @@ def _held_out(teacher: TorchRuntime, teacher_path: Path, text: str, options: Dis
     if options.behaviour and teacher.has_chat_template():
         tasks = builtin_tasks()
         with progress_bar("teacher answers to the behaviour prompts", len(tasks), show_progress) as advance:
-            answers = reference_answers(teacher, model_fingerprint(teacher_path), tasks, window, DEFAULT_TOP_K,
+            answers = reference_answers(teacher, teacher_fingerprint, tasks, window, DEFAULT_TOP_K,
                                         on_prompt=lambda: advance(1)).answers
     return HeldOut(EvalWindows(windows.windows[:count]), tuple(reference[:count]), tuple(answers))
 
