@@ -41,6 +41,11 @@ class GenerationOptions:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: bool = False
+    top_logprobs: int = 0  # with logprobs: this many most likely tokens at each step, with theirs
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from the logit of every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per earlier occurrence
+    grammar: str | None = None  # GBNF (rule "root"): output constrained to it; engines without grammars refuse
     ignore_eos: bool = False  # benchmarks generate a fixed number of tokens
 
 
@@ -53,6 +58,7 @@ class GenerationChunk:
     text: str
     logprob: float | None = None
     finish_reason: str | None = None  # "stop" (EOS or stop string), "length", "cancelled"
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first, when asked for
 
 
 @dataclass(frozen=True)

@@ -333,6 +333,33 @@ async def _upstream_or_local(state: ServerState, request: Request, model: ModelS
         return await _answer_locally(state, request, model, plan, body.stream, "local-fallback", slot)
 
 
+async def local_generation(state: ServerState, body: ChatRequest | CompletionRequest
+                           ) -> tuple[GenerationPlan, AsyncIterator[GenerationChunk]]:
+    """A request answered by the local model, for the other APIs (Ollama's) that speak through it: the plan and its
+    chunks. The chunks hold the request's admission slot until they end or are closed (`aclose()` them when the
+    client goes away); a full server raises a 503 before anything is tokenized, a bad request a 400."""
+    model = state.require_model()
+    slot = state.local.take()
+    try:
+        plan = await asyncio.to_thread(plan_request, model, body)
+    except EdgepackError as exc:
+        slot.release()
+        raise ApiError(400, str(exc)) from exc
+    except BaseException:
+        slot.release()
+        raise
+    state.metrics.count_route("local")
+
+    async def owned() -> AsyncIterator[GenerationChunk]:
+        try:
+            async for chunk in _chunks(state, model, plan):
+                yield chunk
+        finally:
+            slot.release()
+
+    return plan, owned()
+
+
 def _new_id(plan: GenerationPlan) -> str:
     return ("chatcmpl-" if plan.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
 
