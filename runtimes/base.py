@@ -19,7 +19,7 @@ import numpy as np
 
 from edgepack.core.errors import EdgepackError
 from runtimes.chat_prompt import chat_prompt_pieces
-from runtimes.sampling import Sampler, log_softmax
+from runtimes.sampling import Sampler, token_logprobs
 
 Device = Literal["cpu", "cuda", "metal"]
 DEVICES: tuple[str, ...] = get_args(Device)
@@ -30,6 +30,7 @@ class LoadOptions:
     threads: int | None = None  # None: one per physical core
     context_length: int | None = None  # None: the model's own, capped at DEFAULT_CONTEXT_CAP
     device: Device = "cpu"  # where the engine supports it
+    parallel: int = 1  # sequences generated at once, each with context_length tokens (llama.cpp batches them)
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,9 @@ class Runtime(ABC):
     """One loaded variant on one engine."""
 
     name: ClassVar[str]
+    # generate() may be called from many threads at once: the engine queues (and batches) them itself
+    generates_concurrently: ClassVar[bool] = False
+    parallel: int = 1  # generations the engine runs at once
     path: Path
     context_length: int
     eos_token_ids: frozenset[int]
@@ -176,32 +180,25 @@ class Runtime(ABC):
         options = options or GenerationOptions()
         prompt_ids = list(self.tokenize(prompt) if isinstance(prompt, str) else prompt)
         self.check_prompt_fits(prompt_ids, 1)  # room for at least one new token
-        max_tokens = min(options.max_tokens, self.context_length - len(prompt_ids))
-        sampler = Sampler(options.temperature, options.top_p, options.top_k, options.seed)
-        decoder = IncrementalDecoder(self.detokenize, prompt_ids)
-        stops = StopMatcher(options.stop)
+        if options.grammar is not None:
+            raise EdgepackError(f"the {self.name} engine cannot constrain output to a grammar (response_format, "
+                                "forced tool calls); serve a GGUF variant (llama.cpp) for that")
+        sampler = Sampler(options.temperature, options.top_p, options.top_k, options.seed, options.logit_bias,
+                          options.presence_penalty, options.frequency_penalty)
+        stream = TokenStream(prompt_ids, options, self.eos_token_ids, self.detokenize, self.context_length)
         logits = self._prefill(prompt_ids)
-        made = 0
         while True:
             if cancel is not None and cancel.is_set():
-                yield GenerationChunk(None, stops.flush(decoder.flush()), finish_reason="cancelled")
-                return
-            if made >= max_tokens:
-                yield GenerationChunk(None, stops.flush(decoder.flush()), finish_reason="length")
+                yield stream.cancelled()
                 return
             token = sampler.pick(logits)
-            logprob = float(log_softmax(logits)[token]) if options.logprobs else None
-            if token in self.eos_token_ids and not options.ignore_eos:
-                yield GenerationChunk(token, stops.flush(decoder.flush()), logprob, finish_reason="stop")
+            sampler.accept(token)
+            logprob, top = token_logprobs(logits, token, options.top_logprobs) if options.logprobs else (None, ())
+            chunk = stream.add(token, logprob, top)
+            yield chunk
+            if chunk.finish_reason is not None:
                 return
-            made += 1
-            text, stopped = stops.feed(decoder.add(token))
-            if stopped:
-                yield GenerationChunk(token, text, logprob, finish_reason="stop")
-                return
-            yield GenerationChunk(token, text, logprob)
-            if made < max_tokens:
-                logits = self._step(token)
+            logits = self._step(token)
 
     def complete(self, prompt: str | Sequence[int], options: GenerationOptions | None = None,
                  cancel: threading.Event | None = None) -> GenerationResult:
@@ -221,6 +218,39 @@ class Runtime(ABC):
         return GenerationResult(text="".join(texts), token_ids=tuple(tokens),
                                 logprobs=tuple(logprobs) if options.logprobs else None, finish_reason=reason,
                                 prompt_tokens=len(prompt_ids), completion_tokens=len(tokens))
+
+
+class TokenStream:
+    """What a generation does with each token it picked: the length limit, end-of-generation tokens, stop strings
+    and UTF-8-safe text pieces, the same for every engine and for each sequence of a batch."""
+
+    def __init__(self, prompt_ids: Sequence[int], options: GenerationOptions, eos_token_ids: frozenset[int],
+                 detokenize, context_length: int) -> None:
+        self.options = options
+        self.eos_token_ids = eos_token_ids
+        self.max_tokens = min(options.max_tokens, context_length - len(prompt_ids))
+        self.decoder = IncrementalDecoder(detokenize, prompt_ids)
+        self.stops = StopMatcher(options.stop)
+        self.made = 0
+
+    def add(self, token: int, logprob: float | None = None,
+            top_logprobs: tuple[tuple[int, float], ...] = ()) -> GenerationChunk:
+        """The chunk for `token`; its finish_reason is set when the generation ends with it."""
+        if token in self.eos_token_ids and not self.options.ignore_eos:
+            return GenerationChunk(token, self._flush(), logprob, "stop", top_logprobs)
+        self.made += 1
+        text, stopped = self.stops.feed(self.decoder.add(token))
+        if stopped:
+            return GenerationChunk(token, text, logprob, "stop", top_logprobs)
+        if self.made >= self.max_tokens:
+            return GenerationChunk(token, text + self._flush(), logprob, "length", top_logprobs)
+        return GenerationChunk(token, text, logprob, None, top_logprobs)
+
+    def cancelled(self) -> GenerationChunk:
+        return GenerationChunk(None, self._flush(), finish_reason="cancelled")
+
+    def _flush(self) -> str:
+        return self.stops.flush(self.decoder.flush())
 
 
 class IncrementalDecoder:

@@ -6,13 +6,21 @@ import contextlib
 import io
 import os
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from edgepack.core.errors import EdgepackError
-from runtimes.base import DEFAULT_CONTEXT_CAP, LoadOptions, Runtime, physical_cores
+from runtimes.base import (
+    DEFAULT_CONTEXT_CAP,
+    GenerationChunk,
+    GenerationOptions,
+    LoadOptions,
+    Runtime,
+    physical_cores,
+)
 from runtimes.llamacpp_amx import load_llama
 
 
@@ -39,9 +47,39 @@ def is_gguf(path: Path) -> bool:
         return handle.read(4) == b"GGUF"
 
 
+_context_params_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _sequences_in_context(sequences: int) -> Iterator[None]:
+    """llama_cpp.Llama takes its context parameters from llama_context_default_params() and has no argument for
+    the number of sequences, so the default is changed for the duration of one load. Several sequences share one
+    unified KV cache."""
+    import llama_cpp.llama_cpp as native
+
+    if sequences == 1:
+        yield
+        return
+    original = native.llama_context_default_params
+
+    def with_sequences():
+        params = original()
+        params.n_seq_max = sequences
+        params.kv_unified = True
+        return params
+
+    with _context_params_lock:
+        native.llama_context_default_params = with_sequences
+        try:
+            yield
+        finally:
+            native.llama_context_default_params = original
+
+
 def open_gguf(path: Path, *, vocab_only: bool = False, n_ctx: int = 512, n_threads: int | None = None,
-              n_gpu_layers: int = 0):
-    """A llama_cpp.Llama over `path`, or a clear error when the file is not a loadable GGUF."""
+              n_gpu_layers: int = 0, sequences: int = 1):
+    """A llama_cpp.Llama over `path`, or a clear error when the file is not a loadable GGUF. With `sequences` > 1
+    the context holds that many sequences of up to `n_ctx` tokens each."""
     path = Path(path)
     if not path.is_file():
         raise EdgepackError(f"{path} does not exist; expected a .gguf file")
@@ -49,10 +87,10 @@ def open_gguf(path: Path, *, vocab_only: bool = False, n_ctx: int = 512, n_threa
         raise EdgepackError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
     threads = n_threads or physical_cores()
     try:
-        with quiet_native_stderr():
-            return load_llama(path, vocab_only=vocab_only, n_ctx=n_ctx,
-                         n_threads=threads, n_threads_batch=threads, n_batch=min(max(n_ctx, 8), 512),
-                         n_gpu_layers=n_gpu_layers, verbose=False)
+        with quiet_native_stderr(), _sequences_in_context(sequences):
+            return load_llama(path, vocab_only=vocab_only, n_ctx=n_ctx * sequences, n_threads=threads,
+                              n_threads_batch=threads, n_batch=min(max(n_ctx, 8), 512), n_gpu_layers=n_gpu_layers,
+                              verbose=False)
     except (ValueError, RuntimeError) as exc:
         raise EdgepackError(f"llama.cpp could not load {path}: the file is truncated, corrupt or of an "
                             f"unsupported architecture ({exc})") from exc
@@ -64,6 +102,7 @@ def tokenize(llm, text: str, *, add_special: bool, parse_special: bool = True) -
 
 class LlamaCppRuntime(Runtime):
     name = "llamacpp"
+    generates_concurrently = True  # through the batch scheduler
 
     @classmethod
     def can_load(cls, path: Path) -> bool:
@@ -94,7 +133,11 @@ class LlamaCppRuntime(Runtime):
             raise EdgepackError(f"unknown device {options.device!r}; accepted: cpu, cuda, metal")
         self.device = options.device
         self.threads = options.threads or physical_cores()
-        self.llm = open_gguf(self.path, n_ctx=self.context_length, n_threads=self.threads, n_gpu_layers=gpu_layers)
+        if options.parallel < 1:
+            raise EdgepackError(f"parallel sequences {options.parallel}: must be 1 or more")
+        self.parallel = options.parallel
+        self.llm = open_gguf(self.path, n_ctx=self.context_length, n_threads=self.threads, n_gpu_layers=gpu_layers,
+                             sequences=self.parallel)
         self._ctx, self._model = self.llm.ctx, self.llm.model
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self._n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
@@ -102,6 +145,8 @@ class LlamaCppRuntime(Runtime):
         self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
         self._n_past = 0
         self._kept: list[int] = []  # the tokens in the KV cache after a logits call (a prefix the next can reuse)
+        self._memory_user = "direct"  # "direct" (logits, _prefill/_step) or "batch" (the scheduler's sequences)
+        self._scheduler = None
         self.eos_token_ids = frozenset(t for t in range(self._n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, t))
         template = llama_cpp.llama_model_chat_template(self._model, None)
         self._chat_template = template.decode("utf-8") if template else None
@@ -168,9 +213,40 @@ class LlamaCppRuntime(Runtime):
     def _reset(self) -> None:
         import llama_cpp
 
+        self._claim_memory("direct")
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
         self._n_past = 0
         self._kept = []
+
+    def _claim_memory(self, user: str) -> bool:
+        """The KV cache is used either directly (one sequence) or by the batch scheduler; switching clears it and
+        what either side remembers of it. Whether it was cleared."""
+        import llama_cpp
+
+        if user == self._memory_user:
+            return False
+        if self._scheduler is not None and user == "direct":
+            self._scheduler.forget_cache()
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
+        self._n_past, self._kept, self._memory_user = 0, [], user
+        return True
+
+    # -- generating: every generation goes through the batch scheduler (llama.cpp samples in C) ----
+
+    def scheduler(self):
+        """The batch scheduler over this context's sequences, started on first use."""
+        from runtimes.llamacpp_batch import BatchScheduler
+
+        if self._scheduler is None:
+            self._scheduler = BatchScheduler(self, self.parallel)
+        return self._scheduler
+
+    def generate(self, prompt: str | Sequence[int], options: GenerationOptions | None = None,
+                 cancel: threading.Event | None = None) -> Iterator[GenerationChunk]:
+        options = options or GenerationOptions()
+        prompt_ids = list(self.tokenize(prompt) if isinstance(prompt, str) else prompt)
+        self.check_prompt_fits(prompt_ids, 1)
+        yield from self.scheduler().stream(prompt_ids, options, cancel)
 
     def _last_logits(self) -> np.ndarray:
         import llama_cpp
@@ -204,6 +280,7 @@ class LlamaCppRuntime(Runtime):
             if kept != token:
                 break
             shared += 1
+        self._claim_memory("direct")
         if shared and llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx), 0, shared, -1):
             self._n_past = shared
         else:
@@ -219,12 +296,15 @@ class LlamaCppRuntime(Runtime):
         weights = int(llama_cpp.llama_model_size(self._model))
         layers = int(llama_cpp.llama_model_n_layer(self._model))
         kv_heads = int(llama_cpp.llama_model_n_head_kv(self._model))
-        kv_cache = 2 * layers * kv_heads * self._kv_width * self.context_length * 2  # K and V, f16
+        kv_cache = 2 * layers * kv_heads * self._kv_width * self.context_length * self.parallel * 2  # K and V, f16
         return weights + kv_cache
 
     def close(self) -> None:
         import llama_cpp
 
+        if self._scheduler is not None:
+            self._scheduler.close()
+            self._scheduler = None
         if self._batch is not None:
             llama_cpp.llama_batch_free(self._batch)
             self._batch = None

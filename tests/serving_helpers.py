@@ -30,8 +30,9 @@ def free_port() -> int:
 
 
 def open_model(path: Path, model_id: str = MODEL_ID, cls: type[LocalModel] = LocalModel,
-               context: int = CONTEXT) -> LocalModel:
-    loaded = load(path, context=context)
+               context: int = CONTEXT, parallel: int = 1) -> LocalModel:
+    """One generation at a time unless `parallel` says more, so tests of the queue know what runs."""
+    loaded = load(path, context=context, parallel=parallel)
     return cls(loaded.runtime, model_id)
 
 

@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -96,7 +97,8 @@ class ServerState:
         self.config = config
         self.model: ModelSession | None = None
         self.load_error: str | None = None
-        self.engine = asyncio.Lock()
+        self.engine = asyncio.Semaphore(1)  # generations at once: the model's concurrency, once it is loaded
+        self.generations: ThreadPoolExecutor | None = None  # a thread for each generation that runs
         self.metrics = Metrics()
         retry = config.retry_after_s
         self.local = Slots(1 + config.max_queue, lambda n: f"the server is busy: {n} requests are running or queued "
@@ -106,6 +108,16 @@ class ServerState:
                             f"are in flight (--max-upstream {config.max_upstream}); retry after {retry} s",
                             "upstream_busy", retry, on_full=self.metrics.count_busy)
         self.upstream = Upstream(config.router) if config.router.policy != "local" else None
+
+    def set_model(self, model: ModelSession) -> None:
+        """The loaded model: as many generations run at once as it takes; the queue waits beyond those."""
+        self.engine = asyncio.Semaphore(model.concurrency)
+        self.generations = ThreadPoolExecutor(max_workers=model.concurrency, thread_name_prefix="edgepack-generate")
+        self.local.limit = model.concurrency + self.config.max_queue
+        if model.runtime.generates_concurrently:
+            counters = model.runtime.scheduler().counters
+            self.metrics.watch_batching(lambda: (counters.reused_tokens, counters.steps))
+        self.model = model  # last: requests see the model only when all of the above is ready
 
     @property
     def in_flight(self) -> int:
@@ -128,20 +140,23 @@ def create_app(config: ServerConfig, loader: Callable[[], ModelSession] | None =
     """`loader` runs in a thread once the server is up (so /health can say 'loading'); or pass a loaded model."""
     config.router.check_ready()
     state = ServerState(config)
-    state.model = model
+    if model is not None:
+        state.set_model(model)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if loader is not None and state.model is None:
             def load() -> None:
                 try:
-                    state.model = loader()
+                    state.set_model(loader())
                 except Exception as exc:  # the server stays up and says why on /health
                     state.load_error = f"the model failed to load: {exc}"
             threading.Thread(target=load, name="edgepack-load", daemon=True).start()
         yield
         if state.upstream is not None:
             await state.upstream.close()
+        if state.generations is not None:
+            state.generations.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="edgepack", lifespan=lifespan)
     app.state.edgepack = state
@@ -191,7 +206,8 @@ def create_app(config: ServerConfig, loader: Callable[[], ModelSession] | None =
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(state.metrics.render(state.in_flight, max(0, state.in_flight - 1)),
+        running = state.model.concurrency if state.model is not None else 1
+        return PlainTextResponse(state.metrics.render(state.in_flight, max(0, state.in_flight - running)),
                                  media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
@@ -412,7 +428,7 @@ async def _generate_all(state: ServerState, model: ModelSession, plan: Generatio
 async def _chunks(state: ServerState, model: ModelSession, plan: GenerationPlan) -> AsyncIterator[GenerationChunk]:
     """Run the generation on a worker thread, holding the engine; yield its chunks. Leaving early (a client
     that went away) cancels the generation at the next token."""
-    async with state.engine:
+    async with state.engine:  # the generations that run at once; the rest wait here, first come first served
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         cancel = threading.Event()
@@ -434,7 +450,7 @@ async def _chunks(state: ServerState, model: ModelSession, plan: GenerationPlan)
                 put(done)
 
         started = time.perf_counter()
-        worker = loop.run_in_executor(None, produce)
+        worker = loop.run_in_executor(state.generations, produce)
         first_at, made = None, 0
         try:
             while True:
@@ -446,7 +462,7 @@ async def _chunks(state: ServerState, model: ModelSession, plan: GenerationPlan)
                 if item.token_id is not None and first_at is None:
                     first_at = time.perf_counter()
                     state.metrics.observe_ttft(first_at - started)
-                made += item.token_id is not None and item.finish_reason is None
+                made += visible(model, item)
                 yield item
         finally:
             cancel.set()

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import threading
 from collections import Counter as Tally
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -63,7 +66,23 @@ class Metrics:
         if decode_seconds and completion > 1:
             self.decode_tps.set((completion - 1) / decode_seconds)
 
+    def watch_batching(self, read: Callable[[], tuple[int, int]]) -> None:
+        """Report the batching engine's own counts: (prompt tokens read from the prefix cache, decode steps)."""
+        self.registry.register(_BatchingCollector(read))
+
     def render(self, in_flight: int, queued: int) -> str:
         self.in_flight.set(in_flight)
         self.queue_depth.set(queued)
         return generate_latest(self.registry).decode()
+
+
+class _BatchingCollector(Collector):
+    def __init__(self, read: Callable[[], tuple[int, int]]) -> None:
+        self.read = read
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        reused, steps = self.read()
+        yield CounterMetricFamily("edgepack_prompt_tokens_reused", "Prompt tokens taken from the prefix cache "
+                                  "instead of computed.", value=reused)
+        yield CounterMetricFamily("edgepack_batch_steps", "Decode steps of the batching engine (each may carry "
+                                  "several requests' tokens).", value=steps)

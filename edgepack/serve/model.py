@@ -20,6 +20,8 @@ class LocalModel(ModelSession):
         if stream:
             return (chunk.text for chunk in self.stream_ids(prompt_ids, options) if chunk.text)
         self.runtime.check_prompt_fits(prompt_ids, 1)
+        if self.runtime.generates_concurrently:
+            return self.runtime.complete(prompt_ids, options)
         with self._lock:
             return self.runtime.complete(prompt_ids, options)
 
@@ -48,8 +50,10 @@ def _options(generation: dict[str, Any]) -> dict[str, Any]:
 
 
 def load(path: str | Path, threads: int | None = None, context: int | None = None,
-         device: Device | None = None) -> LocalModel:
-    """Load a bundle (verified) or a variant for chat/complete/serve in this process."""
-    return open_session(defaults_for(Path(path)), threads, context, device, cls=LocalModel)  # type: ignore[return-value]
+         device: Device | None = None, parallel: int | None = None) -> LocalModel:
+    """Load a bundle (verified) or a variant for chat/complete/serve in this process. `parallel`: generations at
+    once on llama.cpp (default DEFAULT_PARALLEL), each with `context` tokens of KV cache."""
+    return open_session(defaults_for(Path(path)), threads, context, device, cls=LocalModel,  # type: ignore[return-value]
+                        parallel=parallel)
 
 

@@ -1,7 +1,8 @@
-"""A model loaded for serving: a verified bundle, or a variant path directly, as one engine behind a lock.
+"""A model loaded for serving: a verified bundle, or a variant path directly.
 
 The server (edgepack.serve.app) runs on a ModelSession; `edgepack.load` returns the richer LocalModel
-(edgepack.serve.model). One generation runs at a time on the engine; callers wait on the lock.
+(edgepack.serve.model). A llama.cpp engine generates for several callers at once (runtimes.llamacpp_batch);
+any other runs one generation at a time, and callers wait on a lock.
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ from pathlib import Path
 from edgepack.core.errors import EdgepackError
 from runtimes.base import Device, GenerationChunk, GenerationOptions, LoadOptions, Runtime
 
+# Generations served at once on an engine that batches (llama.cpp): on this project's 2-core CPU, 4 streams decode
+# together at several times one stream's rate (benchmarks.server). Each holds its own context of KV cache.
+DEFAULT_PARALLEL = 4
+
 
 @dataclass(frozen=True)
 class ServeDefaults:
@@ -25,6 +30,7 @@ class ServeDefaults:
     device: Device = "cpu"
     host: str = "127.0.0.1"
     port: int = 8080
+    parallel: int | None = None  # None: DEFAULT_PARALLEL
 
 
 def defaults_for(path: Path) -> ServeDefaults:
@@ -43,7 +49,8 @@ def defaults_for(path: Path) -> ServeDefaults:
         server = read_manifest(path)["server"]
         return ServeDefaults(model_id=server["model_id"], model_path=path / server["model_path"],
                              engine=server["engine"], context=server["context"], threads=server["threads"],
-                             device=server["device"], host=server["host"], port=server["port"])
+                             device=server["device"], host=server["host"], port=server["port"],
+                             parallel=server.get("parallel"))
     if path.is_file() and path.name.endswith((".tar.gz", ".tgz")):
         raise EdgepackError(f"{path} is a bundle archive: extract it first (tar xzf) and serve the folder")
     return ServeDefaults(model_id=path.stem if path.is_file() else path.name, model_path=path, engine=None,
@@ -51,7 +58,8 @@ def defaults_for(path: Path) -> ServeDefaults:
 
 
 class ModelSession:
-    """One loaded engine and the lock that lets one generation run on it at a time."""
+    """One loaded engine. An engine that batches (llama.cpp) takes generations from many threads at once; on any
+    other, a lock lets one generation run at a time."""
 
     def __init__(self, runtime: Runtime, model_id: str, defaults: ServeDefaults | None = None,
                  device_note: str | None = None) -> None:
@@ -65,6 +73,11 @@ class ModelSession:
     def context_length(self) -> int:
         return self.runtime.context_length
 
+    @property
+    def concurrency(self) -> int:
+        """Generations that run at once."""
+        return self.runtime.parallel if self.runtime.generates_concurrently else 1
+
     def prompt_ids(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None) -> list[int]:
         if messages is not None:
             return self.runtime.chat_prompt_ids(messages)
@@ -74,6 +87,9 @@ class ModelSession:
                    cancel: threading.Event | None = None) -> Iterator[GenerationChunk]:
         """Stream from token ids, holding the engine for the whole generation."""
         self.runtime.check_prompt_fits(prompt_ids, 1)
+        if self.runtime.generates_concurrently:
+            yield from self.runtime.generate(prompt_ids, options, cancel)
+            return
         with self._lock:
             yield from self.runtime.generate(prompt_ids, options, cancel)
 
@@ -83,7 +99,8 @@ class ModelSession:
 
 
 def open_session(defaults: ServeDefaults, threads: int | None = None, context: int | None = None,
-                 device: Device | None = None, cls: type[ModelSession] | None = None) -> ModelSession:
+                 device: Device | None = None, cls: type[ModelSession] | None = None,
+                 parallel: int | None = None) -> ModelSession:
     """Open what `defaults_for` described (and, for a bundle, verified). A GPU the installed engine cannot use
     (a llama-cpp-python built without CUDA, an onnxruntime without its CUDA provider) falls back to the CPU, and
     the model says why in `device_note`."""
@@ -91,7 +108,7 @@ def open_session(defaults: ServeDefaults, threads: int | None = None, context: i
 
     device = device or defaults.device
     options = LoadOptions(threads=threads or defaults.threads, context_length=context or defaults.context,
-                          device=device)
+                          device=device, parallel=parallel or defaults.parallel or DEFAULT_PARALLEL)
     note = None
     try:
         runtime = open_runtime(defaults.model_path, options, defaults.engine)
