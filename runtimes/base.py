@@ -87,6 +87,7 @@ class Runtime(ABC):
     name: ClassVar[str]
     # generate() may be called from many threads at once: the engine queues (and batches) them itself
     generates_concurrently: ClassVar[bool] = False
+    constrains_output: ClassVar[bool] = False  # GenerationOptions.grammar is honoured
     parallel: int = 1  # generations the engine runs at once
     path: Path
     context_length: int
@@ -111,6 +112,14 @@ class Runtime(ABC):
 
     @abstractmethod
     def detokenize(self, token_ids: Sequence[int]) -> str: ...
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (part of a UTF-8 character, for some)."""
+        return self.detokenize([token_id]).encode("utf-8")
+
+    def vocab_size(self) -> int | None:
+        """Token ids are below this (None where the engine cannot tell)."""
+        return None
 
     @abstractmethod
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str: ...

@@ -24,6 +24,9 @@ class HFTokenizerText:
     def detokenize(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
     def has_chat_template(self) -> bool:
         return bool(self.tokenizer.chat_template)
 

@@ -103,6 +103,7 @@ def tokenize(llm, text: str, *, add_special: bool, parse_special: bool = True) -
 class LlamaCppRuntime(Runtime):
     name = "llamacpp"
     generates_concurrently = True  # through the batch scheduler
+    constrains_output = True  # llama.cpp's grammar sampler
 
     @classmethod
     def can_load(cls, path: Path) -> bool:
@@ -169,6 +170,12 @@ class LlamaCppRuntime(Runtime):
 
     def detokenize(self, token_ids: Sequence[int]) -> str:
         return self.llm.detokenize(list(token_ids)).decode("utf-8", errors="replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.llm.detokenize([token_id])
+
+    def vocab_size(self) -> int:
+        return self._n_vocab
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter

@@ -27,6 +27,12 @@ from runtimes.base import DEVICES
                    "names are answered otherwise (no DNS rebinding).")
 @click.option("--max-body-mb", type=float, default=4.0, show_default=True,
               help="Largest request body accepted; a larger one gets 413 before it is parsed.")
+@click.option("--model-alias", "model_aliases", multiple=True,
+              help="Another name for the local model in /v1/models (repeatable); a request naming any model but the "
+                   "upstream one is answered by the local model.")
+@click.option("--parallel", type=int, default=None,
+              help="Generations at once on llama.cpp, batched together (default: the bundle's, else 4); each holds "
+                   "its own context of KV cache.")
 @click.option("--threads", type=int, default=None, help="Engine threads (default: the bundle's or physical cores).")
 @click.option("--context", type=int, default=None, help="Context to allocate (default: the bundle's).")
 @click.option("--device", type=click.Choice(DEVICES), default=None,
@@ -48,7 +54,8 @@ from runtimes.base import DEVICES
 @click.option("--router-config", type=click.Path(path_type=Path), default=None,
               help="Router settings file (from `edgepack route calibrate`); options above override it.")
 def serve(path: Path, host: str | None, port: int | None, api_key: str | None, api_key_file: Path | None,
-          max_queue: int, max_upstream: int, allowed_hosts: tuple[str, ...], max_body_mb: float, threads: int | None,
+          max_queue: int, max_upstream: int, allowed_hosts: tuple[str, ...], max_body_mb: float,
+          model_aliases: tuple[str, ...], parallel: int | None, threads: int | None,
           context: int | None, device: str | None, policy: str | None, upstream_url: str | None,
           upstream_model: str | None, upstream_key_env: str | None, allow_insecure_upstream: bool | None,
           upstream_timeout: float | None, min_mean_logprob: float | None, min_token_logprob: float | None,
@@ -68,10 +75,11 @@ def serve(path: Path, host: str | None, port: int | None, api_key: str | None, a
     defaults = defaults_for(path)
     config = ServerConfig(host=host or defaults.host, port=port if port is not None else defaults.port,
                           api_key=key, max_queue=max_queue, max_upstream=max_upstream, router=router,
-                          max_body_bytes=int(max_body_mb * 2**20), allowed_hosts=allowed_hosts)
+                          max_body_bytes=int(max_body_mb * 2**20), allowed_hosts=allowed_hosts,
+                          model_aliases=model_aliases)
     note(f"serving {defaults.model_id} on http://{config.host}:{config.port}/v1 (loading the model; "
          "GET /health answers 200 once it is ready)")
-    serve_path(defaults, config, threads=threads, context=context, device=device)
+    serve_path(defaults, config, threads=threads, context=context, device=device, parallel=parallel)
 
 
 @click.group()

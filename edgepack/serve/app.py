@@ -60,6 +60,8 @@ class ServerConfig:
     retry_after_s: int = 2
     router: RouterConfig = field(default_factory=RouterConfig)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get 413 before anything parses them
+    # more names the local model answers to in /v1/models (it answers a request naming any model but the upstream's)
+    model_aliases: tuple[str, ...] = ()
     # Host headers answered besides this machine's own names; on a loopback address nothing else is (a web page
     # cannot reach the server through a DNS name it controls), elsewhere anything is unless names are given
     allowed_hosts: tuple[str, ...] = ()
@@ -213,7 +215,8 @@ def create_app(config: ServerConfig, loader: Callable[[], ModelSession] | None =
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         loaded = state.require_model()
-        data = [{"id": loaded.model_id, "object": "model", "created": 0, "owned_by": "edgepack"}]
+        data = [{"id": name, "object": "model", "created": 0, "owned_by": "edgepack"}
+                for name in dict.fromkeys((loaded.model_id, *config.model_aliases))]
         if config.router.policy != "local":
             data.append({"id": config.router.upstream_model, "object": "model", "created": 0, "owned_by": "upstream"})
         return {"object": "list", "data": data}
@@ -271,11 +274,6 @@ async def _serve(state: ServerState, request: Request, body: ChatRequest | Compl
     """Route one request: by rule to upstream, or locally (with a confidence check under `auto`)."""
     model = state.require_model()
     router = state.config.router
-    served = {model.model_id} | ({router.upstream_model} if router.policy != "local" else set())
-    if body.model not in served:
-        raise ApiError(404, f"The model '{body.model}' does not exist; this server serves "
-                            f"{', '.join(repr(m) for m in sorted(served))} (GET /v1/models)", param="model",
-                       code="model_not_found")
     with state.local.take() as slot:  # a full server answers 503 before tokenizing anything
         too_long: ApiError | None = None
         try:
@@ -286,7 +284,7 @@ async def _serve(state: ServerState, request: Request, body: ChatRequest | Compl
             plan, too_long = None, exc
         except EdgepackError as exc:
             raise ApiError(400, str(exc)) from exc
-        forwarded = body.model_dump(exclude_none=True)
+        forwarded = body.model_dump(exclude_none=True, by_alias=True)
         reason = await asyncio.to_thread(rule_reason, router, body.model, _prompt_text(body), plan is not None) \
             if router.policy != "local" else None
         if reason is not None:
@@ -533,8 +531,9 @@ def run_server(model: ModelSession, config: ServerConfig) -> None:
 
 
 def serve_path(defaults: ServeDefaults, config: ServerConfig, threads: int | None = None,
-               context: int | None = None, device: Device | None = None) -> None:
+               context: int | None = None, device: Device | None = None, parallel: int | None = None) -> None:
     """`edgepack serve`: `defaults` come from `defaults_for`, which refused a bundle that fails verification before
     anything listens; start listening, and load the model in the background."""
-    app = create_app(config, loader=lambda: open_session(defaults, threads=threads, context=context, device=device))
+    app = create_app(config, loader=lambda: open_session(defaults, threads=threads, context=context, device=device,
+                                                         parallel=parallel))
     _uvicorn_server(app, config).run()

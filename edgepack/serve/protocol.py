@@ -7,7 +7,7 @@ something other than what it asked for.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -39,19 +39,49 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    """`text`, `json_object` (any JSON object) or `json_schema` (an object that validates against the schema)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class _Sampling(_Strict):
-    model: str
+    model: str | None = None  # None or any name but the upstream model's: the local model
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    seed: int | None = Field(default=None, ge=-1, le=MAX_SEED)  # -1: a random one, as llama.cpp's servers take it
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
     user: str | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> -100..100 added to its logit
+    response_format: ResponseFormat | None = None
+
+    def seed_value(self) -> int | None:
+        return None if self.seed == -1 else self.seed
+
+    def logit_biases(self) -> tuple[tuple[int, float], ...]:
+        """The logit bias as (token id, bias); ValueError naming a key that is not a token id or a bias out of range."""
+        biases = []
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.strip().isdigit():
+                raise ValueError(f"logit_bias: {key!r} is not a token id (keys are token ids, as strings)")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias: the bias for {key} is {bias}; accepted: -100 to 100")
+            biases.append((int(key), float(bias)))
+        return tuple(biases)
 
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -62,8 +92,9 @@ class _Sampling(_Strict):
         """A field set to something this server does not do, with what it accepts."""
         if self.n != 1:
             return "n: only 1 choice per request is supported"
-        if self.presence_penalty or self.frequency_penalty:
-            return "presence_penalty/frequency_penalty: only 0 is supported"
+        if self.response_format is not None and self.response_format.type == "json_schema" and (
+                self.response_format.json_schema is None or self.response_format.json_schema.schema_ is None):
+            return "response_format: type json_schema needs json_schema.schema (a JSON Schema object)"
         if self.stop is not None and len(self.stops()) > MAX_STOPS:
             return f"stop: at most {MAX_STOPS} sequences"
         if any(len(stop) > MAX_STOP_CHARS or not stop for stop in self.stops()):
@@ -80,10 +111,8 @@ class ChatRequest(_Sampling):
     def limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
-    def unsupported(self) -> str | None:
-        if self.top_logprobs:
-            return "top_logprobs: only 0 is supported (logprobs of the chosen tokens are)"
-        return super().unsupported()
+    def top_logprob_count(self) -> int:
+        return (self.top_logprobs or 0) if self.logprobs else 0
 
 
 class CompletionRequest(_Sampling):
@@ -95,14 +124,15 @@ class CompletionRequest(_Sampling):
     def limit(self) -> int | None:
         return self.max_tokens
 
+    def top_logprob_count(self) -> int:
+        return self.logprobs or 0
+
     def text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
     def unsupported(self) -> str | None:
         if isinstance(self.prompt, list) and len(self.prompt) != 1:
             return "prompt: one prompt per request (a string or a list of one)"
-        if self.logprobs:
-            return "logprobs: only 0 is supported (the chosen tokens' logprobs come with logprobs=0)"
         if self.echo:
             return "echo: not supported"
         return super().unsupported()

@@ -10,6 +10,7 @@ from typing import Any, Literal
 from edgepack.core.errors import ApiError
 from edgepack.serve.protocol import ChatRequest, CompletionRequest
 from edgepack.serve.session import ModelSession
+from edgepack.serve.structured import response_format_grammar
 from runtimes.base import GenerationChunk, GenerationOptions
 
 PlanKind = Literal["chat", "completion"]
@@ -30,6 +31,19 @@ def plan_request(model: ModelSession, request: ChatRequest | CompletionRequest) 
     problem = request.unsupported()
     if problem is not None:
         raise ApiError(400, f"unsupported value: {problem}", param=problem.split(":")[0])
+    grammar = response_format_grammar(request.response_format)
+    if grammar is not None and not model.runtime.constrains_output:
+        raise ApiError(400, f"response_format: the {model.runtime.name} engine cannot constrain its output; serve a "
+                            "GGUF variant (llama.cpp) for structured output", param="response_format")
+    try:
+        logit_bias = request.logit_biases()
+    except ValueError as exc:
+        raise ApiError(400, str(exc), param="logit_bias") from exc
+    vocab = model.runtime.vocab_size()
+    beyond = [token for token, _ in logit_bias if vocab is not None and token >= vocab]
+    if beyond:
+        raise ApiError(400, f"logit_bias: token {beyond[0]} is not in the vocabulary (ids 0 to {vocab - 1})",
+                       param="logit_bias")
     if isinstance(request, ChatRequest):
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in request.messages]
@@ -47,14 +61,23 @@ def plan_request(model: ModelSession, request: ChatRequest | CompletionRequest) 
                             f"{len(prompt_ids)} prompt tokens{asked}. Shorten the prompt or lower max_tokens.",
                        param="messages" if kind == "chat" else "prompt", code="context_length_exceeded")
     options = GenerationOptions(max_tokens=limit or context - len(prompt_ids), temperature=request.temperature,
-                                top_p=request.top_p, seed=request.seed, stop=request.stops(), logprobs=logprobs)
+                                top_p=request.top_p, seed=request.seed_value(), stop=request.stops(),
+                                logprobs=logprobs, top_logprobs=request.top_logprob_count(), logit_bias=logit_bias,
+                                presence_penalty=request.presence_penalty,
+                                frequency_penalty=request.frequency_penalty, grammar=grammar)
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
     return GenerationPlan(prompt_ids, options, kind, include_usage)
 
 
-def logprob_entry(model: ModelSession, token_id: int, logprob: float) -> dict[str, Any]:
-    text = model.runtime.detokenize([token_id])
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8")), "top_logprobs": []}
+def _token_entry(model: ModelSession, token_id: int, logprob: float) -> dict[str, Any]:
+    raw = model.runtime.token_bytes(token_id)
+    return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+
+def logprob_entry(model: ModelSession, chunk: GenerationChunk) -> dict[str, Any]:
+    """A chat logprobs entry: the token, its raw bytes, and the most likely alternatives when asked for."""
+    return {**_token_entry(model, chunk.token_id, chunk.logprob),
+            "top_logprobs": [_token_entry(model, token, logprob) for token, logprob in chunk.top_logprobs]}
 
 
 def visible(model: ModelSession, chunk: GenerationChunk) -> bool:
@@ -75,7 +98,7 @@ def whole_response(model: ModelSession, plan: GenerationPlan, ident: str,
     base = {"id": ident, "created": int(time.time()), "model": model.model_id,
             "usage": usage(plan, len(shown))}
     if plan.kind == "chat":
-        logprobs = {"content": [logprob_entry(model, c.token_id, c.logprob) for c in shown
+        logprobs = {"content": [logprob_entry(model, c) for c in shown
                                 if c.logprob is not None]} if plan.options.logprobs else None
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                   "finish_reason": finish}
@@ -87,7 +110,9 @@ def whole_response(model: ModelSession, plan: GenerationPlan, ident: str,
         for token in tokens:
             offsets.append(at)
             at += len(token)
-        logprobs = {"tokens": tokens, "token_logprobs": [c.logprob for c in shown], "top_logprobs": None,
+        top = [{model.runtime.detokenize([t]): lp for t, lp in c.top_logprobs} for c in shown] \
+            if plan.options.top_logprobs else None
+        logprobs = {"tokens": tokens, "token_logprobs": [c.logprob for c in shown], "top_logprobs": top,
                     "text_offset": offsets}
     choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
     return {**base, "object": "text_completion", "choices": [choice]}
@@ -125,7 +150,7 @@ class StreamEvents:
     def piece(self, chunk: GenerationChunk) -> bytes | None:
         """The event for one generated chunk, or None when it adds nothing the client sees."""
         shown = visible(self.model, chunk)
-        logprob = logprob_entry(self.model, chunk.token_id, chunk.logprob) \
+        logprob = logprob_entry(self.model, chunk) \
             if shown and chunk.logprob is not None and self.chat and self.plan.options.logprobs else None
         if not chunk.text and logprob is None:
             return None

@@ -132,7 +132,7 @@ def confidence_of(logprobs: list[float]) -> Confidence | None:
     return Confidence(mean_logprob=sum(logprobs) / len(logprobs), min_logprob=min(logprobs), tokens=len(logprobs))
 
 
-def rule_reason(config: RouterConfig, model_name: str, prompt_text: str, fits_locally: bool) -> str | None:
+def rule_reason(config: RouterConfig, model_name: str | None, prompt_text: str, fits_locally: bool) -> str | None:
     """Why a request goes upstream before any local generation (None: it does not, by rule). With patterns it can
     take up to PATTERN_TIMEOUT_S per pattern: call it off the event loop."""
     if config.policy == "local":
