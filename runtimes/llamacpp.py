@@ -148,6 +148,7 @@ class LlamaCppRuntime(Runtime):
         self._kept: list[int] = []  # the tokens in the KV cache after a logits call (a prefix the next can reuse)
         self._memory_user = "direct"  # "direct" (logits, _prefill/_step) or "batch" (the scheduler's sequences)
         self._scheduler = None
+        self._scheduler_lock = threading.Lock()
         self.eos_token_ids = frozenset(t for t in range(self._n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, t))
         template = llama_cpp.llama_model_chat_template(self._model, None)
         self._chat_template = template.decode("utf-8") if template else None
@@ -244,9 +245,10 @@ class LlamaCppRuntime(Runtime):
         """The batch scheduler over this context's sequences, started on first use."""
         from runtimes.llamacpp_batch import BatchScheduler
 
-        if self._scheduler is None:
-            self._scheduler = BatchScheduler(self, self.parallel)
-        return self._scheduler
+        with self._scheduler_lock:  # two first callers at once would start two schedulers on one context
+            if self._scheduler is None:
+                self._scheduler = BatchScheduler(self, self.parallel)
+            return self._scheduler
 
     def generate(self, prompt: str | Sequence[int], options: GenerationOptions | None = None,
                  cancel: threading.Event | None = None) -> Iterator[GenerationChunk]:

@@ -49,8 +49,8 @@ class SamplerChain:
                 *(native.llama_logit_bias(token, bias) for token, bias in options.logit_bias))
             self._add(native.llama_sampler_init_logit_bias(n_vocab, len(options.logit_bias), biases))
         if options.presence_penalty or options.frequency_penalty:
-            self._add(native.llama_sampler_init_penalties(max(penalty_window, 1), 1.0, options.frequency_penalty,
-                                                          options.presence_penalty))
+            self._add(native.llama_sampler_init_penalties(n_vocab, max(penalty_window, 1), 1.0,
+                                                          options.frequency_penalty, options.presence_penalty))
         if options.grammar is not None:
             grammar = native.llama_sampler_init_grammar(vocab, options.grammar.encode("utf-8"), b"root")
             if not grammar:
