@@ -53,8 +53,10 @@ _context_params_lock = threading.Lock()
 @contextlib.contextmanager
 def _sequences_in_context(sequences: int) -> Iterator[None]:
     """llama_cpp.Llama takes its context parameters from llama_context_default_params() and has no argument for
-    the number of sequences, so the default is changed for the duration of one load. Several sequences share one
-    unified KV cache."""
+    the number of sequences, so the default is changed for the duration of one load. Each sequence gets a KV cache
+    of its own (`n_ctx / n_seq_max` cells): in one unified cache, every sequence's attention would read every
+    cached cell, and a follow-up kept for later would slow everyone's decoding (measured: 71 -> 31 t/s with three
+    idle 1,500-token sequences cached, 78 -> 82 t/s with separate caches)."""
     import llama_cpp.llama_cpp as native
 
     if sequences == 1:
@@ -65,7 +67,7 @@ def _sequences_in_context(sequences: int) -> Iterator[None]:
     def with_sequences():
         params = original()
         params.n_seq_max = sequences
-        params.kv_unified = True
+        params.kv_unified = False
         return params
 
     with _context_params_lock:

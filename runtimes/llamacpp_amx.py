@@ -65,9 +65,15 @@ def _default_model_params(use_extra_bufts: bool) -> Iterator[None]:
             native.llama_model_default_params = original
 
 
+def safe_model_loading() -> contextlib.AbstractContextManager[None]:
+    """While this is entered, models that llama-cpp-python loads (by any code, e.g. its own server) keep their
+    weights out of the extra buffer types on AMX CPUs."""
+    return _default_model_params(use_extra_buffers_here())
+
+
 def load_llama(model_path: str | os.PathLike[str], **kwargs):
     """llama_cpp.Llama(model_path, **kwargs), with the extra buffer types off on AMX CPUs."""
     from llama_cpp import Llama
 
-    with _default_model_params(use_extra_buffers_here()):
+    with safe_model_loading():
         return Llama(model_path=str(model_path), **kwargs)

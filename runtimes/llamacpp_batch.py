@@ -1,7 +1,8 @@
 """Continuous batching on one llama.cpp context: several generations share each `llama_decode`.
 
 On a CPU, decoding one token is bound by reading the weights; a batch of four sequences reads them once for four
-tokens. The scheduler owns N sequences (slots) of the context's unified KV cache and runs on a thread of its own.
+tokens. The scheduler owns the context's N sequences (slots, each with a KV cache of its own) and runs on a thread
+of its own.
 Each step it builds one batch of one decode token for every running sequence plus prompt tokens of newly
 admitted ones (first come, first served; while others decode, at most `prefill_chunk` prompt tokens a step, so a
 long prompt cannot stall running streams), decodes it, and samples each sequence's next token with that
@@ -9,8 +10,9 @@ sequence's own sampler chain (runtimes.llamacpp_sampling).
 
 Prefix cache: a finished sequence keeps its KV. A new request takes the idle slot whose cached tokens share the
 longest prefix with its prompt and reads only the rest; when a running or other idle sequence shares a longer
-prefix, its cells are shared into the new slot (llama_memory_seq_cp, free on a unified cache). The last prompt
-token is always read again, for its logits.
+prefix, its cache is copied into the new slot and cut after the shared part (llama.cpp copies whole caches between
+sequences: a memory copy, far cheaper than reading the prefix again). The last prompt token is always read again,
+for its logits.
 """
 
 from __future__ import annotations
@@ -202,8 +204,8 @@ class BatchScheduler:
         reused, shared = reusable(slot), reusable(donor)
         native, memory = self._native, self._memory
         if shared > reused and donor is not slot:
-            native.llama_memory_seq_rm(memory, slot.seq_id, 0, -1)
-            native.llama_memory_seq_cp(memory, donor.seq_id, slot.seq_id, 0, shared)
+            native.llama_memory_seq_cp(memory, donor.seq_id, slot.seq_id, -1, -1)
+            native.llama_memory_seq_rm(memory, slot.seq_id, shared, -1)
             reused = shared
         elif not native.llama_memory_seq_rm(memory, slot.seq_id, reused, -1):
             native.llama_memory_seq_rm(memory, slot.seq_id, 0, -1)

@@ -50,6 +50,9 @@ class GatedModel(LocalModel):
         self.tokenized += 1
         return super().prompt_ids(prompt, messages)
 
+    def submit(self, *_):
+        return False  # the server streams through stream_ids below
+
     def stream_ids(self, prompt_ids, options, cancel=None):
         self.gate.wait(30)
         made, reason = 0, None

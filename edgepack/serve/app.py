@@ -424,8 +424,9 @@ async def _generate_all(state: ServerState, model: ModelSession, plan: Generatio
 
 
 async def _chunks(state: ServerState, model: ModelSession, plan: GenerationPlan) -> AsyncIterator[GenerationChunk]:
-    """Run the generation on a worker thread, holding the engine; yield its chunks. Leaving early (a client
-    that went away) cancels the generation at the next token."""
+    """Run the generation (on the engine's own thread, or else on a worker thread), holding a place among the
+    generations that run at once; yield its chunks. Leaving early (a client that went away) cancels the generation
+    at the next token."""
     async with state.engine:  # the generations that run at once; the rest wait here, first come first served
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -438,6 +439,11 @@ async def _chunks(state: ServerState, model: ModelSession, plan: GenerationPlan)
             except RuntimeError:  # the loop is gone (server shutting down)
                 cancel.set()
 
+        def emit(item: GenerationChunk | BaseException) -> None:  # called on the engine's thread
+            put(item)
+            if isinstance(item, BaseException) or item.finish_reason is not None:
+                put(done)
+
         def produce() -> None:
             try:
                 for chunk in model.stream_ids(plan.prompt_ids, plan.options, cancel):
@@ -448,12 +454,15 @@ async def _chunks(state: ServerState, model: ModelSession, plan: GenerationPlan)
                 put(done)
 
         started = time.perf_counter()
-        worker = loop.run_in_executor(state.generations, produce)
+        ended = False
+        worker = None if model.submit(plan.prompt_ids, plan.options, emit, cancel) else \
+            loop.run_in_executor(state.generations, produce)
         first_at, made = None, 0
         try:
             while True:
                 item = await queue.get()
                 if item is done:
+                    ended = True
                     break
                 if isinstance(item, Exception):
                     raise item
@@ -464,7 +473,10 @@ async def _chunks(state: ServerState, model: ModelSession, plan: GenerationPlan)
                 yield item
         finally:
             cancel.set()
-            await asyncio.shield(worker)  # the engine is free only once the thread has stopped
+            if worker is not None:
+                await asyncio.shield(worker)  # the engine is free only once the thread has stopped
+            while not ended:  # the engine has let go of the generation once it says it ended
+                ended = await asyncio.shield(queue.get()) is done
             state.metrics.count_tokens(len(plan.prompt_ids), made,
                                        time.perf_counter() - first_at if first_at else None)
 

@@ -8,7 +8,7 @@ any other runs one generation at a time, and callers wait on a lock.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -92,6 +92,17 @@ class ModelSession:
             return
         with self._lock:
             yield from self.runtime.generate(prompt_ids, options, cancel)
+
+    def submit(self, prompt_ids: list[int], options: GenerationOptions,
+               emit: Callable[[GenerationChunk | BaseException], None], cancel: threading.Event) -> bool:
+        """Start a generation on the engine's own thread (a batching engine has one), its chunks handed to `emit`
+        there, the last with a finish_reason, or the exception that ended it. False where the engine has no such
+        thread: the caller then runs `stream_ids` on a thread of its own."""
+        if not self.runtime.generates_concurrently:
+            return False
+        self.runtime.check_prompt_fits(prompt_ids, 1)
+        self.runtime.scheduler().submit(prompt_ids, options, emit, cancel)
+        return True
 
     def close(self) -> None:
         self.runtime.close()

@@ -188,3 +188,27 @@ def test_grammar_constrained_output_parses_and_validates(batched, schema):
         result = batched.complete("Answer in JSON:", options)
         assert result.finish_reason == "stop", result.text
         jsonschema.validate(json.loads(result.text), schema)
+
+
+def test_a_prefix_shared_with_a_running_sequence_is_copied_not_recomputed(batched, alone):
+    """A second user with the same long system prompt while the first is still generating: the new slot takes a copy
+    of the running sequence's cache, cut after the shared part, and answers as it would have alone."""
+    shared = list(range(20, 120))  # a 100-token "system prompt" that no earlier test's prompt starts with
+    first, second = shared + [7, 8, 9], shared + [11, 12]
+    counters = batched.scheduler().counters
+    started = threading.Event()
+    results = {}
+
+    def long_running() -> None:
+        for chunk in batched.generate(first, GenerationOptions(max_tokens=60, ignore_eos=True)):
+            started.set()
+        results["first"] = True
+
+    thread = threading.Thread(target=long_running)
+    thread.start()
+    assert started.wait(30)
+    before = counters.reused_tokens
+    answer = batched.complete(second, GREEDY)
+    thread.join(30)
+    assert counters.reused_tokens - before == len(shared)
+    assert answer.token_ids == alone.complete(second, GREEDY).token_ids

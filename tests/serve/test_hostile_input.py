@@ -243,6 +243,9 @@ def test_a_client_that_leaves_a_whole_answer_cancels_its_generation(serve):
 # -- engine failures ------------------------------------------------------------------------------------------------
 
 class FailingEngine(LocalModel):
+    def submit(self, *_):
+        return False  # the server streams through stream_ids below
+
     def stream_ids(self, prompt_ids, options, cancel=None):
         yield from ()
         raise RuntimeError("the engine lost its KV cache")

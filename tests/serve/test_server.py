@@ -207,6 +207,9 @@ def test_a_chat_template_that_refuses_the_messages_is_a_client_error(tiny_gguf):
 class FailingMidway(LocalModel):
     """An engine that breaks after its first token."""
 
+    def submit(self, *_):
+        return False  # the server streams through stream_ids below
+
     def stream_ids(self, prompt_ids, options, cancel=None):
         for index, chunk in enumerate(super().stream_ids(prompt_ids, options, cancel)):
             if index == 1:
