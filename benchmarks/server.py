@@ -214,10 +214,11 @@ def _extra(server: Server, llama_cpp_server: Server) -> dict:
     return LLAMA_CPP_SERVER_SAME_SAMPLING if server is llama_cpp_server else {}
 
 
-def concurrent_streams(server: Server, text: str, no_end: dict[str, float], clients: int, rounds: int = 2) -> dict:
-    """`clients` streams at once, each its own prompt, over `rounds`: aggregate decode t/s (the pieces of all streams
-    after their first, over the time in which any stream was decoding), the same over whole requests (first request
-    sent to last token: prefill and queueing included), and TTFT quantiles."""
+def concurrent_streams(server: Server, text: str, no_end: dict[str, float], clients: int, parallel: int,
+                       rounds: int = 2) -> dict:
+    """`clients` streams at once, each its own prompt, over `rounds`: aggregate decode t/s (the tokens of all streams
+    while as many decode as can at once, over that time), the same over whole requests (first request sent to the
+    last token: prompts and queueing included), and TTFT quantiles."""
     aggregates, decodes, ttfts = [], [], []
     for round_index in range(rounds):
         bodies = [{"model": server.model_id, "prompt": f"{TOPICS[(i + round_index) % len(TOPICS)]} {i}: " + text,
@@ -233,7 +234,7 @@ def concurrent_streams(server: Server, text: str, no_end: dict[str, float], clie
         start = min(s.sent for s in streams)
         end = max(s.last for s in streams)
         aggregates.append(sum(s.tokens for s in streams) / (end - start))
-        decodes.append(sum(len(s.arrivals) - 1 for s in streams) / _union_length([(s.first, s.last) for s in streams]))
+        decodes.append(_decode_rate_with_slots_full(streams, min(clients, parallel)))
         ttfts += [s.ttft_s for s in streams]
     ttfts.sort()
     return {"clients": clients, "aggregate_tps": statistics.median(aggregates),
@@ -241,13 +242,21 @@ def concurrent_streams(server: Server, text: str, no_end: dict[str, float], clie
             "ttft_p50_ms": _quantile(ttfts, 0.5) * 1000, "ttft_p99_ms": _quantile(ttfts, 0.99) * 1000}
 
 
-def _union_length(intervals: list[tuple[float, float]]) -> float:
-    total, reach = 0.0, float("-inf")
-    for start, end in sorted(intervals):
-        if end > reach:
-            total += end - max(start, reach)
-            reach = end
-    return total
+def _decode_rate_with_slots_full(streams: list[Stream], full: int) -> float:
+    """Tokens per second of all streams together over the times when at least `full` of them were decoding (between
+    their first and last token): the engine's batched decode rate, without the time spent reading prompts alone."""
+    edges = sorted([(s.first, 1) for s in streams] + [(s.last, -1) for s in streams])
+    windows, active, opened = [], 0, None
+    for at, change in edges:
+        active += change
+        if active >= full and opened is None:
+            opened = at
+        elif active < full and opened is not None:
+            windows.append((opened, at))
+            opened = None
+    length = sum(end - start for start, end in windows)
+    tokens = sum(start < t <= end for s in streams for t in s.arrivals[1:] for start, end in windows)
+    return tokens / length if length > 0 else 0.0
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -431,7 +440,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         theirs.stop()
     try:
-        streams = [concurrent_streams(ours, text, no_end, clients) for clients in (1, 4, 16)]
+        streams = [concurrent_streams(ours, text, no_end, clients, args.parallel) for clients in (1, 4, 16)]
         cache = prefix_cache(ours)
         structured = structured_output(ours, args.schema_requests)
         load = load_run(ours.url, ours.model_id, args.clients, args.requests)
@@ -461,8 +470,8 @@ def print_tables(result: dict, args: argparse.Namespace) -> None:
               f"{row['ratio']:.2f}x | {row['edgepack']['ttft_ms']:.0f} | {row['llama_cpp.server']['ttft_ms']:.0f} |")
     single = result["streams"][0]
     print(f"\nConcurrent streams (64 tokens each after a {PROMPT_TOKENS}-token prompt of their own); decode: tokens of "
-          "all streams after their first, over the time any stream was decoding; whole: all tokens from the first "
-          "request to the last token:\n")
+          "all streams while as many decode as the server runs at once, over that time; whole: all tokens from the "
+          "first request to the last token:\n")
     print("| clients | aggregate decode t/s | vs 1 client | whole requests t/s | vs 1 client | TTFT p50 ms | "
           "TTFT p99 ms |")
     print("|---|---|---|---|---|---|---|")
