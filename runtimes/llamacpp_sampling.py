@@ -12,6 +12,8 @@ from __future__ import annotations
 import ctypes
 import secrets
 
+import numpy as np
+
 from edgepack.core.errors import EdgepackError
 from runtimes.base import GenerationOptions
 
@@ -22,17 +24,29 @@ SEED_RANGE = 2**32 - 1
 
 class SamplerChain:
     """One generation's sampler chain; `sample(ctx, batch_index)` picks from the logits of that batch row and tells
-    the chain (penalties, grammar) about the token."""
+    the samplers that keep state (penalties, grammar, the random draw) about the token.
+
+    A grammar is checked the way llama.cpp's own tools do it: the token is first picked without it, and only when the
+    grammar refuses that token is the whole vocabulary masked by the grammar and the pick made again. The result has
+    the constrained distribution exactly (a valid token is kept with its unconstrained probability, and the rest of
+    the time drawn from the constrained one, which adds up to it), at a fraction of the cost of masking every step
+    (measured on the demo student: ~10 ms a token to mask 49,152 entries)."""
 
     def __init__(self, vocab, n_vocab: int, options: GenerationOptions, penalty_window: int) -> None:
         import llama_cpp
 
         self._native = llama_cpp
+        self.n_vocab = n_vocab
         params = llama_cpp.llama_sampler_chain_default_params()
         params.no_perf = True
         self.chain = llama_cpp.llama_sampler_chain_init(params)
+        self.grammar = None
         try:
-            self._build(vocab, n_vocab, options, penalty_window)
+            self._build(n_vocab, options, penalty_window)
+            if options.grammar is not None:
+                self.grammar = llama_cpp.llama_sampler_init_grammar(vocab, options.grammar.encode("utf-8"), b"root")
+                if not self.grammar:
+                    raise EdgepackError("llama.cpp could not parse the output grammar (GBNF with a 'root' rule)")
         except BaseException:
             self.close()
             raise
@@ -42,7 +56,7 @@ class SamplerChain:
             raise EdgepackError("llama.cpp could not set up a sampler")
         self._native.llama_sampler_chain_add(self.chain, sampler)  # the chain owns it from now on
 
-    def _build(self, vocab, n_vocab: int, options: GenerationOptions, penalty_window: int) -> None:
+    def _build(self, n_vocab: int, options: GenerationOptions, penalty_window: int) -> None:
         native = self._native
         if options.logit_bias:
             biases = (native.llama_logit_bias * len(options.logit_bias))(
@@ -51,11 +65,6 @@ class SamplerChain:
         if options.presence_penalty or options.frequency_penalty:
             self._add(native.llama_sampler_init_penalties(n_vocab, max(penalty_window, 1), 1.0,
                                                           options.frequency_penalty, options.presence_penalty))
-        if options.grammar is not None:
-            grammar = native.llama_sampler_init_grammar(vocab, options.grammar.encode("utf-8"), b"root")
-            if not grammar:
-                raise EdgepackError("llama.cpp could not parse the output grammar (GBNF with a 'root' rule)")
-            self._add(grammar)
         if options.temperature == 0:
             self._add(native.llama_sampler_init_greedy())
             return
@@ -68,10 +77,47 @@ class SamplerChain:
         self._add(native.llama_sampler_init_dist(ctypes.c_uint32(seed).value))
 
     def sample(self, ctx, batch_index: int) -> int:
-        """Sample from the logits of `batch_index` in the last decode, and accept the token (llama.cpp does both)."""
-        return int(self._native.llama_sampler_sample(self.chain, ctx, batch_index))
+        """Sample from the logits of `batch_index` in the last decode, and accept the token."""
+        native = self._native
+        if self.grammar is None:
+            return int(native.llama_sampler_sample(self.chain, ctx, batch_index))  # picks and accepts
+        logits = np.ctypeslib.as_array(native.llama_get_logits_ith(ctx, batch_index), shape=(self.n_vocab,))
+        token = self._pick(logits, with_grammar=False)
+        if not self._grammar_allows(token, float(logits[token])):
+            token = self._pick(logits, with_grammar=True)
+        native.llama_sampler_accept(self.grammar, token)
+        native.llama_sampler_accept(self.chain, token)
+        return token
+
+    def _candidates(self, logits: np.ndarray):
+        """Every token with its logit, as llama.cpp's samplers take them (the array must outlive their use)."""
+        native = self._native
+        data = np.empty(self.n_vocab, dtype=[("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+        data["id"] = np.arange(self.n_vocab, dtype=np.int32)
+        data["logit"] = logits
+        data["p"] = 0.0
+        pointer = data.ctypes.data_as(ctypes.POINTER(native.llama_token_data))
+        return data, native.llama_token_data_array(data=pointer, size=self.n_vocab, selected=-1, sorted=False)
+
+    def _pick(self, logits: np.ndarray, with_grammar: bool) -> int:
+        native = self._native
+        data, candidates = self._candidates(logits)
+        if with_grammar:
+            native.llama_sampler_apply(self.grammar, ctypes.byref(candidates))
+        native.llama_sampler_apply(self.chain, ctypes.byref(candidates))
+        return int(candidates.data[candidates.selected].id)
+
+    def _grammar_allows(self, token: int, logit: float) -> bool:
+        native = self._native
+        one = (native.llama_token_data * 1)(native.llama_token_data(token, logit, 0.0))
+        candidate = native.llama_token_data_array(data=one, size=1, selected=-1, sorted=False)
+        native.llama_sampler_apply(self.grammar, ctypes.byref(candidate))
+        return one[0].logit != float("-inf")
 
     def close(self) -> None:
         if self.chain is not None:
             self._native.llama_sampler_free(self.chain)
             self.chain = None
+        if self.grammar is not None:
+            self._native.llama_sampler_free(self.grammar)
+            self.grammar = None
