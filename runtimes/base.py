@@ -106,6 +106,10 @@ class Runtime(ABC):
         """`add_special`: the BOS (or other tokens) the model puts first; `parse_special`: whether special-token text
         in `text` (such as "<|im_end|>") becomes those tokens."""
 
+    def chat_template_text(self) -> str | None:
+        """The model's own chat template (Jinja), or None when it has none."""
+        return None
+
     def special_tokens(self) -> dict[int, str]:
         """The engine's special (control) tokens, id -> text: what a chat template writes as markers."""
         return {}

@@ -30,6 +30,9 @@ class HFTokenizerText:
     def has_chat_template(self) -> bool:
         return bool(self.tokenizer.chat_template)
 
+    def chat_template_text(self) -> str | None:
+        return self.tokenizer.chat_template or None
+
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         if not self.tokenizer.chat_template:
             raise EdgepackError(f"{self.path.name} has no chat template; use a plain prompt instead of chat")

@@ -174,6 +174,9 @@ class LlamaCppRuntime(Runtime):
     def detokenize(self, token_ids: Sequence[int]) -> str:
         return self.llm.detokenize(list(token_ids)).decode("utf-8", errors="replace")
 
+    def chat_template_text(self) -> str | None:
+        return self._chat_template
+
     def token_bytes(self, token_id: int) -> bytes:
         return self.llm.detokenize([token_id])
 

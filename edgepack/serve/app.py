@@ -229,6 +229,10 @@ def create_app(config: ServerConfig, loader: Callable[[], ModelSession] | None =
     async def completions(request: Request):
         return await _serve(state, request, await _parse(request, CompletionRequest), "/completions")
 
+    from edgepack.serve.ollama import add_ollama_routes  # it answers through this module's local_generation
+
+    add_ollama_routes(app, state)
+
     return app
 
 
@@ -245,7 +249,7 @@ async def _parse(request: Request, kind: type[Body]) -> Body:
     return await asyncio.to_thread(parse) if len(raw) > INLINE_PARSE_BYTES else parse()
 
 
-async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     """`work`'s result; if the client closes its connection first, `work` is cancelled and ClientGone raised."""
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
@@ -295,7 +299,7 @@ async def _serve(state: ServerState, request: Request, body: ChatRequest | Compl
             return await _answer_locally(state, request, model, plan, body.stream, "local", slot)
         # auto: the whole local answer first, with its log-probabilities, to judge it
         scored = replace(plan, options=replace(plan.options, logprobs=True))
-        chunks = await _until_disconnect(request, _generate_all(state, model, scored))
+        chunks = await until_disconnect(request, _generate_all(state, model, scored))
         confidence = confidence_of([c.logprob for c in chunks if visible(model, c) and c.logprob is not None])
         doubt = low_confidence(router, confidence)
         route_name = "local"
@@ -322,11 +326,11 @@ async def _from_upstream(state: ServerState, request: Request, route: str, forwa
     upstream = state.upstream
     with state.remote.take() as slot:
         if stream:
-            relay = await _until_disconnect(request, upstream.open_stream(route, forwarded))
+            relay = await until_disconnect(request, upstream.open_stream(route, forwarded))
             state.metrics.count_route("remote")
             return SlotStreamingResponse(relay, slot.keep(), media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", ROUTE_HEADER: "remote"})
-        answer = await _until_disconnect(request, upstream.complete(route, forwarded))
+        answer = await until_disconnect(request, upstream.complete(route, forwarded))
     state.metrics.count_route("remote")
     return JSONResponse(answer, headers={ROUTE_HEADER: "remote"})
 
@@ -385,7 +389,7 @@ async def _answer_locally(state: ServerState, request: Request, model: ModelSess
     ident = _new_id(plan)
     if stream:
         return _streaming(state, model, plan, ident, _chunks(state, model, plan), route_name, slot)
-    chunks = await _until_disconnect(request, _generate_all(state, model, plan))
+    chunks = await until_disconnect(request, _generate_all(state, model, plan))
     return JSONResponse(whole_response(model, plan, ident, chunks), headers={ROUTE_HEADER: route_name})
 
 
@@ -393,9 +397,9 @@ class SlotStreamingResponse(StreamingResponse):
     """A streamed answer that owns its request's slot: when the stream ends, however it ends (done, failed, the
     client gone before or during it), the generation is closed (the engine freed) and then the slot released."""
 
-    def __init__(self, content: AsyncIterator[bytes], slot: Slot, **kwargs: Any) -> None:
+    def __init__(self, content: AsyncIterator[bytes], slot: Slot | None, **kwargs: Any) -> None:
         super().__init__(content, **kwargs)
-        self.slot = slot
+        self.slot = slot  # None: the content holds its own slot (local_generation's chunks)
 
     async def __call__(self, scope, receive, send) -> None:
         try:
@@ -406,7 +410,8 @@ class SlotStreamingResponse(StreamingResponse):
             try:
                 await self.body_iterator.aclose()  # type: ignore[attr-defined]
             finally:
-                self.slot.release()
+                if self.slot is not None:
+                    self.slot.release()
 
 
 def _streaming(state: ServerState, model: ModelSession, plan: GenerationPlan, ident: str,

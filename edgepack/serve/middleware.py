@@ -1,5 +1,6 @@
 """What every request passes before an endpoint sees it, as plain ASGI (streamed answers and disconnects pass
-through untouched): the Host check, the API key on /v1/, the request counter, and the body size limit."""
+through untouched): the Host check, the API key on /v1/ and Ollama's /api/, the request counter, and the body size
+limit."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ class RequestGate:
             await self._refuse(send, label, 403, f"Host {host!r} is not this server's address; start the server "
                                "with --allowed-host NAME to answer requests for that name", "host_not_allowed")
             return
-        if self.api_key is not None and route.startswith("/v1/"):
+        if self.api_key is not None and route.startswith(("/v1/", "/api/")):
             given = headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
                 await self._refuse(send, label, 401, "Incorrect or missing API key: send 'Authorization: Bearer "
@@ -60,7 +61,8 @@ class RequestGate:
 
     async def _refuse(self, send, label: str, status: int, message: str, code: str) -> None:
         self.metrics.count_request(label, status)
-        await JSONResponse(error_body(message, code=code), status_code=status)({"type": "http"}, None, send)
+        body = {"error": message} if label.startswith("/api/") else error_body(message, code=code)  # Ollama's shape
+        await JSONResponse(body, status_code=status)({"type": "http"}, None, send)
 
 
 class BodyLimit:

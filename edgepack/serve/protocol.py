@@ -58,6 +58,7 @@ class _Sampling(_Strict):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)  # not OpenAI's, but llama-server's, vLLM's and Ollama's: 0 is no cut
     seed: int | None = Field(default=None, ge=-1, le=MAX_SEED)  # -1: a random one, as llama.cpp's servers take it
     stop: str | list[str] | None = None
     stream: bool = False

@@ -61,7 +61,8 @@ def plan_request(model: ModelSession, request: ChatRequest | CompletionRequest) 
                             f"{len(prompt_ids)} prompt tokens{asked}. Shorten the prompt or lower max_tokens.",
                        param="messages" if kind == "chat" else "prompt", code="context_length_exceeded")
     options = GenerationOptions(max_tokens=limit or context - len(prompt_ids), temperature=request.temperature,
-                                top_p=request.top_p, seed=request.seed_value(), stop=request.stops(),
+                                top_p=request.top_p, top_k=request.top_k, seed=request.seed_value(),
+                                stop=request.stops(),
                                 logprobs=logprobs, top_logprobs=request.top_logprob_count(), logit_bias=logit_bias,
                                 presence_penalty=request.presence_penalty,
                                 frequency_penalty=request.frequency_penalty, grammar=grammar)

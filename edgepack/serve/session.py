@@ -73,6 +73,12 @@ class ModelSession:
     def context_length(self) -> int:
         return self.runtime.context_length
 
+    def has_chat_template(self) -> bool:
+        return self.runtime.chat_template_text() is not None
+
+    def chat_template_text(self) -> str | None:
+        return self.runtime.chat_template_text()
+
     @property
     def concurrency(self) -> int:
         """Generations that run at once."""

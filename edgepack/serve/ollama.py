@@ -1,0 +1,298 @@
+"""Ollama's API on the same server, for the desktop apps and tools that speak it: `POST /api/chat`,
+`POST /api/generate`, `GET /api/tags`, `POST /api/show`, `GET /api/ps`, `GET /api/version`.
+
+Requests are translated into the server's own OpenAI request models and answered through `local_generation`
+(the same engine, queue bound, cancellation and grammars as /v1). Streams are newline-delimited JSON, Ollama's
+default; the last object has `done: true`, `done_reason` and the counts and durations (nanoseconds) Ollama reports.
+Errors are `{"error": "..."}`. Like Ollama, any model name is answered, by the one model served, and echoed back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edgepack.core.errors import ApiError
+from edgepack.serve.protocol import ChatRequest, CompletionRequest
+from edgepack.serve.responses import GenerationPlan, visible
+from runtimes.base import GenerationChunk
+
+# The Ollama server version these answers follow (what /api/version reports; clients check it), not edgepack's
+OLLAMA_API_VERSION = "0.12.0"
+OLLAMA_DEFAULT_TEMPERATURE = 0.8  # Ollama's defaults where a request names none
+OLLAMA_DEFAULT_TOP_P = 0.9
+OLLAMA_DEFAULT_TOP_K = 40
+NDJSON = "application/x-ndjson"
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="allow")  # Ollama ignores what it does not use; so do we
+
+
+class OllamaOptions(_Lenient):
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    num_predict: int | None = None  # -1: no limit, -2: until the context is full
+    stop: list[str] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+
+class OllamaMessage(_Lenient):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = ""
+    images: list[Any] | None = None
+
+
+class _OllamaRequest(_Lenient):
+    model: str = Field(min_length=1)
+    stream: bool = True
+    format: Literal["", "json"] | dict[str, Any] | None = None
+    options: OllamaOptions | None = None
+    images: list[Any] | None = None
+
+
+class OllamaChat(_OllamaRequest):
+    messages: list[OllamaMessage] = Field(default_factory=list)
+
+
+class OllamaGenerate(_OllamaRequest):
+    prompt: str = ""
+    system: str | None = None
+    raw: bool = False
+
+
+class OllamaShow(_Lenient):
+    model: str | None = None
+    name: str | None = None  # older clients send the name here
+
+
+def add_ollama_routes(app: FastAPI, state) -> None:
+    """Register Ollama's routes on the server's app; `state` is its ServerState."""
+
+    @app.post("/api/chat")
+    async def chat(request: Request):
+        body = await _parse(request, OllamaChat)
+        if any(message.images for message in body.messages):
+            raise _refusal("this model takes text only: images are not accepted")
+        if not body.messages:
+            raise _refusal("messages: give at least one message")
+        messages = [{"role": m.role, "content": m.content} for m in body.messages]
+        openai_body = _openai_request(ChatRequest, body, messages=messages)
+        return await _answer(state, request, body, openai_body, "chat")
+
+    @app.post("/api/generate")
+    async def generate(request: Request):
+        body = await _parse(request, OllamaGenerate)
+        if body.images:
+            raise _refusal("this model takes text only: images are not accepted")
+        model = state.require_model()
+        if not body.prompt:  # Ollama answers an empty prompt by loading the model: done at once
+            return JSONResponse({"model": body.model, "created_at": _now(), "response": "", "done": True,
+                                 "done_reason": "load"})
+        if body.raw or not model.has_chat_template():
+            prompt = body.prompt if body.raw or not body.system else f"{body.system}\n\n{body.prompt}"
+            openai_body = _openai_request(CompletionRequest, body, prompt=prompt)
+        else:
+            messages = ([{"role": "system", "content": body.system}] if body.system else []) + [
+                {"role": "user", "content": body.prompt}]
+            openai_body = _openai_request(ChatRequest, body, messages=messages)
+        return await _answer(state, request, body, openai_body, "generate")
+
+    @app.get("/api/tags")
+    async def tags() -> dict[str, Any]:
+        return {"models": [await _model_entry(state)]}
+
+    @app.get("/api/ps")
+    async def running() -> dict[str, Any]:
+        entry = await _model_entry(state)
+        return {"models": [{**entry, "expires_at": "2099-01-01T00:00:00Z", "size_vram": 0}]}
+
+    @app.post("/api/show")
+    async def show(request: Request) -> dict[str, Any]:
+        await _parse(request, OllamaShow)
+        model = state.require_model()
+        entry = await _model_entry(state)
+        template = model.chat_template_text() or ""
+        return {"modelfile": "", "parameters": "", "template": template, "details": entry["details"],
+                "model_info": {"general.architecture": entry["details"]["family"]},
+                "capabilities": ["completion"], "modified_at": entry["modified_at"]}
+
+    @app.get("/api/version")
+    async def version() -> dict[str, str]:
+        return {"version": OLLAMA_API_VERSION}
+
+    @app.exception_handler(_OllamaError)
+    async def ollama_error(request: Request, exc: _OllamaError) -> JSONResponse:
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+
+
+class _OllamaError(Exception):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+def _refusal(message: str) -> _OllamaError:
+    return _OllamaError(400, message)
+
+
+async def _parse(request: Request, kind: type[BaseModel]) -> Any:
+    raw = await request.body()
+    try:
+        return kind.model_validate_json(raw or b"{}")
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        raise _refusal(f"{where or 'body'}: {first.get('msg')}" if first.get("type") != "json_invalid"
+                       else f"the request body is not valid JSON: {first.get('msg')}") from None
+
+
+def _openai_request(kind: type[ChatRequest] | type[CompletionRequest], body: _OllamaRequest, **content: Any):
+    """The server's own request for an Ollama one (Ollama's default sampling where it names none)."""
+    options = body.options or OllamaOptions()
+    fields: dict[str, Any] = {
+        "model": body.model, "stream": body.stream,
+        "temperature": OLLAMA_DEFAULT_TEMPERATURE if options.temperature is None else options.temperature,
+        "top_p": OLLAMA_DEFAULT_TOP_P if options.top_p is None else options.top_p,
+        "top_k": OLLAMA_DEFAULT_TOP_K if options.top_k is None else options.top_k,
+        "seed": options.seed, "stop": options.stop or None,
+        "presence_penalty": options.presence_penalty or 0.0, "frequency_penalty": options.frequency_penalty or 0.0,
+        # None (given, so not the completions API's default of 16): up to the end of the context
+        "max_tokens": options.num_predict if options.num_predict is not None and options.num_predict > 0 else None,
+        **content}
+    if body.format == "json":
+        fields["response_format"] = {"type": "json_object"}
+    elif isinstance(body.format, dict):
+        fields["response_format"] = {"type": "json_schema", "json_schema": {"name": "format", "schema": body.format}}
+    try:
+        return kind.model_validate(fields)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        raise _refusal(f"{where}: {first.get('msg')}") from None
+
+
+async def _answer(state, request: Request, body: _OllamaRequest, openai_body, kind: str):
+    from edgepack.serve.app import SlotStreamingResponse, local_generation, until_disconnect
+
+    started = time.perf_counter_ns()
+    try:
+        plan, chunks = await local_generation(state, openai_body)
+    except ApiError as exc:
+        raise _OllamaError(exc.status, exc.body["error"]["message"], exc.headers) from exc
+    model = state.require_model()
+    shape = _Shape(body.model, kind, plan, started)
+    if body.stream:
+        return SlotStreamingResponse(_ndjson(model, shape, chunks), None, media_type=NDJSON)
+    try:
+        collected = await until_disconnect(request, _collect(chunks))
+    finally:
+        await chunks.aclose()
+    text = "".join(chunk.text for chunk in collected)
+    made = sum(visible(model, chunk) for chunk in collected)
+    finish = next((c.finish_reason for c in reversed(collected) if c.finish_reason), "length")
+    first_at = shape.first_at or time.perf_counter_ns()
+    return JSONResponse({**shape.piece(text), **shape.final(finish, made, first_at)})
+
+
+class _Shape:
+    """Ollama's response objects for one request."""
+
+    def __init__(self, model_name: str, kind: str, plan: GenerationPlan, started_ns: int) -> None:
+        self.model_name, self.kind, self.plan, self.started = model_name, kind, plan, started_ns
+        self.first_at: int | None = None
+
+    def piece(self, text: str) -> dict[str, Any]:
+        base = {"model": self.model_name, "created_at": _now(), "done": False}
+        if self.kind == "chat":
+            return {**base, "message": {"role": "assistant", "content": text}}
+        return {**base, "response": text}
+
+    def final(self, finish: str, made: int, first_at: int) -> dict[str, Any]:
+        now = time.perf_counter_ns()
+        return {"done": True, "done_reason": "length" if finish == "length" else "stop",
+                "total_duration": now - self.started, "load_duration": 0,
+                "prompt_eval_count": len(self.plan.prompt_ids), "prompt_eval_duration": first_at - self.started,
+                "eval_count": made, "eval_duration": now - first_at}
+
+
+async def _collect(chunks: AsyncIterator[GenerationChunk]) -> list[GenerationChunk]:
+    return [chunk async for chunk in chunks]
+
+
+async def _ndjson(model, shape: _Shape, chunks: AsyncIterator[GenerationChunk]) -> AsyncIterator[bytes]:
+    made, finish = 0, "length"
+    try:
+        async for chunk in chunks:
+            if shape.first_at is None and chunk.token_id is not None:
+                shape.first_at = time.perf_counter_ns()
+            made += visible(model, chunk)
+            finish = chunk.finish_reason or finish
+            if chunk.text:
+                yield _line(shape.piece(chunk.text))
+        yield _line({**shape.piece(""), **shape.final(finish, made, shape.first_at or time.perf_counter_ns())})
+    except Exception as exc:  # the status line is sent: the stream ends with an error object, as Ollama's does
+        yield _line({"error": f"generation failed midway: {exc}"})
+    finally:
+        await chunks.aclose()
+
+
+def _line(payload: dict[str, Any]) -> bytes:
+    return (json.dumps(payload, separators=(",", ":")) + "\n").encode()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+async def _model_entry(state) -> dict[str, Any]:
+    model = state.require_model()
+    path = Path(model.runtime.path)
+    size, digest, modified = await asyncio.to_thread(_file_facts, path)
+    kind = "gguf" if path.is_file() else "onnx"
+    return {"name": model.model_id, "model": model.model_id, "modified_at": modified, "size": size,
+            "digest": digest, "details": {"format": kind, "family": _architecture(path) if kind == "gguf" else "",
+                                          "families": None, "parameter_size": "",
+                                          "quantization_level": _quantization(path)}}
+
+
+@functools.cache
+def _file_facts(path: Path) -> tuple[int, str, str]:
+    """Bytes, sha256 (of the file; of the files' names and hashes, in order, for a folder) and modification time."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    hashes = []
+    for file in files:
+        with open(file, "rb") as handle:
+            hashes.append(hashlib.file_digest(handle, "sha256").hexdigest())
+    digest = hashes[0] if path.is_file() else hashlib.sha256("".join(
+        f"{file.relative_to(path)}:{file_hash}\n" for file, file_hash in zip(files, hashes, strict=True)).encode()
+    ).hexdigest()
+    modified = datetime.fromtimestamp(max(f.stat().st_mtime for f in files), timezone.utc)
+    return sum(f.stat().st_size for f in files), digest, modified.isoformat().replace("+00:00", "Z")
+
+
+@functools.cache
+def _architecture(path: Path) -> str:
+    from edgepack.core.gguf_file import metadata_value, open_reader
+
+    return str(metadata_value(open_reader(path), "general.architecture", ""))
+
+
+def _quantization(path: Path) -> str:
+    """From the variant's name (gguf-q4_k_m.gguf -> Q4_K_M), as edgepack names its variants."""
+    stem = path.stem if path.is_file() else path.name
+    return stem.split("-", 1)[1].upper() if "-" in stem else ""
