@@ -28,6 +28,7 @@ from pydantic import BaseModel, ValidationError
 
 from edgepack.core.errors import ApiError, EdgepackError, UpstreamError, error_body
 from edgepack.serve.admission import Slot, Slots
+from edgepack.serve.chat_page import add_chat_page
 from edgepack.serve.metrics import Metrics
 from edgepack.serve.middleware import CLIENT_CLOSED, BodyLimit, RequestGate
 from edgepack.serve.protocol import ChatRequest, CompletionRequest
@@ -232,6 +233,7 @@ def create_app(config: ServerConfig, loader: Callable[[], ModelSession] | None =
     from edgepack.serve.ollama import add_ollama_routes  # it answers through this module's local_generation
 
     add_ollama_routes(app, state)
+    add_chat_page(app)
 
     return app
 
