@@ -8,6 +8,7 @@ implemented once here, so the engines behave the same.
 
 from __future__ import annotations
 
+import functools
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -126,7 +127,9 @@ class Runtime(ABC):
         return None
 
     @abstractmethod
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str: ...
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
+        """The model's chat template applied; `tools` (OpenAI's function specs) for templates that take them."""
 
     @abstractmethod
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
@@ -154,7 +157,7 @@ class Runtime(ABC):
 
     # -- shared behaviour ------------------------------------------------------------------------
 
-    def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+    def chat_prompt_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """The template writes its own special tokens (BOS included where the model wants it); the messages' text
         never becomes a special token (see runtimes.chat_prompt).
 
@@ -163,7 +166,8 @@ class Runtime(ABC):
         newline after them); otherwise a message holds special-token text, and its text is tokenized apart."""
         specials = self.special_tokens()
         try:
-            pieces = chat_prompt_pieces(self.apply_chat_template, messages, specials.values())
+            render = functools.partial(self.apply_chat_template, tools=tools) if tools else self.apply_chat_template
+            pieces = chat_prompt_pieces(render, messages, specials.values())
         except EdgepackError:
             raise
         except Exception as exc:  # the template's own raise_exception(...), or an error inside the template

@@ -13,8 +13,9 @@ import re
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
-Messages = list[dict[str, str]]
+Messages = list[dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,9 @@ def chat_prompt_pieces(render: Callable[[Messages], str], messages: Messages,
     """`render(messages)` is the chat template; the prompt it makes, split into special tokens and plain text."""
     marker = f"edgepack{uuid.uuid4().hex}"
     placeholder = re.compile(f"{marker}(\\d+){marker}")
-    skeleton = render([{**message, "content": f"{marker}{index}{marker}"} for index, message in enumerate(messages)])
+    # a message without text of its own (an assistant's tool calls) is rendered as it is
+    skeleton = render([{**message, "content": f"{marker}{index}{marker}"} if message.get("content") else message
+                       for index, message in enumerate(messages)])
     content_of = _content_as_rendered(render, messages, skeleton, placeholder)
     specials = sorted((text for text in set(special_texts) if text), key=len, reverse=True)
     special_pattern = re.compile("|".join(re.escape(text) for text in specials)) if specials else None

@@ -33,10 +33,12 @@ class HFTokenizerText:
     def chat_template_text(self) -> str | None:
         return self.tokenizer.chat_template or None
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
         if not self.tokenizer.chat_template:
             raise EdgepackError(f"{self.path.name} has no chat template; use a plain prompt instead of chat")
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                  tools=tools)
 
 
 def end_of_generation_ids(generation_config, config, tokenizer) -> frozenset[int]:

@@ -183,7 +183,8 @@ class LlamaCppRuntime(Runtime):
     def vocab_size(self) -> int:
         return self._n_vocab
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         if not self._chat_template:
@@ -195,7 +196,7 @@ class LlamaCppRuntime(Runtime):
         formatter = Jinja2ChatFormatter(self._chat_template, eos_token=text_of(self.llm.token_eos()),
                                         bos_token=text_of(self.llm.token_bos()),
                                         add_generation_prompt=add_generation_prompt)
-        return formatter(messages=messages).prompt
+        return formatter(messages=messages, tools=tools).prompt
 
     # -- computing ------------------------------------------------------------------------------
 

@@ -50,6 +50,20 @@ def tiny_gguf(tiny_model, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_tools_gguf(tiny_model, tmp_path_factory) -> Path:
+    """The tiny llama of `tiny_gguf` with a chat template that takes tools (synth_models.TOOLS_CHAT_TEMPLATE)."""
+    from synth_models import TOOLS_CHAT_TEMPLATE, with_chat_template
+
+    from converters.registry import ConvertOptions
+    from edgepack.convert.stage import convert
+
+    root = tmp_path_factory.mktemp("tools-model")
+    source = with_chat_template(tiny_model("llama-bpe"), root / "hf", TOOLS_CHAT_TEMPLATE)
+    convert(source, ["gguf-f32"], root / "out", ConvertOptions(show_progress=False))
+    return root / "out" / "gguf-f32.gguf"
+
+
+@pytest.fixture(scope="session")
 def demo_conversion(tmp_path_factory: pytest.TempPathFactory):
     """`edgepack convert --out DIR --json` with no MODEL (the demo student, three GGUF kinds), run once for the
     tests that need its variants: (the finished process, DIR). Without the importance matrix, which costs ~10 s on

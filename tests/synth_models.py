@@ -142,3 +142,50 @@ def build_tiny_model(name: str, out_dir: Path) -> Path:
         tokenizer = build_spm_tokenizer(out_dir, phi3_tokens=kind == "spm-phi3")
     write_random_weights(out_dir, {**overrides}, tokenizer, seed=sum(map(ord, name)))
     return out_dir
+
+# A chat template that takes tools, written for edgepack's tests in the Hermes way (tools listed as JSON in the
+# system turn, calls as <tool_call>{...}</tool_call>, results in <tool_response> inside a user turn), with ChatML
+# markers; written with explicit whitespace so trim_blocks/lstrip_blocks do not change it.
+TOOLS_CHAT_TEMPLATE = (
+    "{%- if tools -%}"
+    "{{ '<|im_start|>system\n' }}"
+    "{%- if messages[0]['role'] == 'system' -%}{{ messages[0]['content'] + '\n\n' }}{%- endif -%}"
+    "{{ 'You may call functions. They are described as JSON inside <tools></tools>:\n<tools>\n' }}"
+    "{%- for tool in tools -%}{{ tool | tojson }}{{ '\n' }}{%- endfor -%}"
+    "{{ '</tools>\nTo call one, answer with <tool_call>\n{\"name\": <name>, \"arguments\": <object>}\n"
+    "</tool_call><|im_end|>\n' }}"
+    "{%- elif messages[0]['role'] == 'system' -%}"
+    "{{ '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{%- elif message['role'] == 'tool' -%}"
+    "{{ '<|im_start|>user\n<tool_response>\n' + message['content'] + '\n</tool_response><|im_end|>\n' }}"
+    "{%- elif message['role'] == 'assistant' and message['tool_calls'] -%}"
+    "{{ '<|im_start|>assistant\n' }}"
+    "{%- if message['content'] -%}{{ message['content'] + '\n' }}{%- endif -%}"
+    "{%- for call in message['tool_calls'] -%}"
+    "{{ '<tool_call>\n{\"name\": \"' + call['function']['name'] + '\", \"arguments\": ' }}"
+    "{{ call['function']['arguments'] | tojson }}{{ '}\n</tool_call>\n' }}"
+    "{%- endfor -%}"
+    "{{ '<|im_end|>\n' }}"
+    "{%- else -%}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
+)
+
+
+def with_chat_template(model_dir: Path, out_dir: Path, template: str) -> Path:
+    """A copy of a tiny model's folder whose tokenizer has `template` as its chat template."""
+    import json
+    import shutil
+
+    shutil.copytree(model_dir, out_dir)
+    config_path = out_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("chat_template", None)  # transformers reads the template from chat_template.jinja
+    config_path.write_text(json.dumps(config, indent=2))
+    (out_dir / "chat_template.jinja").write_text(template)
+    return out_dir

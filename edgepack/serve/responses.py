@@ -7,10 +7,18 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from edgepack.core.errors import ApiError
+from edgepack.core.errors import ApiError, EdgepackError
 from edgepack.serve.protocol import ChatRequest, CompletionRequest
 from edgepack.serve.session import ModelSession
 from edgepack.serve.structured import response_format_grammar
+from edgepack.serve.tools import (
+    StreamEvent,
+    ToolCallStream,
+    ToolFormat,
+    parse_tool_calls,
+    tool_call_grammar,
+    tool_format,
+)
 from runtimes.base import GenerationChunk, GenerationOptions
 
 PlanKind = Literal["chat", "completion"]
@@ -24,6 +32,7 @@ class GenerationPlan:
     options: GenerationOptions
     kind: PlanKind
     include_usage: bool
+    tool_format: ToolFormat | None = None  # the answer may hold tool calls written this way
 
 
 def plan_request(model: ModelSession, request: ChatRequest | CompletionRequest) -> GenerationPlan:
@@ -32,9 +41,22 @@ def plan_request(model: ModelSession, request: ChatRequest | CompletionRequest) 
     if problem is not None:
         raise ApiError(400, f"unsupported value: {problem}", param=problem.split(":")[0])
     grammar = response_format_grammar(request.response_format)
+    tools, fmt = request.tools_offered() if isinstance(request, ChatRequest) else None, None
+    if tools:
+        try:
+            fmt = tool_format(model.chat_template_text())
+            tool_grammar = tool_call_grammar(tools, _choice(request.tool_choice), fmt,
+                                             parallel=request.parallel_tool_calls is not False)
+        except EdgepackError as exc:
+            raise ApiError(400, str(exc), param="tools" if "tool_choice" not in str(exc) else "tool_choice") from exc
+        if tool_grammar is not None and grammar is not None:
+            raise ApiError(400, "response_format and a required tool call cannot both shape the answer; drop one",
+                           param="response_format")
+        grammar = grammar or tool_grammar
     if grammar is not None and not model.runtime.constrains_output:
-        raise ApiError(400, f"response_format: the {model.runtime.name} engine cannot constrain its output; serve a "
-                            "GGUF variant (llama.cpp) for structured output", param="response_format")
+        raise ApiError(400, f"the {model.runtime.name} engine cannot constrain its output (response_format, a "
+                            "required tool call); serve a GGUF variant (llama.cpp) for that",
+                       param="response_format" if request.response_format else "tool_choice")
     try:
         logit_bias = request.logit_biases()
     except ValueError as exc:
@@ -45,9 +67,8 @@ def plan_request(model: ModelSession, request: ChatRequest | CompletionRequest) 
         raise ApiError(400, f"logit_bias: token {beyond[0]} is not in the vocabulary (ids 0 to {vocab - 1})",
                        param="logit_bias")
     if isinstance(request, ChatRequest):
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in request.messages]
-        prompt_ids, kind, logprobs = model.prompt_ids(messages=messages), "chat", request.logprobs
+        messages = [m.for_template() for m in request.messages]
+        prompt_ids, kind, logprobs = model.prompt_ids(messages=messages, tools=tools), "chat", request.logprobs
     else:
         prompt_ids, kind, logprobs = model.prompt_ids(prompt=request.text()), "completion", request.logprobs is not None
     if not prompt_ids:
@@ -67,7 +88,12 @@ def plan_request(model: ModelSession, request: ChatRequest | CompletionRequest) 
                                 presence_penalty=request.presence_penalty,
                                 frequency_penalty=request.frequency_penalty, grammar=grammar)
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
-    return GenerationPlan(prompt_ids, options, kind, include_usage)
+    return GenerationPlan(prompt_ids, options, kind, include_usage, fmt)
+
+
+def _choice(tool_choice: Any) -> Any:
+    """tool_choice as tools.tool_call_grammar takes it: a string, or {"function": {"name": ...}}."""
+    return tool_choice.model_dump() if hasattr(tool_choice, "model_dump") else tool_choice
 
 
 def _token_entry(model: ModelSession, token_id: int, logprob: float) -> dict[str, Any]:
@@ -101,8 +127,14 @@ def whole_response(model: ModelSession, plan: GenerationPlan, ident: str,
     if plan.kind == "chat":
         logprobs = {"content": [logprob_entry(model, c) for c in shown
                                 if c.logprob is not None]} if plan.options.logprobs else None
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                  "finish_reason": finish}
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if plan.tool_format is not None:
+            parsed = parse_tool_calls(text, plan.tool_format)
+            if parsed.tool_calls:
+                message = {"role": "assistant", "content": parsed.content or None,
+                           "tool_calls": [call.as_openai() for call in parsed.tool_calls]}
+                finish = "tool_calls" if finish == "stop" else finish
+        choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}
         return {**base, "object": "chat.completion", "choices": [choice]}
     logprobs = None
     if plan.options.logprobs:
@@ -132,6 +164,8 @@ class StreamEvents:
         self.chat = plan.kind == "chat"
         self.object = "chat.completion.chunk" if self.chat else "text_completion"
         self.created = int(time.time())
+        self.tool_calls = ToolCallStream(plan.tool_format) if plan.tool_format is not None else None
+        self.calls_made = 0
 
     def _event(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
         return sse({"id": self.ident, "object": self.object, "created": self.created, "model": self.model.model_id,
@@ -149,16 +183,36 @@ class StreamEvents:
         return self._event([self._choice(None, None, role=True)])
 
     def piece(self, chunk: GenerationChunk) -> bytes | None:
-        """The event for one generated chunk, or None when it adds nothing the client sees."""
+        """The events for one generated chunk, or None when it adds nothing the client sees."""
         shown = visible(self.model, chunk)
         logprob = logprob_entry(self.model, chunk) \
             if shown and chunk.logprob is not None and self.chat and self.plan.options.logprobs else None
+        if self.tool_calls is not None:
+            events = self._tool_events(self.tool_calls.feed(chunk.text))
+            if logprob is not None:
+                events += self._event([self._choice(None, None, logprob)])
+            return events or None
         if not chunk.text and logprob is None:
             return None
         return self._event([self._choice(chunk.text, None, logprob)])
 
+    def _tool_events(self, events: list[StreamEvent]) -> bytes:
+        """Content deltas, and each tool call as one delta with its id, name and whole arguments."""
+        out = b""
+        for event in events:
+            if event.call is None:
+                out += self._event([self._choice(event.content, None)]) if event.content else b""
+                continue
+            delta = {"tool_calls": [{"index": self.calls_made, **event.call.as_openai()}]}
+            self.calls_made += 1
+            out += self._event([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
+        return out
+
     def finish(self, reason: str) -> bytes:
-        return self._event([self._choice(None, reason)])
+        held = self._tool_events(self.tool_calls.finish()) if self.tool_calls is not None else b""
+        if self.calls_made and reason == "stop":
+            reason = "tool_calls"
+        return held + self._event([self._choice(None, reason)])
 
     def usage(self, completion_tokens: int) -> bytes:
         return self._event([], usage=usage(self.plan, completion_tokens))

@@ -84,9 +84,10 @@ class ModelSession:
         """Generations that run at once."""
         return self.runtime.parallel if self.runtime.generates_concurrently else 1
 
-    def prompt_ids(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None) -> list[int]:
+    def prompt_ids(self, prompt: str | None = None, messages: list[dict] | None = None,
+                   tools: list[dict] | None = None) -> list[int]:
         if messages is not None:
-            return self.runtime.chat_prompt_ids(messages)
+            return self.runtime.chat_prompt_ids(messages, tools)
         return self.runtime.tokenize(prompt or "")
 
     def stream_ids(self, prompt_ids: list[int], options: GenerationOptions,

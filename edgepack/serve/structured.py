@@ -27,10 +27,12 @@ def json_grammar(schema: dict[str, Any] | None) -> str:
         grammar = json_schema_to_gbnf(json.dumps(schema if schema is not None else {"type": "object"}))
     except Exception as exc:  # the converter raises plain exceptions for what it does not support
         raise EdgepackError(f"response_format: the JSON schema cannot be turned into a grammar: {exc}") from exc
-    grammar, replaced = _CONVERTER_CHAR_RULE.subn(lambda _: _JSON_CHAR_RULE, grammar)
-    if schema is None and not replaced:
-        raise EdgepackError("the JSON grammar has no string rule to narrow")  # the converter changed its output
-    return grammar
+    return narrow_json_strings(grammar)
+
+
+def narrow_json_strings(grammar: str) -> str:
+    """The converter's grammar with its string characters narrowed to what JSON allows."""
+    return _CONVERTER_CHAR_RULE.sub(lambda _: _JSON_CHAR_RULE, grammar)
 
 
 def response_format_grammar(response_format) -> str | None:

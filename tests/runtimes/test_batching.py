@@ -200,7 +200,7 @@ def test_a_prefix_shared_with_a_running_sequence_is_copied_not_recomputed(batche
     results = {}
 
     def long_running() -> None:
-        for chunk in batched.generate(first, GenerationOptions(max_tokens=60, ignore_eos=True)):
+        for _chunk in batched.generate(first, GenerationOptions(max_tokens=60, ignore_eos=True)):
             started.set()
         results["first"] = True
 
