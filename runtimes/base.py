@@ -107,9 +107,15 @@ class Runtime(ABC):
         """`add_special`: the BOS (or other tokens) the model puts first; `parse_special`: whether special-token text
         in `text` (such as "<|im_end|>") becomes those tokens."""
 
+    chat_template_source: str = "model"  # where the chat template in use came from: model, given, or default
+
     def chat_template_text(self) -> str | None:
-        """The model's own chat template (Jinja), or None when it has none."""
+        """The chat template in use (Jinja): the model's own unless another was set; None when there is none."""
         return None
+
+    def set_chat_template(self, template: str, source: str) -> None:
+        """Use `template` for chat from now on (for a model without one, or to replace its own)."""
+        raise EdgepackError(f"the {self.name} engine cannot take another chat template")
 
     def special_tokens(self) -> dict[int, str]:
         """The engine's special (control) tokens, id -> text: what a chat template writes as markers."""

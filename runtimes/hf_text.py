@@ -33,6 +33,9 @@ class HFTokenizerText:
     def chat_template_text(self) -> str | None:
         return self.tokenizer.chat_template or None
 
+    def set_chat_template(self, template: str, source: str) -> None:
+        self.tokenizer.chat_template, self.chat_template_source = template, source
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             tools: list[dict] | None = None) -> str:
         if not self.tokenizer.chat_template:

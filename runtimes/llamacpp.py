@@ -177,6 +177,9 @@ class LlamaCppRuntime(Runtime):
     def chat_template_text(self) -> str | None:
         return self._chat_template
 
+    def set_chat_template(self, template: str, source: str) -> None:
+        self._chat_template, self.chat_template_source = template, source
+
     def token_bytes(self, token_id: int) -> bytes:
         return self.llm.detokenize([token_id])
 

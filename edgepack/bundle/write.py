@@ -41,6 +41,10 @@ class BundleRequest:
     context: int
     threads: int
     offline_wheels: bool
+    chat_template: str | None = None  # stored as chat_template.jinja and served instead of the model's own
+
+
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,9 @@ def _fill_bundle(request: BundleRequest, work: Path) -> dict[str, Any]:
     server = {"host": "127.0.0.1", "port": DEFAULT_PORT, "context": request.context, "threads": request.threads,
               "engine": request.engine, "device": SERVE_DEVICE[request.target.accelerator],
               "model_path": model_path, "model_id": request.model["name"]}
+    if request.chat_template is not None:
+        (work / CHAT_TEMPLATE_FILE).write_text(request.chat_template, encoding="utf-8")
+        server["chat_template"] = CHAT_TEMPLATE_FILE
     report = {**request.report, "server": server, "wheels": wheels}
     (work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (work / "report.md").write_text(render_markdown(report))

@@ -33,12 +33,15 @@ from edgepack.select import PREFERENCES
 @click.option("--offline-wheels", is_flag=True, help="Carry the target's wheels and an install.sh in the bundle.")
 @click.option("--threads", type=int, default=None, help="Threads for measuring here (default: physical cores).")
 @click.option("--force", is_flag=True, help="Recompute every stage instead of using the cache.")
+@click.option("--chat-template", default=None,
+              help="FILE (Jinja) or NAME (chatml, llama2, plain): stored in the bundle and served instead of the "
+                   "model's own template; a model without one is otherwise served with chatml.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def build(model: Path | None, target_name: str | None, profile_file: Path | None, out_dir: Path,
           formats: str | None, context: int | None, gate, behaviour: bool, tasks_file: Path | None,
           eval_text: Path | None, prefer: str,
           no_imatrix: bool, calibration_file: Path | None, offline_wheels: bool, threads: int | None, force: bool,
-          as_json: bool) -> None:
+          chat_template: str | None, as_json: bool) -> None:
     """Build the best bundle of MODEL (default: the demo student) for a target: convert, check quality, measure
     or predict, select, bundle. Exit 5: no variant passes the gate; exit 6: none fits the memory budget."""
     from edgepack.measure.targets import resolve_target
@@ -47,14 +50,16 @@ def build(model: Path | None, target_name: str | None, profile_file: Path | None
     from edgepack.quality.reference import read_eval_text
     from edgepack.quality.tasks import load_tasks
     from edgepack.student import resolve_model
+    from runtimes.chat_templates import resolve_chat_template
 
+    template = resolve_chat_template(chat_template) if chat_template else None  # a bad one fails before the build
     target = resolve_target(target_name, profile_file)
     imatrix, calibration_text = imatrix_choice(no_imatrix, calibration_file)
     options = BuildOptions(out_dir=out_dir, formats=parse_formats(formats), context=context,
                            gate=gate, behaviour=behaviour, tasks=tuple(load_tasks(tasks_file)) if tasks_file else (),
                            eval_text=read_eval_text(eval_text), prefer=prefer,  # type: ignore[arg-type]
                            imatrix=imatrix, calibration_text=calibration_text, offline_wheels=offline_wheels,
-                           force=force, threads=threads)
+                           force=force, threads=threads, chat_template=template)
     result = run_build(resolve_model(model), target, options)
     if as_json:
         print_json({"bundle": str(result.bundle.directory), "archive": str(result.bundle.archive),

@@ -33,6 +33,9 @@ from runtimes.base import DEVICES
 @click.option("--parallel", type=int, default=None,
               help="Generations at once on llama.cpp, batched together (default: the bundle's, else 4); each holds "
                    "its own context of KV cache.")
+@click.option("--chat-template", default=None,
+              help="FILE (Jinja) or NAME (chatml, llama2, plain) used instead of the model's (or the bundle's) "
+                   "template; a model without one is served with chatml, and /health says which is in use.")
 @click.option("--threads", type=int, default=None, help="Engine threads (default: the bundle's or physical cores).")
 @click.option("--context", type=int, default=None, help="Context to allocate (default: the bundle's).")
 @click.option("--device", type=click.Choice(DEVICES), default=None,
@@ -55,7 +58,7 @@ from runtimes.base import DEVICES
               help="Router settings file (from `edgepack route calibrate`); options above override it.")
 def serve(path: Path, host: str | None, port: int | None, api_key: str | None, api_key_file: Path | None,
           max_queue: int, max_upstream: int, allowed_hosts: tuple[str, ...], max_body_mb: float,
-          model_aliases: tuple[str, ...], parallel: int | None, threads: int | None,
+          model_aliases: tuple[str, ...], parallel: int | None, chat_template: str | None, threads: int | None,
           context: int | None, device: str | None, policy: str | None, upstream_url: str | None,
           upstream_model: str | None, upstream_key_env: str | None, allow_insecure_upstream: bool | None,
           upstream_timeout: float | None, min_mean_logprob: float | None, min_token_logprob: float | None,
@@ -65,7 +68,9 @@ def serve(path: Path, host: str | None, port: int | None, api_key: str | None, a
     from edgepack.serve.app import ServerConfig, read_api_key, serve_path
     from edgepack.serve.router import RouterConfig
     from edgepack.serve.session import defaults_for
+    from runtimes.chat_templates import resolve_chat_template
 
+    template = resolve_chat_template(chat_template) if chat_template else None  # before anything is loaded
     router = RouterConfig.from_options(router_config, policy=policy, upstream_url=upstream_url,
                                        upstream_model=upstream_model, key_env=upstream_key_env,
                                        timeout_s=upstream_timeout, min_mean_logprob=min_mean_logprob,
@@ -79,7 +84,8 @@ def serve(path: Path, host: str | None, port: int | None, api_key: str | None, a
                           model_aliases=model_aliases)
     note(f"serving {defaults.model_id} on http://{config.host}:{config.port}/v1 (loading the model; "
          "GET /health answers 200 once it is ready)")
-    serve_path(defaults, config, threads=threads, context=context, device=device, parallel=parallel)
+    serve_path(defaults, config, threads=threads, context=context, device=device, parallel=parallel,
+               chat_template=template)
 
 
 @click.group()

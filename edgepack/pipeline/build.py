@@ -45,6 +45,7 @@ class BuildOptions:
     calibration_text: str | None = None  # the importance matrix's text; None: the built-in one
     prefer: Preference = "speed"
     offline_wheels: bool = False
+    chat_template: str | None = None  # served instead of the model's own (or for a model that has none)
     force: bool = False
     threads: int | None = None  # for measuring here; default: one per physical core
     allow_pickle: bool = False
@@ -163,9 +164,10 @@ def build(model: Path, target: TargetProfile, options: BuildOptions | None = Non
     request = BundleRequest(
         out_dir=options.out_dir, name=name, build_key=digest_of({"report": report, "variant": chosen.sha256,
                                                                  "threads": target.cpu_cores,
-                                                                 "offline_wheels": options.offline_wheels}),
+                                                                 "offline_wheels": options.offline_wheels,
+                                                                 "chat_template": options.chat_template}),
         model=report["model"], variant=chosen, engine=engine, target=target, report=report, context=context,
-        threads=target.cpu_cores, offline_wheels=options.offline_wheels)
+        threads=target.cpu_cores, offline_wheels=options.offline_wheels, chat_template=options.chat_template)
     bundle = write_bundle(request)
     bundle_run = StageRun("bundle", time.perf_counter() - bundle_started, 0 if bundle.reused else 1,
                           1 if bundle.reused else 0)

@@ -200,8 +200,11 @@ def create_app(config: ServerConfig, loader: Callable[[], ModelSession] | None =
     @app.get("/health")
     async def health() -> JSONResponse:
         if state.model is not None:
-            return JSONResponse({"status": "ok", "model": state.model.model_id, "device": state.model.runtime.device,
+            runtime = state.model.runtime
+            return JSONResponse({"status": "ok", "model": state.model.model_id, "device": runtime.device,
                                  "device_note": state.model.device_note, "routing": state.config.router.policy,
+                                 "parallel": state.model.concurrency, "context": runtime.context_length,
+                                 "chat_template": runtime.chat_template_source,
                                  "answers": state.metrics.answers(), "local_share": state.metrics.local_share()})
         if state.load_error:
             return JSONResponse({"status": "error", "error": state.load_error}, status_code=500)
@@ -550,9 +553,10 @@ def run_server(model: ModelSession, config: ServerConfig) -> None:
 
 
 def serve_path(defaults: ServeDefaults, config: ServerConfig, threads: int | None = None,
-               context: int | None = None, device: Device | None = None, parallel: int | None = None) -> None:
+               context: int | None = None, device: Device | None = None, parallel: int | None = None,
+               chat_template: str | None = None) -> None:
     """`edgepack serve`: `defaults` come from `defaults_for`, which refused a bundle that fails verification before
     anything listens; start listening, and load the model in the background."""
     app = create_app(config, loader=lambda: open_session(defaults, threads=threads, context=context, device=device,
-                                                         parallel=parallel))
+                                                         parallel=parallel, chat_template=chat_template))
     _uvicorn_server(app, config).run()

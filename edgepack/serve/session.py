@@ -14,6 +14,7 @@ from pathlib import Path
 
 from edgepack.core.errors import EdgepackError
 from runtimes.base import Device, GenerationChunk, GenerationOptions, LoadOptions, Runtime
+from runtimes.chat_templates import DEFAULT_CHAT_TEMPLATE, NAMED_CHAT_TEMPLATES
 
 # Generations served at once on an engine that batches (llama.cpp): on this project's 2-core CPU, 4 streams decode
 # together at several times one stream's rate (benchmarks.server). Each holds its own context of KV cache.
@@ -31,6 +32,7 @@ class ServeDefaults:
     host: str = "127.0.0.1"
     port: int = 8080
     parallel: int | None = None  # None: DEFAULT_PARALLEL
+    chat_template: str | None = None  # used instead of the model's own (a bundle's chat_template.jinja)
 
 
 def defaults_for(path: Path) -> ServeDefaults:
@@ -50,7 +52,9 @@ def defaults_for(path: Path) -> ServeDefaults:
         return ServeDefaults(model_id=server["model_id"], model_path=path / server["model_path"],
                              engine=server["engine"], context=server["context"], threads=server["threads"],
                              device=server["device"], host=server["host"], port=server["port"],
-                             parallel=server.get("parallel"))
+                             parallel=server.get("parallel"),
+                             chat_template=(path / server["chat_template"]).read_text(encoding="utf-8")
+                             if server.get("chat_template") else None)
     if path.is_file() and path.name.endswith((".tar.gz", ".tgz")):
         raise EdgepackError(f"{path} is a bundle archive: extract it first (tar xzf) and serve the folder")
     return ServeDefaults(model_id=path.stem if path.is_file() else path.name, model_path=path, engine=None,
@@ -118,7 +122,7 @@ class ModelSession:
 
 def open_session(defaults: ServeDefaults, threads: int | None = None, context: int | None = None,
                  device: Device | None = None, cls: type[ModelSession] | None = None,
-                 parallel: int | None = None) -> ModelSession:
+                 parallel: int | None = None, chat_template: str | None = None) -> ModelSession:
     """Open what `defaults_for` described (and, for a bundle, verified). A GPU the installed engine cannot use
     (a llama-cpp-python built without CUDA, an onnxruntime without its CUDA provider) falls back to the CPU, and
     the model says why in `device_note`."""
@@ -135,4 +139,9 @@ def open_session(defaults: ServeDefaults, threads: int | None = None, context: i
             raise
         note = f"running on the CPU: {exc}"
         runtime = open_runtime(defaults.model_path, replace(options, device="cpu"), defaults.engine)
+    given = chat_template or defaults.chat_template
+    if given is not None:
+        runtime.set_chat_template(given, "given")
+    elif runtime.chat_template_text() is None:  # a base model: chat still works, in the documented default format
+        runtime.set_chat_template(NAMED_CHAT_TEMPLATES[DEFAULT_CHAT_TEMPLATE], f"default ({DEFAULT_CHAT_TEMPLATE})")
     return (cls or ModelSession)(runtime, defaults.model_id, defaults, device_note=note)
