@@ -302,6 +302,9 @@ async def _serve(state: ServerState, request: Request, body: ChatRequest | Compl
         assert plan is not None
         if router.policy != "auto":
             return await _answer_locally(state, request, model, plan, body.stream, "local", slot)
+        if plan.choices > 1:
+            raise ApiError(400, "n: under routing policy auto each answer is judged on its own; ask for one choice",
+                           param="n")
         # auto: the whole local answer first, with its log-probabilities, to judge it
         scored = replace(plan, options=replace(plan.options, logprobs=True))
         chunks = await until_disconnect(request, _generate_all(state, model, scored))
@@ -317,8 +320,8 @@ async def _serve(state: ServerState, request: Request, body: ChatRequest | Compl
         state.metrics.count_route(route_name)
         ident = _new_id(plan)
         if body.stream:
-            return _streaming(state, model, plan, ident, _replay(chunks), route_name, slot)
-        return JSONResponse(whole_response(model, plan, ident, chunks), headers={ROUTE_HEADER: route_name})
+            return _streaming(state, model, plan, ident, [_replay(chunks)], route_name, slot)
+        return JSONResponse(whole_response(model, plan, ident, [chunks]), headers={ROUTE_HEADER: route_name})
 
 
 async def _replay(chunks: list[GenerationChunk]) -> AsyncIterator[GenerationChunk]:
@@ -392,10 +395,16 @@ async def _answer_locally(state: ServerState, request: Request, model: ModelSess
     """Generate with the local model (a live stream, or the whole answer), marked with how it was routed."""
     state.metrics.count_route(route_name)
     ident = _new_id(plan)
+    choices = plan.per_choice()
     if stream:
-        return _streaming(state, model, plan, ident, _chunks(state, model, plan), route_name, slot)
-    chunks = await until_disconnect(request, _generate_all(state, model, plan))
-    return JSONResponse(whole_response(model, plan, ident, chunks), headers={ROUTE_HEADER: route_name})
+        return _streaming(state, model, plan, ident, [_chunks(state, model, one) for one in choices], route_name,
+                          slot)
+
+    async def all_choices() -> list[list[GenerationChunk]]:
+        return list(await asyncio.gather(*(_generate_all(state, model, one) for one in choices)))
+
+    answers = await until_disconnect(request, all_choices())
+    return JSONResponse(whole_response(model, plan, ident, answers), headers={ROUTE_HEADER: route_name})
 
 
 class SlotStreamingResponse(StreamingResponse):
@@ -420,8 +429,8 @@ class SlotStreamingResponse(StreamingResponse):
 
 
 def _streaming(state: ServerState, model: ModelSession, plan: GenerationPlan, ident: str,
-               chunks: AsyncIterator[GenerationChunk], route_name: str, slot: Slot) -> StreamingResponse:
-    return SlotStreamingResponse(_stream_events(state, model, plan, ident, chunks), slot.keep(),
+               choices: list[AsyncIterator[GenerationChunk]], route_name: str, slot: Slot) -> StreamingResponse:
+    return SlotStreamingResponse(_stream_events(state, model, plan, ident, choices), slot.keep(),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", ROUTE_HEADER: route_name})
 
@@ -492,28 +501,72 @@ async def _chunks(state: ServerState, model: ModelSession, plan: GenerationPlan)
 
 
 async def _stream_events(state: ServerState, model: ModelSession, plan: GenerationPlan, ident: str,
-                         chunks: AsyncIterator[GenerationChunk]) -> AsyncIterator[bytes]:
-    events = StreamEvents(model, plan, ident)
+                         choices: list[AsyncIterator[GenerationChunk]]) -> AsyncIterator[bytes]:
+    """The events of every choice, as their chunks come (each event carries its choice's index)."""
+    events = [StreamEvents(model, plan, ident, index) for index in range(len(choices))]
+    finishes = ["length"] * len(choices)
     made = 0
+    merged = _merge(choices)
     try:
         if plan.kind == "chat":
-            yield events.role()
-        finish = "length"
-        async for chunk in chunks:
+            for choice_events in events:
+                yield choice_events.role()
+        async for index, chunk in merged:
+            if chunk is None:  # that choice has ended
+                yield events[index].finish(finishes[index])
+                continue
             made += visible(model, chunk)
-            piece = events.piece(chunk)
+            piece = events[index].piece(chunk)
             if piece is not None:
                 yield piece
-            finish = chunk.finish_reason or finish
-        yield events.finish(finish)
+            finishes[index] = chunk.finish_reason or finishes[index]
         if plan.include_usage:
-            yield events.usage(made)
-        yield events.done()
+            yield events[0].usage(made)
+        yield events[0].done()
     except Exception as exc:  # the headers (200) are sent: the stream ends with an error event instead
         yield sse(error_body(f"generation failed midway: {exc}", "server_error", code="generation_failed"))
-        yield events.done()
+        yield events[0].done()
     finally:
-        await chunks.aclose()  # type: ignore[attr-defined]  # now, not when garbage is collected: frees the engine
+        await merged.aclose()  # now, not when garbage is collected: frees the engine
+
+
+async def _merge(streams: list[AsyncIterator[GenerationChunk]]
+                 ) -> AsyncIterator[tuple[int, GenerationChunk | None]]:
+    """(choice index, chunk) from several streams as they come, and (index, None) when one ends. Leaving early
+    closes every stream."""
+    if len(streams) == 1:
+        try:
+            async for chunk in streams[0]:
+                yield 0, chunk
+            yield 0, None
+        finally:
+            await streams[0].aclose()  # type: ignore[attr-defined]
+        return
+    queue: asyncio.Queue[tuple[int, GenerationChunk | None] | BaseException] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[GenerationChunk]) -> None:
+        try:
+            async for chunk in stream:
+                queue.put_nowait((index, chunk))
+            queue.put_nowait((index, None))
+        except Exception as exc:
+            queue.put_nowait(exc)
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+
+    pumps = [asyncio.ensure_future(pump(index, stream)) for index, stream in enumerate(streams)]
+    try:
+        ended = 0
+        while ended < len(streams):
+            item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            ended += item[1] is None
+            yield item
+    finally:
+        for task in pumps:
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
 
 
 @dataclass

@@ -90,6 +90,7 @@ class NamedToolChoice(_Strict):
 
 MAX_SEED = 2**63 - 1  # what the engines' random generators take
 MAX_STOPS = 4  # as OpenAI's API
+MAX_CHOICES = 8  # n: choices generated side by side, each a sequence of the engine
 MAX_STOP_CHARS = 256  # stop matching holds back at most this much text
 
 
@@ -121,7 +122,7 @@ class _Sampling(_Strict):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     user: str | None = None
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
@@ -149,8 +150,6 @@ class _Sampling(_Strict):
 
     def unsupported(self) -> str | None:
         """A field set to something this server does not do, with what it accepts."""
-        if self.n != 1:
-            return "n: only 1 choice per request is supported"
         if self.response_format is not None and self.response_format.type == "json_schema" and (
                 self.response_format.json_schema is None or self.response_format.json_schema.schema_ is None):
             return "response_format: type json_schema needs json_schema.schema (a JSON Schema object)"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from edgepack.core.errors import ApiError, EdgepackError
@@ -33,6 +33,15 @@ class GenerationPlan:
     kind: PlanKind
     include_usage: bool
     tool_format: ToolFormat | None = None  # the answer may hold tool calls written this way
+    choices: int = 1  # n: answers made side by side
+
+    def per_choice(self) -> list[GenerationPlan]:
+        """One plan for each choice; with a seed, choice i draws with seed + i (different answers, reproducible)."""
+        if self.choices == 1:
+            return [self]
+        seed = self.options.seed
+        return [replace(self, options=replace(self.options, seed=None if seed is None else seed + i), choices=1)
+                for i in range(self.choices)]
 
 
 def plan_request(model: ModelSession, request: ChatRequest | CompletionRequest) -> GenerationPlan:
@@ -88,7 +97,7 @@ def plan_request(model: ModelSession, request: ChatRequest | CompletionRequest) 
                                 presence_penalty=request.presence_penalty,
                                 frequency_penalty=request.frequency_penalty, grammar=grammar)
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
-    return GenerationPlan(prompt_ids, options, kind, include_usage, fmt)
+    return GenerationPlan(prompt_ids, options, kind, include_usage, fmt, request.n)
 
 
 def _choice(tool_choice: Any) -> Any:
@@ -118,12 +127,19 @@ def usage(plan: GenerationPlan, completion_tokens: int) -> dict[str, int]:
 
 
 def whole_response(model: ModelSession, plan: GenerationPlan, ident: str,
-                    chunks: list[GenerationChunk]) -> dict[str, Any]:
+                   answers: list[list[GenerationChunk]]) -> dict[str, Any]:
+    """The response for the chunks of each choice."""
+    choices = [_whole_choice(model, plan, index, chunks) for index, chunks in enumerate(answers)]
+    made = sum(visible(model, c) for chunks in answers for c in chunks)
+    return {"id": ident, "created": int(time.time()), "model": model.model_id, "usage": usage(plan, made),
+            "object": "chat.completion" if plan.kind == "chat" else "text_completion", "choices": choices}
+
+
+def _whole_choice(model: ModelSession, plan: GenerationPlan, index: int,
+                  chunks: list[GenerationChunk]) -> dict[str, Any]:
     text = "".join(c.text for c in chunks)
     shown = [c for c in chunks if visible(model, c)]
     finish = next((c.finish_reason for c in reversed(chunks) if c.finish_reason), "length")
-    base = {"id": ident, "created": int(time.time()), "model": model.model_id,
-            "usage": usage(plan, len(shown))}
     if plan.kind == "chat":
         logprobs = {"content": [logprob_entry(model, c) for c in shown
                                 if c.logprob is not None]} if plan.options.logprobs else None
@@ -134,8 +150,7 @@ def whole_response(model: ModelSession, plan: GenerationPlan, ident: str,
                 message = {"role": "assistant", "content": parsed.content or None,
                            "tool_calls": [call.as_openai() for call in parsed.tool_calls]}
                 finish = "tool_calls" if finish == "stop" else finish
-        choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}
-        return {**base, "object": "chat.completion", "choices": [choice]}
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
     logprobs = None
     if plan.options.logprobs:
         tokens = [model.runtime.detokenize([c.token_id]) for c in shown]
@@ -147,8 +162,7 @@ def whole_response(model: ModelSession, plan: GenerationPlan, ident: str,
             if plan.options.top_logprobs else None
         logprobs = {"tokens": tokens, "token_logprobs": [c.logprob for c in shown], "top_logprobs": top,
                     "text_offset": offsets}
-    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
-    return {**base, "object": "text_completion", "choices": [choice]}
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
 
 def sse(payload: dict[str, Any] | str) -> bytes:
@@ -159,8 +173,8 @@ def sse(payload: dict[str, Any] | str) -> bytes:
 class StreamEvents:
     """The server-sent events of one streamed answer, chat or completion."""
 
-    def __init__(self, model: ModelSession, plan: GenerationPlan, ident: str) -> None:
-        self.model, self.plan, self.ident = model, plan, ident
+    def __init__(self, model: ModelSession, plan: GenerationPlan, ident: str, index: int = 0) -> None:
+        self.model, self.plan, self.ident, self.index = model, plan, ident, index
         self.chat = plan.kind == "chat"
         self.object = "chat.completion.chunk" if self.chat else "text_completion"
         self.created = int(time.time())
@@ -174,9 +188,9 @@ class StreamEvents:
     def _choice(self, text: str | None, finish: str | None, logprob: dict[str, Any] | None = None,
                 role: bool = False) -> dict[str, Any]:
         if not self.chat:
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return {"index": self.index, "text": text or "", "logprobs": None, "finish_reason": finish}
         delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-        return {"index": 0, "delta": delta, "logprobs": {"content": [logprob]} if logprob else None,
+        return {"index": self.index, "delta": delta, "logprobs": {"content": [logprob]} if logprob else None,
                 "finish_reason": finish}
 
     def role(self) -> bytes:
@@ -205,7 +219,7 @@ class StreamEvents:
                 continue
             delta = {"tool_calls": [{"index": self.calls_made, **event.call.as_openai()}]}
             self.calls_made += 1
-            out += self._event([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
+            out += self._event([{"index": self.index, "delta": delta, "logprobs": None, "finish_reason": None}])
         return out
 
     def finish(self, reason: str) -> bytes:

@@ -92,7 +92,7 @@ def test_models_and_health(client, server):
     ({"model": MODEL_ID, "messages": MESSAGES, "tools_choice": "auto"}, 400,
      "Unrecognized request argument supplied: tools_choice"),
     ({"model": MODEL_ID, "messages": []}, 400, "messages"),
-    ({"model": MODEL_ID, "messages": MESSAGES, "n": 3}, 400, "only 1 choice"),
+    ({"model": MODEL_ID, "messages": MESSAGES, "n": 9}, 400, "n: Input should be less than or equal to 8"),
     ({"model": MODEL_ID, "messages": [{"role": "user", "content": "sea " * 400}]}, 400,
      f"maximum context length is {CONTEXT} tokens"),
 ])
@@ -116,6 +116,33 @@ def test_any_model_name_or_none_is_answered_by_the_one_local_model(client, serve
     assert other.choices[0].message.content == named.choices[0].message.content
     assert unnamed["choices"][0]["message"]["content"] == named.choices[0].message.content
     assert unnamed["model"] == other.model == MODEL_ID
+
+
+def test_n_choices_are_made_side_by_side_each_as_its_own_request_would_be(tiny_gguf):
+    """n = 3 with a seed: choice i is the answer a single request with seed + i gets; streamed, the choices' pieces
+    come tagged with their index and add up to the same answers."""
+    model = open_model(tiny_gguf, parallel=3)
+    running = start_server_thread(model, ServerConfig(port=0))
+    client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="unused", max_retries=0)
+    sampled = {"model": MODEL_ID, "messages": MESSAGES, "max_tokens": 10, "temperature": 1.0}
+    try:
+        whole = client.chat.completions.create(**sampled, n=3, seed=40)
+        assert [c.index for c in whole.choices] == [0, 1, 2]
+        singles = [client.chat.completions.create(**sampled, seed=40 + i) for i in range(3)]
+        alone = [single.choices[0].message.content for single in singles]
+        assert [c.message.content for c in whole.choices] == alone
+        assert whole.usage.completion_tokens == sum(single.usage.completion_tokens for single in singles)
+        assert whole.usage.prompt_tokens == singles[0].usage.prompt_tokens  # the prompt is counted once
+        pieces, finishes = {0: "", 1: "", 2: ""}, {}
+        for chunk in client.chat.completions.create(**sampled, n=3, seed=40, stream=True):
+            for choice in chunk.choices:
+                pieces[choice.index] += choice.delta.content or ""
+                if choice.finish_reason:
+                    finishes[choice.index] = choice.finish_reason
+        assert [pieces[i] for i in range(3)] == alone and sorted(finishes) == [0, 1, 2]
+    finally:
+        running.stop()
+        model.close()
 
 
 def test_model_aliases_are_listed(tiny_gguf):
