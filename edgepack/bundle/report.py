@@ -99,7 +99,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Running it", "",
               f"`./run.sh` (or `run.bat`) starts the OpenAI-compatible server on 127.0.0.1:{report['server']['port']} "
               f"with `{report['server']['engine']}` on {report['server']['device']} (the CPU where the installed "
-              f"engine cannot offload) and {report['server']['threads']} threads; `deploy/` has a systemd "
+              f"engine cannot offload) and {report['server']['threads']} threads, answering "
+              f"{report['server'].get('parallel', 1)} request(s) at once (each with a "
+              f"{report['server']['context']}-token context; the memory budget decides how many); a chat page is at "
+              "`/` and Ollama's API at `/api/`; `deploy/` has a systemd "
               "unit, a launchd plist, a Dockerfile" + (" and an Ollama Modelfile" if chosen.startswith("gguf-") else "")
               + ". `edgepack verify .` checks every file against `edgepack.json`."]
     wheels = report.get("wheels")

@@ -42,6 +42,7 @@ class BundleRequest:
     threads: int
     offline_wheels: bool
     chat_template: str | None = None  # stored as chat_template.jinja and served instead of the model's own
+    parallel: int = 1  # generations the server runs at once (each with its own KV cache of `context` tokens)
 
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
@@ -121,7 +122,7 @@ def _fill_bundle(request: BundleRequest, work: Path) -> dict[str, Any]:
                   "sources": [{"file": s.file, "build_command": s.build_command} for s in wheel_set.sources]}
     server = {"host": "127.0.0.1", "port": DEFAULT_PORT, "context": request.context, "threads": request.threads,
               "engine": request.engine, "device": SERVE_DEVICE[request.target.accelerator],
-              "model_path": model_path, "model_id": request.model["name"]}
+              "model_path": model_path, "model_id": request.model["name"], "parallel": request.parallel}
     if request.chat_template is not None:
         (work / CHAT_TEMPLATE_FILE).write_text(request.chat_template, encoding="utf-8")
         server["chat_template"] = CHAT_TEMPLATE_FILE

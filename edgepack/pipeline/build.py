@@ -20,7 +20,7 @@ from edgepack.core.errors import EdgepackError, NothingPassedError
 from edgepack.core.fileio import check_safe_name
 from edgepack.core.progress import say
 from edgepack.measure.on_target import candidates, performance_on_target
-from edgepack.measure.predict import Prediction
+from edgepack.measure.predict import KV_BYTES, Prediction, kv_cache_bytes
 from edgepack.measure.profiler import DeviceMeasurements, ProfileOptions
 from edgepack.measure.targets import TargetProfile
 from edgepack.pipeline.stage_cache import StageCache, digest_of, directory_fingerprint
@@ -158,6 +158,9 @@ def build(model: Path, target: TargetProfile, options: BuildOptions | None = Non
     bundle_started = time.perf_counter()
     chosen = next(v for v in variants if v.kind == decision.chosen)
     engine = next(p.engine for p in performance if p.variant == chosen.kind)
+    chosen_memory = next(p.memory_bytes for p in performance if p.variant == chosen.kind)
+    parallel = serving_parallel(engine, decision.budget_bytes - chosen_memory,
+                                kv_cache_bytes(shapes[chosen.kind], context, KV_BYTES.get(engine, 4)))
     name = f"{student.path.name}-{target.name}"
     report = _report(student, fingerprint, target, context, quality, performance, measurements, decision,
                      variants)
@@ -165,9 +168,11 @@ def build(model: Path, target: TargetProfile, options: BuildOptions | None = Non
         out_dir=options.out_dir, name=name, build_key=digest_of({"report": report, "variant": chosen.sha256,
                                                                  "threads": target.cpu_cores,
                                                                  "offline_wheels": options.offline_wheels,
-                                                                 "chat_template": options.chat_template}),
+                                                                 "chat_template": options.chat_template,
+                                                                 "parallel": parallel}),
         model=report["model"], variant=chosen, engine=engine, target=target, report=report, context=context,
-        threads=target.cpu_cores, offline_wheels=options.offline_wheels, chat_template=options.chat_template)
+        threads=target.cpu_cores, offline_wheels=options.offline_wheels, chat_template=options.chat_template,
+        parallel=parallel)
     bundle = write_bundle(request)
     bundle_run = StageRun("bundle", time.perf_counter() - bundle_started, 0 if bundle.reused else 1,
                           1 if bundle.reused else 0)
@@ -204,3 +209,14 @@ def _report(student: StudentModel, fingerprint: str, target: TargetProfile, cont
         "performance": [to_json_dict(p) for p in performance], "host_measurements": host,
         "decision": to_json_dict(decision), "variant_bytes": {v.kind: v.bytes for v in variants},
     }
+
+
+def serving_parallel(engine: str, spare_bytes: int, kv_bytes_per_sequence: int) -> int:
+    """How many generations the bundle's server runs at once: the default where the budget left after the chosen
+    variant (which counts one sequence's KV cache) holds the others' KV caches, fewer where it does not; one on an
+    engine that does not batch."""
+    from edgepack.serve.session import DEFAULT_PARALLEL
+
+    if engine != "llamacpp":
+        return 1
+    return max(1, min(DEFAULT_PARALLEL, 1 + spare_bytes // max(kv_bytes_per_sequence, 1)))
