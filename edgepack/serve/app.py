@@ -31,6 +31,7 @@ from edgepack.serve.admission import Slot, Slots
 from edgepack.serve.chat_page import add_chat_page
 from edgepack.serve.metrics import Metrics
 from edgepack.serve.middleware import CLIENT_CLOSED, BodyLimit, RequestGate
+from edgepack.serve.ollama import LocalAnswers, add_ollama_routes
 from edgepack.serve.protocol import ChatRequest, CompletionRequest
 from edgepack.serve.responses import GenerationPlan, StreamEvents, plan_request, sse, visible, whole_response
 from edgepack.serve.router import (
@@ -233,9 +234,7 @@ def create_app(config: ServerConfig, loader: Callable[[], ModelSession] | None =
     async def completions(request: Request):
         return await _serve(state, request, await _parse(request, CompletionRequest), "/completions")
 
-    from edgepack.serve.ollama import add_ollama_routes  # it answers through this module's local_generation
-
-    add_ollama_routes(app, state)
+    add_ollama_routes(app, state, LocalAnswers(local_generation, until_disconnect, SlotStreamingResponse))
     add_chat_page(app)
 
     return app

@@ -14,7 +14,8 @@ import functools
 import hashlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -80,7 +81,17 @@ class OllamaShow(_Lenient):
     name: str | None = None  # older clients send the name here
 
 
-def add_ollama_routes(app: FastAPI, state) -> None:
+@dataclass(frozen=True)
+class LocalAnswers:
+    """What the server lends these routes to answer with (edgepack.serve.app's own, passed in so that this module
+    does not import the app that registers it)."""
+
+    generation: Callable[..., Awaitable[tuple[GenerationPlan, AsyncIterator[GenerationChunk]]]]
+    until_disconnect: Callable[..., Awaitable[Any]]
+    streaming_response: Callable[..., Any]  # (content, slot, media_type=...) -> a response that closes its content
+
+
+def add_ollama_routes(app: FastAPI, state, answers: LocalAnswers) -> None:
     """Register Ollama's routes on the server's app; `state` is its ServerState."""
 
     @app.post("/api/chat")
@@ -92,7 +103,7 @@ def add_ollama_routes(app: FastAPI, state) -> None:
             raise _refusal("messages: give at least one message")
         messages = [{"role": m.role, "content": m.content} for m in body.messages]
         openai_body = _openai_request(ChatRequest, body, messages=messages)
-        return await _answer(state, request, body, openai_body, "chat")
+        return await _answer(state, answers, request, body, openai_body, "chat")
 
     @app.post("/api/generate")
     async def generate(request: Request):
@@ -110,7 +121,7 @@ def add_ollama_routes(app: FastAPI, state) -> None:
             messages = ([{"role": "system", "content": body.system}] if body.system else []) + [
                 {"role": "user", "content": body.prompt}]
             openai_body = _openai_request(ChatRequest, body, messages=messages)
-        return await _answer(state, request, body, openai_body, "generate")
+        return await _answer(state, answers, request, body, openai_body, "generate")
 
     @app.get("/api/tags")
     async def tags() -> dict[str, Any]:
@@ -186,20 +197,18 @@ def _openai_request(kind: type[ChatRequest] | type[CompletionRequest], body: _Ol
         raise _refusal(f"{where}: {first.get('msg')}") from None
 
 
-async def _answer(state, request: Request, body: _OllamaRequest, openai_body, kind: str):
-    from edgepack.serve.app import SlotStreamingResponse, local_generation, until_disconnect
-
+async def _answer(state, answers: LocalAnswers, request: Request, body: _OllamaRequest, openai_body, kind: str):
     started = time.perf_counter_ns()
     try:
-        plan, chunks = await local_generation(state, openai_body)
+        plan, chunks = await answers.generation(state, openai_body)
     except ApiError as exc:
         raise _OllamaError(exc.status, exc.body["error"]["message"], exc.headers) from exc
     model = state.require_model()
     shape = _Shape(body.model, kind, plan, started)
     if body.stream:
-        return SlotStreamingResponse(_ndjson(model, shape, chunks), None, media_type=NDJSON)
+        return answers.streaming_response(_ndjson(model, shape, chunks), None, media_type=NDJSON)
     try:
-        collected = await until_disconnect(request, _collect(chunks))
+        collected = await answers.until_disconnect(request, _collect(chunks))
     finally:
         await chunks.aclose()
     text = "".join(chunk.text for chunk in collected)

@@ -26,16 +26,32 @@ PYTHON_TAG = "<|python_tag|>"
 
 
 def template_takes_tools(template: str | None) -> bool:
-    """Whether a Jinja chat template reads the `tools` variable."""
+    """Whether a Jinja chat template reads the `tools` variable (a template that sets `tools` itself does not)."""
     if not template:
         return False
     import jinja2
     from jinja2 import meta
 
     try:
-        return "tools" in meta.find_undeclared_variables(jinja2.Environment().parse(template))
+        return "tools" in meta.find_undeclared_variables(_template_parser().parse(template))
     except jinja2.TemplateSyntaxError:
         return False
+
+
+def _template_parser():
+    """A Jinja environment that parses what chat templates may use: the engines render them with `{% break %}` and
+    `{% continue %}`, and with HF's `{% generation %}` tag (which marks the assistant's text for training)."""
+    import jinja2
+    from jinja2.ext import Extension
+
+    class GenerationTag(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    return jinja2.Environment(extensions=["jinja2.ext.loopcontrols", GenerationTag])
 
 
 def tool_format(template: str | None) -> ToolFormat:
@@ -116,59 +132,78 @@ class StreamEvent:
 
 class ToolCallStream:
     """Reads an answer as it streams: content comes out as it arrives, except text that may be the start of a call,
-    which is held back until it is known; each call comes out whole once its end has arrived."""
+    which is held back until it is known; each call comes out whole once its end has arrived.
+
+    The content streamed is the whole answer's content (parse_tool_calls) piece by piece: whitespace at the end of the
+    content so far is held until more content follows, and dropped when the answer made calls (the newline between two
+    calls is not content). One difference is left: an answer that starts with whitespace and content and makes a call
+    only later streams that whitespace, where the whole answer's content is stripped."""
 
     def __init__(self, fmt: ToolFormat) -> None:
         self.fmt = fmt
-        self.pending = ""
+        self.pending = ""  # text not yet known to be content or a call
+        self.held_space = ""  # whitespace at the end of the content so far
+        self.calls_made = 0
+        self.content_shown = False
         self.decided = fmt == "hermes"  # llama3-json: whether the answer is a call is known from its first character
 
     def feed(self, piece: str) -> list[StreamEvent]:
         self.pending += piece
-        if self.fmt == "llama3-json":
-            return self._feed_json()
+        return self._feed_hermes() if self.fmt == "hermes" else self._feed_json()
+
+    def finish(self) -> list[StreamEvent]:
+        rest, self.pending = self.pending, ""
+        parsed = parse_tool_calls(rest, self.fmt) if rest else ParsedAnswer("", ())
+        events = self._content(parsed.content) + self._calls(parsed.tool_calls)
+        if not self.calls_made and self.held_space:
+            events.append(StreamEvent(self.held_space))
+        self.held_space = ""
+        return events
+
+    def _feed_hermes(self) -> list[StreamEvent]:
         events = []
         while True:
             start = self.pending.find(HERMES_OPEN)
             if start < 0:
-                keep = _held_back(self.pending, HERMES_OPEN)
-                if len(self.pending) > keep:
-                    events.append(StreamEvent(self.pending[:len(self.pending) - keep]))
-                    self.pending = self.pending[len(self.pending) - keep:]
+                content_end = len(self.pending) - _held_back(self.pending, HERMES_OPEN)
+                events += self._content(self.pending[:content_end])
+                self.pending = self.pending[content_end:]
                 return events
-            end = self.pending.find(HERMES_CLOSE, start)
+            events += self._content(self.pending[:start])
+            self.pending = self.pending[start:]
+            end = self.pending.find(HERMES_CLOSE)
             if end < 0:
-                if start:
-                    events.append(StreamEvent(self.pending[:start]))
-                    self.pending = self.pending[start:]
-                return events
-            whole = self.pending[:end + len(HERMES_CLOSE)]
-            parsed = parse_tool_calls(whole, "hermes")
-            if parsed.content or not parsed.tool_calls:
-                events.append(StreamEvent(parsed.content if parsed.tool_calls else whole))
-            events += [StreamEvent(call=call) for call in parsed.tool_calls]
-            self.pending = self.pending[end + len(HERMES_CLOSE):]
+                return events  # inside a call: held until it closes
+            end += len(HERMES_CLOSE)
+            block, self.pending = self.pending[:end], self.pending[end:]
+            calls = parse_tool_calls(block, "hermes").tool_calls
+            events += self._calls(calls) if calls else self._content(block)  # a broken call stays content
 
     def _feed_json(self) -> list[StreamEvent]:
         if not self.decided:
             stripped = self.pending.lstrip()
             if not stripped:
                 return []
-            if not (stripped.startswith("{") or PYTHON_TAG.startswith(stripped[:len(PYTHON_TAG)])):
-                self.decided = True  # plain content from here on
-                out, self.pending = self.pending, ""
-                return [StreamEvent(out)]
-            return []  # maybe a call: held to the end
+            if stripped.startswith("{") or PYTHON_TAG.startswith(stripped[:len(PYTHON_TAG)]):
+                return []  # maybe a call: held to the end
+            self.decided = True  # plain content from here on
         out, self.pending = self.pending, ""
-        return [StreamEvent(out)] if out else []
+        return self._content(out)
 
-    def finish(self) -> list[StreamEvent]:
-        rest, self.pending = self.pending, ""
-        if not rest:
+    def _content(self, text: str) -> list[StreamEvent]:
+        text = self.held_space + text
+        shown = text.rstrip()
+        self.held_space = text[len(shown):]
+        if not shown:
             return []
-        parsed = parse_tool_calls(rest, self.fmt)
-        events = [StreamEvent(parsed.content)] if parsed.content else []
-        return events + [StreamEvent(call=call) for call in parsed.tool_calls]
+        if not self.content_shown and self.calls_made:  # the content starts after a call: as stripped as the whole's
+            shown = shown.lstrip()
+        self.content_shown = True
+        return [StreamEvent(shown)]
+
+    def _calls(self, calls: Sequence[ToolCall]) -> list[StreamEvent]:
+        self.calls_made += len(calls)
+        return [StreamEvent(call=call) for call in calls]
 
 
 def _held_back(text: str, marker: str) -> int:
