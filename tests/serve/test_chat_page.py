@@ -21,6 +21,7 @@ ARTIFACTS = Path(os.environ.get("EDGEPACK_TEST_ARTIFACTS", Path(__file__).resolv
 MAX_TOKENS = 16
 QUESTION = "Say hello to the sea."
 SYSTEM = "You are brief."
+FOLLOW_UP = "And to the hills."
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +52,7 @@ def server(tiny_gguf):
 
 
 def ask(browser, text: str, system: str = "") -> None:
+    """Type `text` (and the system prompt) at temperature 0 and wait until the page marks the answer complete."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -58,12 +60,27 @@ def ask(browser, text: str, system: str = "") -> None:
     system_box.clear()
     if system:
         system_box.send_keys(system)
-    browser.execute_script("const t = document.getElementById('temperature'); t.value = '0';"
+    browser.execute_script("const slider = document.getElementById('temperature'); slider.value = '0';"
+                           "slider.dispatchEvent(new Event('input'));"  # as dragging it does: the label follows
                            f"document.getElementById('max-tokens').value = '{MAX_TOKENS}';")
+    done_before = len(browser.find_elements(By.CSS_SELECTOR, ".turn.assistant[data-complete='true']"))
     browser.find_element(By.ID, "message").send_keys(text)
     browser.find_element(By.ID, "send").click()
     WebDriverWait(browser, 30).until(
-        lambda b: b.find_elements(By.CSS_SELECTOR, ".turn.assistant[data-complete='true']"))
+        lambda b: len(b.find_elements(By.CSS_SELECTOR, ".turn.assistant[data-complete='true']")) > done_before
+        or b.find_elements(By.CSS_SELECTOR, ".turn.error"))
+
+
+def api_answer(server, messages: list[dict]) -> str:
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    return client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=MAX_TOKENS,
+                                          temperature=0).choices[0].message.content
+
+
+def shown_answers(browser) -> list[str]:
+    from selenium.webdriver.common.by import By
+
+    return [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".turn.assistant .text")]
 
 
 def test_the_page_streams_the_answer_the_api_gives(browser, server):
@@ -73,20 +90,33 @@ def test_the_page_streams_the_answer_the_api_gives(browser, server):
     browser.get(server.url + "/")
     WebDriverWait(browser, 10).until(lambda b: b.find_element(By.ID, "model-name").text == MODEL_ID)
     ask(browser, QUESTION, SYSTEM)
-    answer = browser.find_element(By.CSS_SELECTOR, ".turn.assistant .text").text
-    expected = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused").chat.completions.create(
-        model=MODEL_ID, messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION}],
-        max_tokens=MAX_TOKENS, temperature=0).choices[0].message.content
-    assert answer == expected.strip()  # the browser's .text trims the ends of what it shows
+    conversation = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION}]
+    first = api_answer(server, conversation)
+    assert shown_answers(browser) == [first.strip()]  # the browser's .text trims the ends of what it shows
     turn = browser.find_element(By.CSS_SELECTOR, ".turn.assistant")
     assert turn.get_attribute("data-route") == "local"
     assert "route: local" in turn.find_element(By.CSS_SELECTOR, ".meta").text
     WebDriverWait(browser, 10).until(lambda b: b.find_elements(By.CSS_SELECTOR, "#health dd[data-field='answers']"))
     assert browser.find_element(By.CSS_SELECTOR, "#health dd[data-field='model']").text == MODEL_ID
+
+    ask(browser, FOLLOW_UP, SYSTEM)  # the first turn is sent again
+    conversation += [{"role": "assistant", "content": first}, {"role": "user", "content": FOLLOW_UP}]
+    second = api_answer(server, conversation)
+    assert shown_answers(browser) == [first.strip(), second.strip()]
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shot = ARTIFACTS / "chat_page.png"
     browser.save_screenshot(str(shot))
     assert shot.stat().st_size > 10_000
+
+    # an API error is shown, and the refused question stays out of the conversation sent next
+    browser.execute_script("document.getElementById('message').value = arguments[0];", "sea " * 400)
+    browser.find_element(By.ID, "send").click()
+    WebDriverWait(browser, 10).until(lambda b: b.find_elements(By.CSS_SELECTOR, ".turn.error"))
+    assert "maximum context length" in browser.find_element(By.CSS_SELECTOR, ".turn.error").text
+    browser.find_element(By.ID, "message").clear()
+    ask(browser, FOLLOW_UP, SYSTEM)
+    conversation += [{"role": "assistant", "content": second}, {"role": "user", "content": FOLLOW_UP}]
+    assert shown_answers(browser)[-1] == api_answer(server, conversation).strip()
 
 
 def test_the_page_asks_for_the_api_key_and_then_answers(browser, tiny_gguf):
