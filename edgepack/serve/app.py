@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -491,10 +492,14 @@ async def _chunks(state: ServerState, model: ModelSession, plan: GenerationPlan)
                 yield item
         finally:
             cancel.set()
-            if worker is not None:
-                await asyncio.shield(worker)  # the engine is free only once the thread has stopped
-            while not ended:  # the engine has let go of the generation once it says it ended
-                ended = await asyncio.shield(queue.get()) is done
+            # Starlette cancels a stream whose client left through an anyio cancel scope, which cancels every await
+            # in it again: shielded, these waits run to the end, so the slot is released only once the engine is
+            # free (the generation stops at its next token)
+            with anyio.CancelScope(shield=True):
+                if worker is not None:
+                    await worker  # the thread has stopped
+                while not ended:  # the engine has let go of the generation once it says it ended
+                    ended = await queue.get() is done
             state.metrics.count_tokens(len(plan.prompt_ids), made,
                                        time.perf_counter() - first_at if first_at else None)
 

@@ -34,14 +34,14 @@ class RequestGate:
         headers = Headers(scope=scope)
         host = headers.get("host", "")
         if not self.host_allowed(host):
-            await self._refuse(send, label, 403, f"Host {host!r} is not this server's address; start the server "
-                               "with --allowed-host NAME to answer requests for that name", "host_not_allowed")
+            await self._refuse(send, route, label, 403, f"Host {host!r} is not this server's address; start the "
+                               "server with --allowed-host NAME to answer requests for that name", "host_not_allowed")
             return
         if self.api_key is not None and route.startswith(("/v1/", "/api/")):
             given = headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
-                await self._refuse(send, label, 401, "Incorrect or missing API key: send 'Authorization: Bearer "
-                                   "<key>'", "invalid_api_key")
+                await self._refuse(send, route, label, 401, "Incorrect or missing API key: send 'Authorization: "
+                                   "Bearer <key>'", "invalid_api_key")
                 return
         status = CLIENT_CLOSED
 
@@ -59,9 +59,9 @@ class RequestGate:
         finally:
             self.metrics.count_request(label, status)
 
-    async def _refuse(self, send, label: str, status: int, message: str, code: str) -> None:
+    async def _refuse(self, send, route: str, label: str, status: int, message: str, code: str) -> None:
         self.metrics.count_request(label, status)
-        body = {"error": message} if label.startswith("/api/") else error_body(message, code=code)  # Ollama's shape
+        body = {"error": message} if route.startswith("/api/") else error_body(message, code=code)  # Ollama's shape
         await JSONResponse(body, status_code=status)({"type": "http"}, None, send)
 
 

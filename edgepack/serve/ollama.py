@@ -47,7 +47,7 @@ class OllamaOptions(_Lenient):
     top_k: int | None = None
     seed: int | None = None
     num_predict: int | None = None  # -1: no limit, -2: until the context is full
-    stop: list[str] | None = None
+    stop: str | list[str] | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
 
@@ -99,8 +99,10 @@ def add_ollama_routes(app: FastAPI, state, answers: LocalAnswers) -> None:
         body = await _parse(request, OllamaChat)
         if any(message.images for message in body.messages):
             raise _refusal("this model takes text only: images are not accepted")
-        if not body.messages:
-            raise _refusal("messages: give at least one message")
+        _loaded_model(state)
+        if not body.messages:  # Ollama's way to load a model (`ollama run` sends this first): done at once
+            return JSONResponse({"model": body.model, "created_at": _now(),
+                                 "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "load"})
         messages = [{"role": m.role, "content": m.content} for m in body.messages]
         openai_body = _openai_request(ChatRequest, body, messages=messages)
         return await _answer(state, answers, request, body, openai_body, "chat")
@@ -110,7 +112,7 @@ def add_ollama_routes(app: FastAPI, state, answers: LocalAnswers) -> None:
         body = await _parse(request, OllamaGenerate)
         if body.images:
             raise _refusal("this model takes text only: images are not accepted")
-        model = state.require_model()
+        model = _loaded_model(state)
         if not body.prompt:  # Ollama answers an empty prompt by loading the model: done at once
             return JSONResponse({"model": body.model, "created_at": _now(), "response": "", "done": True,
                                  "done_reason": "load"})
@@ -135,7 +137,7 @@ def add_ollama_routes(app: FastAPI, state, answers: LocalAnswers) -> None:
     @app.post("/api/show")
     async def show(request: Request) -> dict[str, Any]:
         await _parse(request, OllamaShow)
-        model = state.require_model()
+        model = _loaded_model(state)
         entry = await _model_entry(state)
         template = model.chat_template_text() or ""
         return {"modelfile": "", "parameters": "", "template": template, "details": entry["details"],
@@ -159,6 +161,18 @@ class _OllamaError(Exception):
 
 def _refusal(message: str) -> _OllamaError:
     return _OllamaError(400, message)
+
+
+def _in_ollama_shape(exc: ApiError) -> _OllamaError:
+    return _OllamaError(exc.status, exc.body["error"]["message"], exc.headers)
+
+
+def _loaded_model(state):
+    """The served model; while it loads (or if it failed to), the server's 503 in Ollama's shape."""
+    try:
+        return state.require_model()
+    except ApiError as exc:
+        raise _in_ollama_shape(exc) from exc
 
 
 async def _parse(request: Request, kind: type[BaseModel]) -> Any:
@@ -202,8 +216,8 @@ async def _answer(state, answers: LocalAnswers, request: Request, body: _OllamaR
     try:
         plan, chunks = await answers.generation(state, openai_body)
     except ApiError as exc:
-        raise _OllamaError(exc.status, exc.body["error"]["message"], exc.headers) from exc
-    model = state.require_model()
+        raise _in_ollama_shape(exc) from exc
+    model = _loaded_model(state)
     shape = _Shape(body.model, kind, plan, started)
     if body.stream:
         return answers.streaming_response(_ndjson(model, shape, chunks), None, media_type=NDJSON)
@@ -240,7 +254,13 @@ class _Shape:
 
 
 async def _collect(chunks: AsyncIterator[GenerationChunk]) -> list[GenerationChunk]:
-    return [chunk async for chunk in chunks]
+    """The whole answer; an engine that fails midway is a 500 in Ollama's shape."""
+    try:
+        return [chunk async for chunk in chunks]
+    except ApiError as exc:
+        raise _in_ollama_shape(exc) from exc
+    except Exception as exc:
+        raise _OllamaError(500, f"generation failed midway: {exc}") from exc
 
 
 async def _ndjson(model, shape: _Shape, chunks: AsyncIterator[GenerationChunk]) -> AsyncIterator[bytes]:
@@ -269,7 +289,7 @@ def _now() -> str:
 
 
 async def _model_entry(state) -> dict[str, Any]:
-    model = state.require_model()
+    model = _loaded_model(state)
     path = Path(model.runtime.path)
     size, digest, modified = await asyncio.to_thread(_file_facts, path)
     kind = "gguf" if path.is_file() else "onnx"
@@ -281,17 +301,18 @@ async def _model_entry(state) -> dict[str, Any]:
 
 @functools.cache
 def _file_facts(path: Path) -> tuple[int, str, str]:
-    """Bytes, sha256 (of the file; of the files' names and hashes, in order, for a folder) and modification time."""
+    """Bytes (a folder's: the sum of its files'), a digest and the modification time (the newest file's).
+
+    The digest is NOT the file's sha256: hashing gigabytes would hold up the first /api/tags for seconds to minutes
+    on an edge device. It is the sha256 of each file's path, size and modification time, so it is stable while the
+    model is and changes when it does, which is what clients use it for (Ollama's own is a manifest's digest)."""
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    hashes = []
-    for file in files:
-        with open(file, "rb") as handle:
-            hashes.append(hashlib.file_digest(handle, "sha256").hexdigest())
-    digest = hashes[0] if path.is_file() else hashlib.sha256("".join(
-        f"{file.relative_to(path)}:{file_hash}\n" for file, file_hash in zip(files, hashes, strict=True)).encode()
-    ).hexdigest()
-    modified = datetime.fromtimestamp(max(f.stat().st_mtime for f in files), timezone.utc)
-    return sum(f.stat().st_size for f in files), digest, modified.isoformat().replace("+00:00", "Z")
+    stats = [file.stat() for file in files]
+    identity = "".join(f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}\n"
+                       for file, stat in zip(files, stats, strict=True))
+    modified = datetime.fromtimestamp(max(stat.st_mtime for stat in stats), timezone.utc)
+    return (sum(stat.st_size for stat in stats), hashlib.sha256(identity.encode()).hexdigest(),
+            modified.isoformat().replace("+00:00", "Z"))
 
 
 @functools.cache

