@@ -1,7 +1,9 @@
 """The local OpenAI-compatible server (FastAPI + uvicorn) over any variant or verified bundle.
 
-One generation runs on the engine at a time; further requests wait in a bounded queue, and past its bound the
-answer is 503 with Retry-After. A request holds its place from before its prompt is tokenized; a client that goes
+As many generations run at once as the engine takes (llama.cpp batches `--parallel` of them; other engines run
+one); further requests wait in a bounded queue, first come first served, and past its bound the answer is 503
+with Retry-After. Ollama's API (edgepack.serve.ollama) and the chat page at / (edgepack.serve.chat_page) are
+served beside the OpenAI routes. A request holds its place from before its prompt is tokenized; a client that goes
 away (before its stream starts, mid-stream, or while waiting for a whole answer) frees it and cancels its
 generation at the next token. Bodies are parsed off the event loop when large. Errors use OpenAI's JSON error
 shape, and an engine failure is a 500 in that shape too.
