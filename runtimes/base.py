@@ -1,9 +1,9 @@
 """The runtime protocol every engine implements, and the generation loop they share.
 
 An engine supplies a few primitives (tokenize, detokenize, chat template, logits of a sequence, and a decode
-session: `_prefill(prompt_ids)` then `_step(token_id)`, each returning next-token logits). Everything a user
-sees of generation — sampling, seeds, stop strings, EOS, logprobs, UTF-8-safe streaming, cancellation — is
-implemented once here, so the engines behave the same.
+session: `_prefill(prompt_ids)` then `_step(token_id)`, each returning next-token logits). Stop strings, EOS, the
+length limit and UTF-8-safe streaming (TokenStream) are written once here; so is the generation loop with Python
+sampling, which llama.cpp replaces with its batch scheduler and its own sampler chains.
 """
 
 from __future__ import annotations
@@ -150,13 +150,14 @@ class Runtime(ABC):
     def memory_bytes(self) -> int:
         """Bytes the engine holds for this model: weights plus its KV cache."""
 
-    @abstractmethod
     def _prefill(self, prompt_ids: Sequence[int]) -> np.ndarray:
-        """Start a fresh decode session on `prompt_ids`; the logits for the next token."""
+        """Start a fresh decode session on `prompt_ids`; the logits for the next token. (For the shared loop in
+        `generate`; an engine that generates its own way, as llama.cpp's batch scheduler does, needs neither.)"""
+        raise NotImplementedError(f"the {self.name} engine has no single-sequence decode session")
 
-    @abstractmethod
     def _step(self, token_id: int) -> np.ndarray:
         """Append one token to the session; the logits for the next token."""
+        raise NotImplementedError(f"the {self.name} engine has no single-sequence decode session")
 
     def close(self) -> None:  # noqa: B027 (optional hook: most engines free on garbage collection)
         """Release what the engine holds."""

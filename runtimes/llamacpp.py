@@ -148,7 +148,7 @@ class LlamaCppRuntime(Runtime):
         self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
         self._n_past = 0
         self._kept: list[int] = []  # the tokens in the KV cache after a logits call (a prefix the next can reuse)
-        self._memory_user = "direct"  # "direct" (logits, _prefill/_step) or "batch" (the scheduler's sequences)
+        self._memory_user = "direct"  # "direct" (logits) or "batch" (the scheduler's sequences)
         self._scheduler = None
         self._scheduler_lock = threading.Lock()
         self.eos_token_ids = frozenset(t for t in range(self._n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, t))
@@ -203,9 +203,9 @@ class LlamaCppRuntime(Runtime):
 
     # -- computing ------------------------------------------------------------------------------
 
-    def _decode(self, token_ids: Sequence[int], logits_from: int | None = None) -> Iterator[np.ndarray]:
-        """Append `token_ids` to the sequence; yields the logits of the positions from `logits_from` on (absolute
-        positions) chunk by chunk, or, with None, keeps only the last position's (read with _last_logits)."""
+    def _decode(self, token_ids: Sequence[int], logits_from: int) -> Iterator[np.ndarray]:
+        """Append `token_ids` to sequence 0; yields the logits of the positions from `logits_from` on (absolute
+        positions) chunk by chunk."""
         import llama_cpp
 
         batch = self._batch
@@ -218,12 +218,12 @@ class LlamaCppRuntime(Runtime):
                 batch.pos[i] = self._n_past + i
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = 0
-                batch.logits[i] = (self._n_past + i >= logits_from) if logits_from is not None else i == len(chunk) - 1
+                batch.logits[i] = self._n_past + i >= logits_from
                 wanted += batch.logits[i]
             if llama_cpp.llama_decode(self._ctx, batch) != 0:
                 raise EdgepackError(f"llama.cpp failed to decode {len(chunk)} tokens at position {self._n_past}")
             self._n_past += len(chunk)
-            if logits_from is not None and wanted:
+            if wanted:
                 yield np.ctypeslib.as_array(llama_cpp.llama_get_logits(self._ctx),
                                             shape=(wanted, self._n_vocab)).copy()
 
@@ -265,23 +265,6 @@ class LlamaCppRuntime(Runtime):
         prompt_ids = list(self.tokenize(prompt) if isinstance(prompt, str) else prompt)
         self.check_prompt_fits(prompt_ids, 1)
         yield from self.scheduler().stream(prompt_ids, options, cancel)
-
-    def _last_logits(self) -> np.ndarray:
-        import llama_cpp
-
-        pointer = llama_cpp.llama_get_logits_ith(self._ctx, -1)
-        return np.ctypeslib.as_array(pointer, shape=(self._n_vocab,)).copy()
-
-    def _prefill(self, prompt_ids: Sequence[int]) -> np.ndarray:
-        self._reset()
-        for _ in self._decode(list(prompt_ids)):
-            pass
-        return self._last_logits()
-
-    def _step(self, token_id: int) -> np.ndarray:
-        for _ in self._decode([token_id]):
-            pass
-        return self._last_logits()
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         return self.logits_from(token_ids, 0)

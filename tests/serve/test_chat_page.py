@@ -42,15 +42,6 @@ def browser():
     driver.quit()
 
 
-@pytest.fixture(scope="module")
-def server(tiny_gguf):
-    model = open_model(tiny_gguf)
-    running = start_server_thread(model, ServerConfig(port=0))
-    yield running
-    running.stop()
-    model.close()
-
-
 def ask(browser, text: str, system: str = "") -> None:
     """Type `text` (and the system prompt) at temperature 0 and wait until the page marks the answer complete."""
     from selenium.webdriver.common.by import By

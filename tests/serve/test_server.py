@@ -19,15 +19,6 @@ from edgepack.serve.app import ServerConfig, start_server_thread
 from edgepack.serve.model import LocalModel
 
 
-@pytest.fixture(scope="module")
-def server(tiny_gguf):
-    model = open_model(tiny_gguf)
-    running = start_server_thread(model, ServerConfig(port=0))
-    yield running
-    running.stop()
-    model.close()
-
-
 @pytest.fixture()
 def client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
