@@ -49,32 +49,9 @@ def plan_request(model: ModelSession, request: ChatRequest | CompletionRequest) 
     problem = request.unsupported()
     if problem is not None:
         raise ApiError(400, f"unsupported value: {problem}", param=problem.split(":")[0])
-    grammar = response_format_grammar(request.response_format)
-    tools, fmt = request.tools_offered() if isinstance(request, ChatRequest) else None, None
-    if tools:
-        try:
-            fmt = tool_format(model.chat_template_text())
-            tool_grammar = tool_call_grammar(tools, _choice(request.tool_choice), fmt,
-                                             parallel=request.parallel_tool_calls is not False)
-        except EdgepackError as exc:
-            raise ApiError(400, str(exc), param="tools" if "tool_choice" not in str(exc) else "tool_choice") from exc
-        if tool_grammar is not None and grammar is not None:
-            raise ApiError(400, "response_format and a required tool call cannot both shape the answer; drop one",
-                           param="response_format")
-        grammar = grammar or tool_grammar
-    if grammar is not None and not model.runtime.constrains_output:
-        raise ApiError(400, f"the {model.runtime.name} engine cannot constrain its output (response_format, a "
-                            "required tool call); serve a GGUF variant (llama.cpp) for that",
-                       param="response_format" if request.response_format else "tool_choice")
-    try:
-        logit_bias = request.logit_biases()
-    except ValueError as exc:
-        raise ApiError(400, str(exc), param="logit_bias") from exc
-    vocab = model.runtime.vocab_size()
-    beyond = [token for token, _ in logit_bias if vocab is not None and token >= vocab]
-    if beyond:
-        raise ApiError(400, f"logit_bias: token {beyond[0]} is not in the vocabulary (ids 0 to {vocab - 1})",
-                       param="logit_bias")
+    tools = request.tools_offered() if isinstance(request, ChatRequest) else None
+    fmt, grammar = _output_shape(model, request, tools)
+    logit_bias = _logit_bias(model, request)
     if isinstance(request, ChatRequest):
         messages = [m.for_template() for m in request.messages]
         prompt_ids, kind, logprobs = model.prompt_ids(messages=messages, tools=tools), "chat", request.logprobs
@@ -98,6 +75,44 @@ def plan_request(model: ModelSession, request: ChatRequest | CompletionRequest) 
                                 frequency_penalty=request.frequency_penalty, grammar=grammar)
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
     return GenerationPlan(prompt_ids, options, kind, include_usage, fmt, request.n)
+
+
+def _output_shape(model: ModelSession, request: ChatRequest | CompletionRequest,
+                  tools: list[dict[str, Any]] | None) -> tuple[ToolFormat | None, str | None]:
+    """How the model writes tool calls (None without tools), and the grammar its answer must follow (None: free):
+    the response_format's, or a required tool call's."""
+    grammar = response_format_grammar(request.response_format)
+    fmt = None
+    if tools:
+        assert isinstance(request, ChatRequest)
+        try:
+            fmt = tool_format(model.chat_template_text())
+            tool_grammar = tool_call_grammar(tools, _choice(request.tool_choice), fmt,
+                                             parallel=request.parallel_tool_calls is not False)
+        except EdgepackError as exc:
+            raise ApiError(400, str(exc), param="tools" if "tool_choice" not in str(exc) else "tool_choice") from exc
+        if tool_grammar is not None and grammar is not None:
+            raise ApiError(400, "response_format and a required tool call cannot both shape the answer; drop one",
+                           param="response_format")
+        grammar = grammar or tool_grammar
+    if grammar is not None and not model.runtime.constrains_output:
+        raise ApiError(400, f"the {model.runtime.name} engine cannot constrain its output (response_format, a "
+                            "required tool call); serve a GGUF variant (llama.cpp) for that",
+                       param="response_format" if request.response_format else "tool_choice")
+    return fmt, grammar
+
+
+def _logit_bias(model: ModelSession, request: ChatRequest | CompletionRequest) -> tuple[tuple[int, float], ...]:
+    try:
+        logit_bias = request.logit_biases()
+    except ValueError as exc:
+        raise ApiError(400, str(exc), param="logit_bias") from exc
+    vocab = model.runtime.vocab_size()
+    beyond = [token for token, _ in logit_bias if vocab is not None and token >= vocab]
+    if beyond:
+        raise ApiError(400, f"logit_bias: token {beyond[0]} is not in the vocabulary (ids 0 to {vocab - 1})",
+                       param="logit_bias")
+    return logit_bias
 
 
 def _choice(tool_choice: Any) -> Any:
