@@ -17,7 +17,7 @@ from runtimes.base import Device, GenerationChunk, GenerationOptions, LoadOption
 from runtimes.chat_templates import DEFAULT_CHAT_TEMPLATE, NAMED_CHAT_TEMPLATES
 
 # Generations served at once on an engine that batches (llama.cpp): on this project's 2-core CPU, 4 streams decode
-# together at several times one stream's rate (benchmarks.server). Each holds its own context of KV cache.
+# together at 2.0x one stream's rate (benchmarks.server; 8 in-process: 2.5x). Each holds its own context of KV cache.
 DEFAULT_PARALLEL = 4
 
 
