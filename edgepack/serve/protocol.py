@@ -181,6 +181,11 @@ class ChatRequest(_Sampling):
     def top_logprob_count(self) -> int:
         return (self.top_logprobs or 0) if self.logprobs else 0
 
+    def unsupported(self) -> str | None:
+        if self.tool_choice is not None and not self.tools:
+            return "tool_choice: given without tools (as OpenAI's API, tool_choice needs tools)"
+        return super().unsupported()
+
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str]

@@ -308,6 +308,12 @@ def test_required_tool_calls_stream_as_deltas_equal_to_the_whole_answer(client):
     assert len(whole.message.tool_calls) == 1  # parallel_tool_calls false: one call
 
 
+def test_a_tool_choice_without_tools_is_a_client_error(client):
+    with pytest.raises(openai.BadRequestError, match="tool_choice: given without tools") as info:
+        client.chat.completions.create(model=MODEL_ID, messages=ASK, tool_choice="required")
+    assert info.value.body["param"] == "tool_choice"
+
+
 def test_an_unknown_tool_choice_is_a_client_error(client):
     with pytest.raises(openai.BadRequestError, match="no tool named 'fly'"):
         client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=[WEATHER],
