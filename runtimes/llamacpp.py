@@ -230,7 +230,6 @@ class LlamaCppRuntime(Runtime):
     def _reset(self) -> None:
         import llama_cpp
 
-        self._claim_memory("direct")
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
         self._n_past = 0
         self._kept = []

@@ -65,8 +65,7 @@ class _Slot:
 
 @dataclass
 class BatchCounters:
-    prompt_tokens: int = 0  # prompt tokens of admitted requests
-    reused_tokens: int = 0  # of those, read from the prefix cache instead of computed
+    reused_tokens: int = 0  # prompt tokens read from the prefix cache instead of computed
     steps: int = 0  # llama_decode calls
 
 
@@ -135,12 +134,6 @@ class BatchScheduler:
                     return
         finally:
             cancel.set()
-
-    @property
-    def busy(self) -> int:
-        """Requests running or waiting."""
-        with self._wake:
-            return len(self._waiting) + sum(slot.running for slot in self.slots)
 
     def forget_cache(self) -> None:
         """The context's memory was used for something else: no slot holds a prefix any more."""
@@ -224,7 +217,6 @@ class BatchScheduler:
         slot.request = request
         self._admissions += 1
         slot.admitted = self._admissions
-        self.counters.prompt_tokens += len(prompt)
         self.counters.reused_tokens += reused
 
     def _step(self) -> None:
