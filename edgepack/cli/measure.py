@@ -14,8 +14,24 @@ from edgepack.core.artifacts import to_json_dict
 @click.option("--profile", "profile_file", type=click.Path(path_type=Path), default=None,
               help="Validate and show a profile file of your own instead of listing.")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON on stdout.")
-def targets(profile_file: Path | None, as_json: bool) -> None:
+@click.option("--dump-probe", "dump_probe", type=click.Path(dir_okay=False, allow_dash=True), default=None,
+              help="Instead of listing: detect this machine and write everything detection read (files, paths, "
+                   "command outputs) to FILE (- for stdout), as a probe file the tests can replay.")
+def targets(profile_file: Path | None, as_json: bool, dump_probe: str | None) -> None:
     """List the target device profiles (profiles/*.toml and host, detected from this machine)."""
+    if dump_probe is not None:
+        if profile_file is not None or as_json:
+            raise click.UsageError("--dump-probe writes a probe file of its own: leave out --profile and --json")
+        from edgepack.measure.hardware import capture
+
+        text = capture().dumps()
+        if dump_probe == "-":
+            click.echo(text, nl=False)
+            return
+        Path(dump_probe).write_text(text)
+        click.echo(f"wrote what detection read on this machine to {dump_probe}; check it before sharing "
+                   "(/proc/cpuinfo on some boards carries a serial number)", err=True)
+        return
     from edgepack.measure.targets import all_targets, load_profile
 
     profiles = [load_profile(profile_file)] if profile_file is not None else all_targets()

@@ -1,7 +1,10 @@
 """Detect the device edgepack runs on: CPU and its ISA features, memory, Apple chip, Jetson, CUDA GPUs.
 
-Every file and command is read through one seam (`SystemProbe`), so tests feed recorded outputs of real devices
-(tests/data/devices/). Detection never crashes on an odd machine: what cannot be read is None, with a note.
+Every file and command is read through one seam (`SystemProbe`). `ReplayProbe` replays a probe file instead of
+the machine: the tests' fixtures (tests/data/devices/), which are synthetic (written by hand from the public
+documentation of each device's formats, not captured from a device), or a real capture that
+`edgepack targets --dump-probe` wrote on a device through `CapturingProbe`. Each file says which it is in its
+"provenance". Detection never crashes on an odd machine: what cannot be read is None, with a note.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import platform
 import re
 import subprocess
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 from edgepack.core.cpu import cpu_flags, int8_isa
@@ -59,26 +63,44 @@ class SystemProbe:
 
 
 @dataclass
-class RecordedProbe(SystemProbe):
-    """A device's recorded files and command outputs (tests/data/devices/*.json)."""
+class ReplayProbe(SystemProbe):
+    """Replays a probe file (tests/data/devices/*.json, or a capture from `edgepack targets --dump-probe`): the
+    files detection read, the `paths` it checked that exist, the commands it ran with their output, and the
+    file's `provenance` (synthetic fixture or real capture). Anything not in the file reads as absent."""
 
-    recorded_system: str
-    recorded_machine: str
+    probe_system: str
+    probe_machine: str
     files: dict[str, str] = field(default_factory=dict)
     paths: list[str] = field(default_factory=list)
     commands: dict[str, str] = field(default_factory=dict)
+    provenance: str | None = None
 
     @classmethod
-    def load(cls, path: Path) -> RecordedProbe:
-        data = json.loads(Path(path).read_text())
+    def load(cls, path: Path) -> ReplayProbe:
+        return cls.from_json(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_json(cls, data: dict) -> ReplayProbe:
         return cls(data["system"], data["machine"], data.get("files", {}), data.get("paths", []),
-                   data.get("commands", {}))
+                   data.get("commands", {}), data.get("provenance"))
+
+    def to_json(self) -> dict:
+        """The probe file's format, the one `load` reads."""
+        return {"provenance": self.provenance, "system": self.probe_system, "machine": self.probe_machine,
+                "files": dict(self.files), "paths": list(self.paths), "commands": dict(self.commands)}
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=1) + "\n"
+
+    @property
+    def synthetic(self) -> bool:
+        return (self.provenance or "").startswith("synthetic")
 
     def system(self) -> str:
-        return self.recorded_system
+        return self.probe_system
 
     def machine(self) -> str:
-        return self.recorded_machine
+        return self.probe_machine
 
     def read_file(self, path: str) -> str | None:
         return self.files.get(path)
@@ -88,6 +110,54 @@ class RecordedProbe(SystemProbe):
 
     def run(self, command: str) -> str | None:
         return self.commands.get(command)
+
+
+class CapturingProbe(SystemProbe):
+    """Wraps a probe (by default this machine's) and keeps what detection read through it: every file read, every
+    path checked that exists, every command run, with its output. What the wrapped probe could not read (None) and
+    paths that do not exist are left out, so replaying the capture reads them as absent too."""
+
+    def __init__(self, inner: SystemProbe | None = None):
+        self.inner = inner or SystemProbe()
+        self.files: dict[str, str] = {}
+        self.paths: list[str] = []
+        self.commands: dict[str, str] = {}
+
+    def system(self) -> str:
+        return self.inner.system()
+
+    def machine(self) -> str:
+        return self.inner.machine()
+
+    def read_file(self, path: str) -> str | None:
+        text = self.inner.read_file(path)
+        if text is not None:
+            self.files.setdefault(path, text)
+        return text
+
+    def exists(self, path: str) -> bool:
+        found = self.inner.exists(path)
+        if found and path not in self.paths:
+            self.paths.append(path)
+        return found
+
+    def run(self, command: str) -> str | None:
+        out = self.inner.run(command)
+        if out is not None:
+            self.commands.setdefault(command, out)
+        return out
+
+    def replay(self, provenance: str) -> ReplayProbe:
+        return ReplayProbe(self.inner.system(), self.inner.machine(), dict(self.files), list(self.paths),
+                           dict(self.commands), provenance)
+
+
+def capture(inner: SystemProbe | None = None) -> ReplayProbe:
+    """Run detection here through a `CapturingProbe` and return what it read, as a probe file to replay."""
+    probe = CapturingProbe(inner)
+    detect(probe)
+    day = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    return probe.replay(f"captured by `edgepack targets --dump-probe` on {day}")
 
 
 @dataclass(frozen=True)

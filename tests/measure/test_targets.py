@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from edgepack.core.errors import EdgepackError
-from edgepack.measure.hardware import RecordedProbe, detect
+from edgepack.measure.hardware import ReplayProbe, detect
 from edgepack.measure.targets import host_profile, load_profile, resolve_target, shipped_profiles
 
 REQUIRED = {"jetson-orin-nano-8gb", "jetson-orin-nx-16gb", "jetson-agx-orin-64gb", "raspberry-pi-5-8gb",
@@ -71,12 +71,12 @@ def test_invalid_toml_and_unknown_target(tmp_path):
 
 
 def test_host_profile_from_detection():
-    jetson = host_profile(detect(RecordedProbe.load(Path(__file__).parents[1] / "data" / "devices" /
+    jetson = host_profile(detect(ReplayProbe.load(Path(__file__).parents[1] / "data" / "devices" /
                                                     "jetson-orin-nano.json")))
     assert jetson.accelerator == "jetson-gpu" and jetson.arch == "aarch64" and jetson.int8_isa == "arm64"
     # available less 1 GiB headroom (4.64), rounded down to a 0.25 GiB step
     assert jetson.memory_budget_gib == 4.5 and 5912340 * 1024 / 2**30 - 1.0 == pytest.approx(4.64, abs=0.01)
-    gpu = host_profile(detect(RecordedProbe.load(Path(__file__).parents[1] / "data" / "devices" / "x86-rtx4090.json")))
+    gpu = host_profile(detect(ReplayProbe.load(Path(__file__).parents[1] / "data" / "devices" / "x86-rtx4090.json")))
     assert gpu.accelerator == "cuda" and gpu.memory_total_gib == pytest.approx(24564 / 1024, abs=0.01)
     here = host_profile()
     assert here.name == "host" and here.memory_budget_gib > 0 and here.memory_bandwidth_gbps is None
