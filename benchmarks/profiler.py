@@ -1,13 +1,15 @@
-"""The profiler checked against a direct measurement, and predictions checked against measurements on this host.
+"""Predictions checked against measurements they were not fitted on, on this machine.
 
-    python -m benchmarks.profiler [--model DIR] [--runs 5] [--json]
+    python -m benchmarks.profiler [--model DIR] [--runs 3] [--agreement] [--json]
 
-(1) Decode t/s of each GGUF variant from `edgepack profile` against llama-cpp-python's own generate loop on the
-same file, threads, prompt and token count (each in its own process, the two alternating three times).
-(2) Every GGUF and ONNX variant is
-predicted for `host` from one calibration per engine (the largest variant: gguf-f16, onnx-fp32) and the measured
-bandwidth, then compared with its measurement: the error of predicted memory (against the model's RSS) and of
-predicted decode t/s.
+Fitted on: every GGUF and ONNX variant at 2 threads and a 1024-token context, plus per engine its largest variant
+(gguf-f16, onnx-fp32) at 1 thread (the share of the read bandwidth decode reaches) and at a 256-token context (the
+compute buffers' growth with the context). Held out: every variant at 1 and 2 threads and contexts 512 and 4096,
+each measured in its own process and predicted from its fitted measurement alone. The table gives each held-out
+figure's error; `edgepack build` states errors measured the same way beside its predictions.
+
+`--agreement` also checks the profiler's decode t/s against llama-cpp-python's own generate loop on the same file,
+threads, prompt and token count (the two alternating three times).
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ import json
 import statistics
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 KINDS = ("gguf-f16", "gguf-q8_0", "gguf-q4_k_m", "onnx-fp32", "onnx-int8", "onnx-int4")
 CALIBRATE_ON = {"llamacpp": "gguf-f16", "onnxrt": "onnx-fp32"}
+FIT_THREADS, FIT_CONTEXT, SECOND_CONTEXT = 2, 1024, 256
+HELD_OUT = [(threads, context) for threads in (1, 2) for context in (512, 4096)]
 
 
 def direct_llama_cpp(path: Path, threads: int, prompt_tokens: int, new_tokens: int, runs: int) -> float:
@@ -30,18 +35,40 @@ def direct_llama_cpp(path: Path, threads: int, prompt_tokens: int, new_tokens: i
     from runtimes.llamacpp_amx import load_llama
 
     llm = load_llama(path, n_threads=threads, n_threads_batch=threads,
-                n_ctx=prompt_tokens + new_tokens + 8, verbose=False)
+                     n_ctx=prompt_tokens + new_tokens + 8, verbose=False)
     prompt = llm.tokenize(PROMPT_TEXT.encode())[:prompt_tokens]
     llama_cpp_generate_timing(llm, prompt, new_tokens)
     return statistics.median(llama_cpp_generate_timing(llm, prompt, new_tokens)[1] for _ in range(runs))
 
 
+def agreement(paths: dict[str, Path], options, args, console) -> list[dict]:
+    from edgepack.measure.profiler import measure_variant
+
+    rows = []
+    for kind in ("gguf-f16", "gguf-q8_0", "gguf-q4_k_m"):
+        # alternate the two measurements so that drift of the machine's speed hits both alike
+        ours, direct = [], []
+        for round_index in range(3):
+            console.print(f"{kind}: round {round_index + 1}/3, edgepack's profiler then llama-cpp-python directly")
+            ours.append(measure_variant(paths[kind], options).decode_tps)
+            out = subprocess.run([sys.executable, "-m", "benchmarks.profiler", "--direct", str(paths[kind]),
+                                  str(options.threads), "--runs", str(args.runs), "--prompt-tokens",
+                                  str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)], check=True,
+                                 capture_output=True, text=True)
+            direct.append(float(out.stdout.strip().splitlines()[-1]))
+        rows.append({"variant": kind, "profiler_decode_tps": statistics.median(ours),
+                     "direct_decode_tps": statistics.median(direct),
+                     "ratio": statistics.median(ours) / statistics.median(direct)})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path)
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--agreement", action="store_true")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--direct", nargs=2, metavar=("PATH", "THREADS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -55,77 +82,71 @@ def main(argv: list[str] | None = None) -> None:
 
     from benchmarks.runtimes import ensure_variants, variant_path
     from edgepack.core.cache import cache_root
-    from edgepack.measure.predict import calibrate, predict
-    from edgepack.measure.profiler import ProfileOptions, measure_variant, profile
-    from edgepack.measure.targets import host_profile
+    from edgepack.measure.bandwidth import measure_bandwidth_gbps
+    from edgepack.measure.predict import fit_engine, model_shape, predict_decode_tps, predict_memory_bytes
+    from edgepack.measure.profiler import ProfileOptions, measure_variant
     from edgepack.student.demo import resolve_model
-    from runtimes.base import physical_cores
 
     console = Console(stderr=True, soft_wrap=True, width=160)
     model = args.model or resolve_model(None)
     root = cache_root() / "bench" / model.name
     ensure_variants(model, root)
-    threads = physical_cores()
     paths = {kind: variant_path(root, model, kind) for kind in KINDS}
-    console.print("profiling every variant (one process each) ...")
-    options = ProfileOptions(threads=threads, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-                             runs=args.runs)
-    measured = profile(list(paths.values()), options)
-    by_kind = dict(zip(KINDS, measured.variants, strict=True))
+    shapes = {kind: model_shape(path) for kind, path in paths.items()}
+    base = ProfileOptions(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, runs=args.runs,
+                          show_progress=False)
+    bandwidth = {threads: measure_bandwidth_gbps(threads) for threads in (1, 2)}
+    console.print(f"read bandwidth: {bandwidth[1]:.1f} GB/s at 1 thread, {bandwidth[2]:.1f} GB/s at 2")
 
-    agreement = []
-    for kind in ("gguf-f16", "gguf-q8_0", "gguf-q4_k_m"):
-        # alternate the two measurements so that drift of the machine's speed hits both alike
-        ours, direct = [], []
-        for round_index in range(3):
-            console.print(f"{kind}: round {round_index + 1}/3, edgepack's profiler then llama-cpp-python directly")
-            ours.append(measure_variant(paths[kind], options).decode_tps)
-            out = subprocess.run([sys.executable, "-m", "benchmarks.profiler", "--direct", str(paths[kind]),
-                                  str(threads), "--runs", str(args.runs), "--prompt-tokens", str(args.prompt_tokens),
-                                  "--new-tokens", str(args.new_tokens)], check=True, capture_output=True, text=True)
-            direct.append(float(out.stdout.strip().splitlines()[-1]))
-        agreement.append({"variant": kind, "profiler_decode_tps": statistics.median(ours),
-                          "direct_decode_tps": statistics.median(direct),
-                          "ratio": statistics.median(ours) / statistics.median(direct),
-                          "profiler_rounds": ours, "direct_rounds": direct})
+    def measure(kind: str, threads: int, context: int):
+        console.print(f"measuring {kind} at {threads} threads, context {context}")
+        return replace(measure_variant(paths[kind], replace(base, threads=threads, context=context)), name=kind)
 
-    calibrations = {engine: calibrate(by_kind[kind], measured.memory_bandwidth_gbps)
-                    for engine, kind in CALIBRATE_ON.items()}
-    host = host_profile()
-    errors = []
+    fitted = {kind: measure(kind, FIT_THREADS, FIT_CONTEXT) for kind in KINDS}
+    extra = [measure(kind, threads, context) for kind in CALIBRATE_ON.values()
+             for threads, context in ((1, FIT_CONTEXT), (FIT_THREADS, SECOND_CONTEXT))]
+    fits = {engine: fit_engine(engine, [*fitted.values(), *extra], shapes, bandwidth) for engine in CALIBRATE_ON}
+    rows = []
     for kind in KINDS:
-        m = by_kind[kind]
-        p = predict(paths[kind], m.engine, host, calibrations[m.engine], context=m.context,
-                    target_bandwidth_gbps=measured.memory_bandwidth_gbps)
-        errors.append({"variant": kind, "engine": m.engine, "calibrated_on": calibrations[m.engine].from_variant,
-                       "predicted_memory_mib": p.memory_bytes / 2**20, "measured_memory_mib": m.model_rss_mib,
-                       "memory_error_pct": 100 * (p.memory_bytes / 2**20 - m.model_rss_mib) / m.model_rss_mib,
-                       "predicted_decode_tps": p.decode_tps, "measured_decode_tps": m.decode_tps,
-                       "decode_error_pct": 100 * (p.decode_tps - m.decode_tps) / m.decode_tps})
+        m = fitted[kind]
+        fit = fits[m.engine]
+        for threads, context in HELD_OUT:
+            held = measure(kind, threads, context)
+            decode = predict_decode_tps(m, shapes[kind], fit, threads, bandwidth[threads], bandwidth[FIT_THREADS])
+            memory = predict_memory_bytes(m, shapes[kind], fit, context,
+                                          tokens_held=held.prompt_tokens + held.new_tokens) / 2**20
+            rows.append({"variant": kind, "engine": m.engine, "threads": threads, "context": context,
+                         "predicted_decode_tps": decode, "measured_decode_tps": held.decode_tps,
+                         "decode_error": decode / held.decode_tps - 1, "predicted_memory_mib": memory,
+                         "measured_memory_mib": held.model_rss_mib,
+                         "memory_error": memory / held.model_rss_mib - 1})
 
-    table = Table(title=f"(1) profiler vs direct llama-cpp-python decode, {threads} threads, median of 3 alternating "
-                        f"rounds (each the median of {args.runs} runs)")
-    for column in ("variant", "profiler t/s", "direct t/s", "profiler/direct"):
-        table.add_column(column)
-    for row in agreement:
-        table.add_row(row["variant"], f"{row['profiler_decode_tps']:.1f}", f"{row['direct_decode_tps']:.1f}",
-                      f"{row['ratio']:.3f}")
-    console.print(table)
-    table = Table(title=f"(2) predicted vs measured on this host (bandwidth {measured.memory_bandwidth_gbps:.1f} GB/s "
-                        "measured)")
-    for column in ("variant", "engine", "calibrated on", "memory MiB pred/meas", "error", "decode t/s pred/meas",
+    table = Table(title=f"held-out predictions on this machine (read bandwidth {bandwidth[1]:.1f} / "
+                        f"{bandwidth[2]:.1f} GB/s at 1 / 2 threads; fitted at {FIT_THREADS} threads, context "
+                        f"{FIT_CONTEXT})")
+    for column in ("variant", "threads", "context", "decode t/s pred / meas", "error", "memory MiB pred / meas",
                    "error"):
         table.add_column(column)
-    for row in errors:
-        table.add_row(row["variant"], row["engine"], row["calibrated_on"],
-                      f"{row['predicted_memory_mib']:.0f} / {row['measured_memory_mib']:.0f}",
-                      f"{row['memory_error_pct']:+.1f}%",
-                      f"{row['predicted_decode_tps']:.1f} / {row['measured_decode_tps']:.1f}",
-                      f"{row['decode_error_pct']:+.1f}%")
+    for r in rows:
+        table.add_row(r["variant"], str(r["threads"]), str(r["context"]),
+                      f"{r['predicted_decode_tps']:.1f} / {r['measured_decode_tps']:.1f}", f"{r['decode_error']:+.1%}",
+                      f"{r['predicted_memory_mib']:.0f} / {r['measured_memory_mib']:.0f}",
+                      f"{r['memory_error']:+.1%}")
     console.print(table)
+    for engine, fit in fits.items():
+        console.print(f"{engine}: {fit.basis}")
+    worst_decode = max(abs(r["decode_error"]) for r in rows)
+    worst_memory = max(abs(r["memory_error"]) for r in rows)
+    console.print(f"largest held-out error: decode {worst_decode:.1%}, memory {worst_memory:.1%}")
+    result = {"bandwidth_gbps": bandwidth, "fits": {e: f.basis for e, f in fits.items()}, "held_out": rows,
+              "worst_decode_error": worst_decode, "worst_memory_error": worst_memory}
+    if args.agreement:
+        result["agreement"] = agreement(paths, replace(base, threads=FIT_THREADS), args, console)
+        for row in result["agreement"]:
+            console.print(f"{row['variant']}: profiler {row['profiler_decode_tps']:.1f} t/s, llama-cpp-python "
+                          f"{row['direct_decode_tps']:.1f} t/s, ratio {row['ratio']:.3f}")
     if args.json:
-        print(json.dumps({"bandwidth_gbps": measured.memory_bandwidth_gbps, "agreement": agreement,
-                          "predictions": errors}, indent=2))
+        print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

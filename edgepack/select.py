@@ -74,7 +74,8 @@ def select(candidates: list[Candidate], budget_bytes: int, prefer: str = "speed"
         rejected.append(_why_not(c, chosen, prefer, fastest))
     order = {c.name: i for i, c in enumerate(candidates)}
     rejected.sort(key=lambda r: order[r.name])
-    speed = f"{chosen.decode_tps:.1f} t/s" if chosen.decode_tps is not None else "speed unknown"
+    speed = f"{chosen.decode_tps:.1f} t/s" if chosen.decode_tps is not None else \
+        "no decode figure for this target (the smallest file is taken for speed)"
     why = (f"{chosen.name}: passes the gate (KLD {chosen.kld_mean:.4f}, PPL x{chosen.ppl_ratio:.3f}), needs "
            f"{_mib(chosen.memory_bytes)} of {_mib(budget_bytes)}, {speed} "
            f"({'measured' if chosen.measured else 'predicted'}), {_mib(chosen.bytes)} on disk; preferred for {prefer}")
@@ -82,6 +83,9 @@ def select(candidates: list[Candidate], budget_bytes: int, prefer: str = "speed"
 
 
 def _why_not(c: Candidate, chosen: Candidate, prefer: str, fastest: float) -> Rejection:
+    if prefer == "speed" and fastest <= 0:
+        return Rejection(c.name, "larger", f"no decode figure for this target, so the smaller file is preferred: "
+                                           f"{_mib(c.bytes)} vs {_mib(chosen.bytes)}")
     if prefer == "speed":
         if _speed(c) >= fastest * (1 - TIE_SHARE) and _speed(chosen) >= fastest * (1 - TIE_SHARE):
             return Rejection(c.name, "larger", f"as fast within {TIE_SHARE:.0%} ({_speed(c):.1f} vs "

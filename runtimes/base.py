@@ -102,6 +102,11 @@ class Runtime(ABC):
     def can_load(cls, path: Path) -> bool:
         """Whether `path` is a variant this engine runs."""
 
+    @classmethod
+    def supports_device(cls, device: str) -> bool:
+        """Whether this installation of the engine can run a model on `device` (cpu, cuda, metal)."""
+        return device == "cpu"
+
     @abstractmethod
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         """`add_special`: the BOS (or other tokens) the model puts first; `parse_special`: whether special-token text

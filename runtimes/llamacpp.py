@@ -111,6 +111,12 @@ class LlamaCppRuntime(Runtime):
     def can_load(cls, path: Path) -> bool:
         return is_gguf(Path(path))
 
+    @classmethod
+    def supports_device(cls, device: str) -> bool:
+        import llama_cpp
+
+        return device == "cpu" or (device in ("cuda", "metal") and bool(llama_cpp.llama_supports_gpu_offload()))
+
     def __init__(self, path: Path, options: LoadOptions | None = None) -> None:
         import llama_cpp
 

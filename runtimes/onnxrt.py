@@ -66,6 +66,12 @@ class OnnxRuntime(HFTokenizerText, Runtime):
         path = Path(path)
         return path.is_dir() and (path / MODEL_FILE).is_file()
 
+    @classmethod
+    def supports_device(cls, device: str) -> bool:
+        import onnxruntime as ort
+
+        return device in _PROVIDERS and _PROVIDERS[device] in ort.get_available_providers()
+
     def __init__(self, path: Path, options: LoadOptions | None = None) -> None:
         from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 

@@ -54,6 +54,12 @@ def runtime_classes() -> dict[str, type[Runtime]]:
     return found
 
 
+def engine_supports_device(engine: str, device: str) -> bool:
+    """Whether the installed `engine` can run a model on `device`; False for an engine that does not load here."""
+    cls = _load_engine(engine)
+    return not isinstance(cls, str) and cls.supports_device(device)
+
+
 def open_runtime(path: Path, options: LoadOptions | None = None, engine: str | None = None) -> Runtime:
     """Load `path` on `engine`, or on the engine that recognises what the path is."""
     path = Path(path)

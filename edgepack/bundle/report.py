@@ -31,7 +31,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     model, target, decision = report["model"], report["target"], report["decision"]
     quality, performance = report["quality"], {p["variant"]: p for p in report["performance"]}
     chosen = decision["chosen"]
-    measured = target["source"] == "detected"
+    device = report.get("device_measurements")
     lines = [
         f"# {model['name']} for {target['name']}",
         "",
@@ -43,9 +43,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         *([_distillation_line(model["distillation"])] if model.get("distillation") else []),
         f"- Target: {target['name']} — {target['description']}. Memory budget {target['memory_budget_gib']:g} GiB "
         f"of {target['memory_total_gib']:g} GiB ({target['memory_budget_reason']}).",
-        f"- Speeds and memory are **{'measured on this machine' if measured else 'predicted'}**"
-        + ("" if measured else f" for {target['name']} from measurements on the build machine "
-                               f"({report['build_host']}); each row's basis is below") + ".",
+        _where_line(target, report, device),
         f"- Quality gate: perplexity may rise at most {quality['gate']['max_ppl_increase']:.1%}, mean KL divergence at "
         f"most {quality['gate']['max_kld']:g}"
         + (f", KL divergence on the reference's answers at most {quality['gate']['max_answer_kld']:g}, and no "
@@ -75,7 +73,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {q['name']} | {p['engine']} | {_mib(report['variant_bytes'][q['name']])} | "
                      f"{q.get('positions_scored', '-')} | {q['ppl_ratio']:.4f} {_interval(q['ppl_ratio_ci'])} | "
                      f"{q['kld_mean']:.4f} {_interval(q['kld_mean_ci'])} | {q['same_top1']:.1%} | "
-                     f"{'pass' if q['passed'] else 'FAIL'} | {_mib(p['memory_bytes'])} | {_tps(p['decode_tps'])} | "
+                     f"{'pass' if q['passed'] else 'FAIL'} | {_mib(p['memory_bytes'])} | {_decode_cell(p)} | "
                      f"{verdict} |")
     for c in quality.get("crashed", []):
         lines.append(f"| {c['name']} | - | {_mib(report['variant_bytes'][c['name']])} | - | - | - | - | - | - | - | "
@@ -86,6 +84,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", "## How the memory and speed figures were obtained", ""]
     for q in quality["variants"]:
         lines.append(f"- `{q['name']}`: {performance[q['name']]['basis']}.")
+    if device:
+        lines += _device_section(device, [performance[q["name"]] for q in quality["variants"]])
     host = report["host_measurements"]
     lines += ["", f"## Measured on the build machine ({report['build_host']})", "",
               f"Memory bandwidth {host['memory_bandwidth_gbps']:.1f} GB/s (measured).", "",
@@ -116,6 +116,51 @@ def render_markdown(report: dict[str, Any]) -> str:
     if target.get("notes"):
         lines += ["", f"Target notes: {target['notes']}"]
     return "\n".join(lines) + "\n"
+
+
+def _where_line(target: dict[str, Any], report: dict[str, Any], device: dict[str, Any] | None) -> str:
+    if device:
+        return (f"- Speeds and memory are **measured on {device['device_description']}** over SSH "
+                f"({device['measured_on']}); beside each, what the build machine ({report['build_host']}) "
+                "predicted for it.")
+    if target["source"] == "detected":
+        return "- Speeds and memory are **measured on this machine**."
+    return (f"- Speeds and memory are **predicted** for {target['name']} from measurements on the build machine "
+            f"({report['build_host']}), with the error the same prediction model made on figures of the build "
+            "machine it was not fitted on; each row's basis is below.")
+
+
+def _decode_cell(p: dict[str, Any]) -> str:
+    if p.get("predicted_memory_bytes") is not None:  # measured on the device
+        return f"{_tps(p['decode_tps'])} (predicted {_tps(p.get('predicted_decode_tps'))})"
+    if p["is_prediction"] and p["decode_tps"] is not None and p.get("decode_error") is not None:
+        return f"{_tps(p['decode_tps'])} ±{p['decode_error']:.0%}"
+    return _tps(p["decode_tps"])
+
+
+def _error(predicted: float | None, measured: float) -> str:
+    return "-" if predicted is None or not measured else f"{predicted / measured - 1:+.0%}"
+
+
+def _device_section(device: dict[str, Any], performance: list[dict[str, Any]]) -> list[str]:
+    lines = ["", f"## Measured on the device: {device['device_description']} ({device['measured_on']})", "",
+             f"Read bandwidth {device['memory_bandwidth_gbps']:.1f} GB/s (measured there with the same kernel as on "
+             "the build machine). Prediction (from the build machine) against measurement (on the device):", "",
+             "| variant | threads | decode t/s measured | predicted | error | memory MiB measured | predicted | "
+             "error |", "|---|---|---|---|---|---|---|---|"]
+    measured = {m["name"]: m for m in device["variants"]}
+    for p in performance:
+        m = measured.get(p["variant"])
+        if m is None:
+            continue
+        predicted_decode, predicted_memory = p.get("predicted_decode_tps"), p.get("predicted_memory_bytes")
+        lines.append(f"| {p['variant']} | {m['threads']} | {m['decode_tps']:.1f} | {_tps(predicted_decode)} | "
+                     f"{_error(predicted_decode, m['decode_tps'])} | {_mib(p['memory_bytes'])} | "
+                     f"{_mib(predicted_memory) if predicted_memory else '-'} | "
+                     f"{_error(predicted_memory, p['memory_bytes'])} |")
+    for note in device.get("notes", []):
+        lines.append(f"\nNote: {note}")
+    return lines
 
 
 def _quoted(text: str, limit: int = 160) -> str:

@@ -1,9 +1,14 @@
-"""Predict what a variant needs and how fast it decodes on a target we are not on.
+"""Predict what a variant needs and how fast it decodes where it was not measured: on a target we are not on, or
+on this machine at another thread count or context.
 
-memory = weights + KV cache (2 x layers x kv heads x head dim x context x dtype bytes) + the engine's runtime
-overhead measured on this host. decode t/s = efficiency x achievable bandwidth / bytes read per token, where the
-efficiency is calibrated from this host's own measurement of that engine (measured decode against the roofline of
-the measured bandwidth). Every Prediction carries the basis it rests on.
+Decode: time per token = compute / threads + bytes read per token / (share x read bandwidth). Bytes read are the
+weights and the KV cache of the positions so far; the read bandwidth is what `bandwidth.py`'s kernel measures (on a
+target: its data-sheet figure x ACHIEVABLE_SHARE_OF_SPEC); the share (at most 1) is fitted per engine on this
+machine from one variant at two thread counts, and each variant's compute from its own measurement.
+Memory: the variant's measured RSS, moved to another context by the KV cache (per layer, with llama.cpp's
+window-sized cache for sliding-window layers) and the engine's compute buffers, whose growth per token of context
+is fitted from two contexts.
+Every Prediction carries its basis, and the error the same model made on figures it was not fitted on.
 """
 
 from __future__ import annotations
@@ -16,13 +21,18 @@ from edgepack.core.errors import EdgepackError
 from edgepack.measure.profiler import Measurement
 from edgepack.measure.targets import TargetProfile
 
-# On targets we have only the data-sheet bandwidth; a copy benchmark typically reaches about this share of it.
+# A target's read bandwidth is taken as this share of its data sheet's (an assumption: reduction kernels such as
+# STREAM's reach 60-80% of the theoretical DRAM bandwidth on desktop and embedded CPUs). Where a device was measured
+# over SSH, the report gives the share actually measured there.
 ACHIEVABLE_SHARE_OF_SPEC = 0.7
 KV_BYTES = {"llamacpp": 2, "onnxrt": 4, "torch": 4}  # f16 KV cache in llama.cpp, f32 in our ONNX export
-# How an engine's memory beyond weights + KV cache behaves: llama.cpp memory-maps the weights, so its overhead
-# (compute buffers, the library) is roughly fixed; ONNX Runtime keeps its own prepacked copy of the MatMul weights,
-# so its overhead grows with them (measured on the demo student: fp32 +650 MiB over 518 MiB of weights).
-OVERHEAD_SCALES_WITH_WEIGHTS = {"llamacpp": False, "onnxrt": True, "torch": False}
+# llama.cpp allocates the KV cache for the whole context when it loads, in cells padded to 256; ONNX Runtime and
+# torch grow theirs with the tokens held
+PREALLOCATES_KV = {"llamacpp": True, "onnxrt": False, "torch": False}
+LLAMACPP_KV_PAD = 256
+LLAMACPP_UBATCH = 512  # llama.cpp's default micro-batch: a sliding-window layer keeps window + ubatch cells
+# targets whose bundle serves on a GPU (a Jetson's bundle compiles llama.cpp with CUDA on the device)
+GPU_ACCELERATORS = ("cuda", "metal", "jetson-gpu")
 
 
 @dataclass(frozen=True)
@@ -31,21 +41,20 @@ class ModelShape:
     kv_heads: int
     head_dim: int
     weight_bytes: int
+    sliding_window: int = 0  # tokens a sliding-window layer attends to; 0: no such layers
+    sliding_layers: int = 0  # how many layers use the sliding window
 
 
 @dataclass(frozen=True)
-class EngineCalibration:
-    engine: str
-    efficiency: float  # measured decode / roofline decode, on this host
-    overhead_bytes: int  # measured model RSS - weights - KV cache, on the calibration variant
-    overhead_per_weight_byte: float  # the same, per byte of weights (used where the overhead scales with them)
-    host_bandwidth_gbps: float
-    from_variant: str
+class EngineFit:
+    """What this machine's measurements say about one engine."""
 
-    def overhead_for(self, weight_bytes: int) -> int:
-        if OVERHEAD_SCALES_WITH_WEIGHTS.get(self.engine, False):
-            return int(self.overhead_per_weight_byte * weight_bytes)
-        return self.overhead_bytes
+    engine: str
+    bandwidth_share: float  # decode's effective share of the read bandwidth, at most 1
+    memory_per_context_token: float  # bytes of compute buffers per token of allocated context, beyond the KV cache
+    basis: str  # what it was fitted on, in words
+    decode_error: float | None = None  # largest relative error on held-out figures (None: not checked)
+    memory_error: float | None = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,22 @@ class Prediction:
     prefill_tps: float | None
     basis: str
     is_prediction: bool = True
+    # where measured on the target device: what this machine's model predicted for it, side by side
+    predicted_decode_tps: float | None = None
+    predicted_memory_bytes: int | None = None
+    decode_error: float | None = None  # the prediction's held-out error on the build machine (relative)
+    memory_error: float | None = None
+
+
+def _pad(value: int, step: int) -> int:
+    return -(-value // step) * step
+
+
+def _sliding_layer_count(layers: int, pattern) -> int:
+    if isinstance(pattern, (list, tuple)):
+        return sum(1 for flag in pattern[:layers] if flag)
+    period = int(pattern)
+    return sum(1 for il in range(layers) if period == 0 or il % period < period - 1)
 
 
 def model_shape(path: Path) -> ModelShape:
@@ -71,9 +96,16 @@ def model_shape(path: Path) -> ModelShape:
         heads = int(metadata_value(reader, f"{arch}.attention.head_count"))
         head_dim = metadata_value(reader, f"{arch}.attention.key_length") or \
             int(metadata_value(reader, f"{arch}.embedding_length")) // heads
-        return ModelShape(layers=int(metadata_value(reader, f"{arch}.block_count")),
-                          kv_heads=int(metadata_value(reader, f"{arch}.attention.head_count_kv", heads)),
-                          head_dim=int(head_dim), weight_bytes=sum(int(t.n_bytes) for t in reader.tensors))
+        layers = int(metadata_value(reader, f"{arch}.block_count"))
+        window = int(metadata_value(reader, f"{arch}.attention.sliding_window", 0) or 0)
+        sliding = 0
+        if window and arch == "gemma3":  # llama.cpp honours the window for gemma3 (phi3's is switched off there)
+            sliding = _sliding_layer_count(layers, metadata_value(
+                reader, f"{arch}.attention.sliding_window_pattern", 6))
+        return ModelShape(layers=layers, kv_heads=int(metadata_value(reader, f"{arch}.attention.head_count_kv",
+                                                                     heads)),
+                          head_dim=int(head_dim), weight_bytes=sum(int(t.n_bytes) for t in reader.tensors),
+                          sliding_window=window if sliding else 0, sliding_layers=sliding)
     config_path = path / "config.json"
     if not config_path.is_file():
         raise EdgepackError(f"{path}: cannot read the model's shape (no GGUF metadata, no config.json)")
@@ -81,59 +113,180 @@ def model_shape(path: Path) -> ModelShape:
     heads = int(config["num_attention_heads"])
     weights = sum(f.stat().st_size for f in path.iterdir() if f.name.startswith("model.onnx") or f.suffix ==
                   ".safetensors")
+    layer_types = config.get("layer_types") or []
+    sliding = sum(1 for t in layer_types if t == "sliding_attention")
     return ModelShape(layers=int(config["num_hidden_layers"]),
                       kv_heads=int(config.get("num_key_value_heads") or heads),
-                      head_dim=int(config.get("head_dim") or config["hidden_size"] // heads), weight_bytes=weights)
+                      head_dim=int(config.get("head_dim") or config["hidden_size"] // heads), weight_bytes=weights,
+                      sliding_window=int(config.get("sliding_window") or 0) if sliding else 0, sliding_layers=sliding)
 
 
-def kv_cache_bytes(shape: ModelShape, context: int, dtype_bytes: int) -> int:
-    return 2 * shape.layers * shape.kv_heads * shape.head_dim * context * dtype_bytes
+def kv_cache_bytes(shape: ModelShape, context: int, dtype_bytes: int, sliding: bool = False) -> int:
+    """K and V of every layer for `context` tokens. `sliding`: as llama.cpp holds it, sliding-window layers keep
+    min(context, window + micro-batch) cells, padded to 256."""
+    per_token_layer = 2 * shape.kv_heads * shape.head_dim * dtype_bytes
+    if not (sliding and shape.sliding_layers):
+        return shape.layers * context * per_token_layer
+    window_cells = _pad(min(context, shape.sliding_window + LLAMACPP_UBATCH), LLAMACPP_KV_PAD)
+    return ((shape.layers - shape.sliding_layers) * context + shape.sliding_layers * window_cells) * per_token_layer
 
 
-def bytes_per_token(shape: ModelShape, context: int, engine: str) -> int:
-    """Decoding one token reads every weight once and the KV cache of the positions so far (taken as full)."""
-    return shape.weight_bytes + kv_cache_bytes(shape, context, KV_BYTES.get(engine, 4))
+def engine_kv_bytes(shape: ModelShape, engine: str, tokens: int) -> int:
+    """The KV cache `engine` holds for `tokens` tokens (llama.cpp: cells of the allocated context)."""
+    llamacpp = engine == "llamacpp"
+    cells = _pad(tokens, LLAMACPP_KV_PAD) if llamacpp else tokens
+    return kv_cache_bytes(shape, cells, KV_BYTES.get(engine, 4), sliding=llamacpp)
 
 
-def calibrate(measurement: Measurement, host_bandwidth_gbps: float, shape: ModelShape | None = None
-              ) -> EngineCalibration:
-    """`shape`: the variant's, when already known (reading a GGUF's metadata takes seconds)."""
-    shape = shape or model_shape(measurement.path)
-    per_token = bytes_per_token(shape, measurement.prompt_tokens + measurement.new_tokens // 2, measurement.engine)
-    roofline = host_bandwidth_gbps * 1e9 / per_token
-    kv = kv_cache_bytes(shape, measurement.context, KV_BYTES.get(measurement.engine, 4))
-    overhead = max(0, int(measurement.model_rss_mib * 2**20) - shape.weight_bytes - kv)
-    return EngineCalibration(engine=measurement.engine, efficiency=measurement.decode_tps / roofline,
-                             overhead_bytes=overhead, overhead_per_weight_byte=overhead / shape.weight_bytes,
-                             host_bandwidth_gbps=host_bandwidth_gbps, from_variant=measurement.name)
+def bytes_per_token(shape: ModelShape, position: int, engine: str) -> int:
+    """Decoding one token at `position` reads every weight once and the KV cache of the positions so far."""
+    return shape.weight_bytes + kv_cache_bytes(shape, position, KV_BYTES.get(engine, 4), sliding=engine == "llamacpp")
 
 
-def predict(path: Path, engine: str, target: TargetProfile, calibration: EngineCalibration, context: int,
-            target_bandwidth_gbps: float | None = None, shape: ModelShape | None = None) -> Prediction:
-    """`target_bandwidth_gbps`: a measured figure (the host); otherwise the profile's, scaled to what is
-    achievable."""
-    shape = shape or model_shape(path)
-    overhead = calibration.overhead_for(shape.weight_bytes)
-    memory = shape.weight_bytes + kv_cache_bytes(shape, context, KV_BYTES.get(engine, 4)) + overhead
-    if target_bandwidth_gbps is not None:
-        bandwidth, how = target_bandwidth_gbps, f"measured bandwidth {target_bandwidth_gbps:.1f} GB/s"
-    elif target.memory_bandwidth_gbps:
-        bandwidth = target.memory_bandwidth_gbps * ACHIEVABLE_SHARE_OF_SPEC
-        how = (f"data-sheet bandwidth {target.memory_bandwidth_gbps:g} GB/s x {ACHIEVABLE_SHARE_OF_SPEC} "
-               "achievable")
+def decode_position(m: Measurement) -> int:
+    """The mean position of the profiler's decoded tokens."""
+    return m.prompt_tokens + m.new_tokens // 2
+
+
+def kv_held(m: Measurement, shape: ModelShape) -> int:
+    """The KV cache the engine held while the measurement ran."""
+    tokens = m.context if PREALLOCATES_KV.get(m.engine, False) else m.prompt_tokens + m.new_tokens
+    return engine_kv_bytes(shape, m.engine, tokens)
+
+
+def compute_seconds(m: Measurement, shape: ModelShape, share: float, bandwidth_gbps: float) -> float:
+    """A variant's compute per token in core-seconds: its measured time per token less the memory time, x threads."""
+    memory_s = bytes_per_token(shape, decode_position(m), m.engine) / (share * bandwidth_gbps * 1e9)
+    return max(0.0, (1 / m.decode_tps - memory_s) * m.threads)
+
+
+def predict_decode_tps(m: Measurement, shape: ModelShape, fit: EngineFit, threads: int, bandwidth_gbps: float,
+                       bandwidth_here_gbps: float, position: int | None = None) -> float:
+    """Decode t/s of the measured variant at `threads` and a read bandwidth of `bandwidth_gbps`.
+    `bandwidth_here_gbps`: this machine's read bandwidth at the measurement's thread count."""
+    compute = compute_seconds(m, shape, fit.bandwidth_share, bandwidth_here_gbps)
+    per_token = bytes_per_token(shape, decode_position(m) if position is None else position, m.engine)
+    return 1 / (compute / threads + per_token / (fit.bandwidth_share * bandwidth_gbps * 1e9))
+
+
+def predict_memory_bytes(m: Measurement, shape: ModelShape, fit: EngineFit, context: int,
+                         tokens_held: int | None = None) -> int:
+    """The measured variant's memory at an allocated `context` with `tokens_held` tokens in its KV cache (default:
+    the whole context, the most a server needs)."""
+    held = context if tokens_held is None else tokens_held
+    kv_then = engine_kv_bytes(shape, m.engine, context if PREALLOCATES_KV.get(m.engine, False) else held)
+    buffers = fit.memory_per_context_token * (_pad(context, LLAMACPP_KV_PAD) - _pad(m.context, LLAMACPP_KV_PAD))
+    return int(m.model_rss_mib * 2**20 - kv_held(m, shape) + kv_then + buffers)
+
+
+def fit_engine(engine: str, fit_points: list[Measurement], shapes: dict[str, ModelShape],
+               bandwidth_gbps: dict[int, float]) -> EngineFit:
+    """The share of the read bandwidth from one variant at two thread counts (or, on a one-core machine, two
+    variants at one: their compute is taken as equal), and the compute buffers' growth from one variant at two
+    contexts. `shapes` by variant name; `bandwidth_gbps` by thread count."""
+    points = [m for m in fit_points if m.engine == engine]
+    share, how = 1.0, "no two measurements to fit on: the whole read bandwidth assumed"
+    by_variant: dict[str, list[Measurement]] = {}
+    for m in points:
+        by_variant.setdefault(m.name, []).append(m)
+    pair = _thread_pair(by_variant)
+    if pair is None and len(by_variant) >= 2:
+        same_threads = [ms[0] for ms in by_variant.values()]
+        pair = (same_threads[0], same_threads[1]) if same_threads[0].threads == same_threads[1].threads else None
+    if pair is not None:
+        share, how = _solve_share(pair, shapes, bandwidth_gbps)
+    slope, slope_how = 0.0, "compute buffers taken as fixed (no two contexts measured)"
+    context_pair = _context_pair(by_variant)
+    if context_pair is not None:
+        low, high = context_pair
+        shape = shapes[low.name]
+        grow = (high.model_rss_mib - low.model_rss_mib) * 2**20 - (kv_held(high, shape) - kv_held(low, shape))
+        cells = _pad(high.context, LLAMACPP_KV_PAD) - _pad(low.context, LLAMACPP_KV_PAD)
+        slope = max(0.0, grow / cells)
+        slope_how = (f"compute buffers {slope / 1024:.1f} KiB per token of context (from {low.name} at contexts "
+                     f"{low.context} and {high.context})")
+    return EngineFit(engine=engine, bandwidth_share=share, memory_per_context_token=slope, basis=f"{how}; {slope_how}")
+
+
+def _thread_pair(by_variant: dict[str, list[Measurement]]) -> tuple[Measurement, Measurement] | None:
+    for ms in by_variant.values():
+        threads = {m.threads: m for m in ms}
+        if len(threads) >= 2:
+            low, high = min(threads), max(threads)
+            return threads[low], threads[high]
+    return None
+
+
+def _context_pair(by_variant: dict[str, list[Measurement]]) -> tuple[Measurement, Measurement] | None:
+    for ms in by_variant.values():
+        for a in ms:
+            for b in ms:
+                if a.threads == b.threads and _pad(b.context, LLAMACPP_KV_PAD) > _pad(a.context, LLAMACPP_KV_PAD):
+                    return a, b
+    return None
+
+
+def _solve_share(pair: tuple[Measurement, Measurement], shapes: dict[str, ModelShape],
+                 bandwidth_gbps: dict[int, float]) -> tuple[float, str]:
+    """Two equations t_i = c_i x compute + bytes_i / (share x bandwidth_i), solved for compute and 1/share."""
+    a, b = pair
+    rows = []
+    for m in (a, b):
+        per_token = bytes_per_token(shapes[m.name], decode_position(m), m.engine)
+        same_variant = a.name == b.name
+        rows.append(((1 / m.threads) if same_variant else 1.0, per_token / (bandwidth_gbps[m.threads] * 1e9),
+                     1 / m.decode_tps))
+    (c1, d1, t1), (c2, d2, t2) = rows
+    determinant = c1 * d2 - c2 * d1
+    inverse_share = (c1 * t2 - c2 * t1) / determinant if determinant else 0.0
+    share = 1 / inverse_share if inverse_share >= 1 else 1.0  # never more than the bandwidth the kernel reads
+    # nor so little that the memory time alone would exceed a measured time per token (negative compute)
+    share = min(1.0, max(share, d1 / t1, d2 / t2))
+    what = f"{a.name} at {a.threads} and {b.threads} threads" if a.name == b.name else \
+        f"{a.name} and {b.name} at {a.threads} threads (their compute taken as equal)"
+    return share, f"decode reaches {share:.2f} of the read bandwidth (fitted on {what})"
+
+
+def target_bandwidth_gbps(target: TargetProfile) -> float | None:
+    return target.memory_bandwidth_gbps * ACHIEVABLE_SHARE_OF_SPEC if target.memory_bandwidth_gbps else None
+
+
+def _error_words(fit: EngineFit) -> str:
+    if fit.decode_error is None:
+        return "no held-out check on this machine"
+    return (f"held-out error on this machine: decode ±{fit.decode_error:.0%}, memory ±{fit.memory_error:.0%}; not "
+            "validated on the target itself")
+
+
+def predict(m: Measurement, shape: ModelShape, fit: EngineFit, bandwidth_here_gbps: float, target: TargetProfile,
+            context: int) -> Prediction:
+    """A measured variant on a target we are not on."""
+    memory = predict_memory_bytes(m, shape, fit, context)
+    kv = engine_kv_bytes(shape, m.engine, context)
+    memory_words = (f"memory = {m.model_rss_mib:.0f} MiB measured here at context {m.context}, moved to {context} "
+                    f"tokens (KV cache {kv / 2**20:.0f} MiB, {fit.memory_per_context_token / 1024:.1f} KiB of compute "
+                    "buffers per token of context)")
+    bandwidth = target_bandwidth_gbps(target)
+    if target.accelerator in GPU_ACCELERATORS:
+        decode = None
+        roofline = f"{target.memory_bandwidth_gbps * 1e9 / bytes_per_token(shape, decode_position(m), m.engine):.0f}" \
+            if target.memory_bandwidth_gbps else "unknown"
+        decode_words = (f"decode: not predictable from this machine's CPU, since the bundle runs on the target's "
+                        f"{target.accelerator} GPU (GPU decode of a small model is bound by kernel launches as much "
+                        f"as by bandwidth); the data sheet's bandwidth bounds it at {roofline} t/s at most; measure "
+                        "it there with --measure-on ssh://…")
+        memory_words += ", with the CPU engine's buffers measured here taken as the GPU's"
+    elif bandwidth is None:
+        decode, decode_words = None, "decode: not predictable, the profile gives no memory bandwidth"
     else:
-        bandwidth, how = None, "no bandwidth known for the target"
-    per_token = bytes_per_token(shape, context // 2, engine)
-    decode = calibration.efficiency * bandwidth * 1e9 / per_token if bandwidth else None
-    kv = kv_cache_bytes(shape, context, KV_BYTES.get(engine, 4))
-    basis = (f"prediction: memory = weights {shape.weight_bytes / 2**20:.0f} MiB + KV cache {kv / 2**20:.0f} MiB at "
-             f"{context} tokens + "
-             f"{engine} overhead {overhead / 2**20:.0f} MiB (from {calibration.from_variant} measured on this host); "
-             "decode = "
-             f"{calibration.efficiency:.2f} (efficiency of {engine} measured here on {calibration.from_variant}) x "
-             f"{how} / {per_token / 2**20:.0f} MiB read per token; prefill: no compute figure in the profile")
-    if target.accelerator != "none":
-        basis += f"; assumes the {target.accelerator} runs it with the efficiency measured on this host's CPU"
-    return Prediction(variant=path.stem if path.is_file() else path.name, target=target.name, engine=engine,
-                      memory_bytes=memory, fits=memory <= target.memory_budget_gib * 2**30, decode_tps=decode,
-                      prefill_tps=None, basis=basis)
+        decode = predict_decode_tps(m, shape, fit, target.cpu_cores, bandwidth, bandwidth_here_gbps)
+        compute = compute_seconds(m, shape, fit.bandwidth_share, bandwidth_here_gbps)
+        decode_words = (f"decode = 1 / ({compute * 1000:.1f} ms of compute measured here / {target.cpu_cores} cores "
+                        f"+ {bytes_per_token(shape, decode_position(m), m.engine) / 2**20:.0f} MiB read per token / "
+                        f"({fit.bandwidth_share:.2f} x {target.memory_bandwidth_gbps:g} GB/s data sheet x "
+                        f"{ACHIEVABLE_SHARE_OF_SPEC} achievable)); assumes the target's cores compute as fast as this "
+                        f"machine's; {fit.basis}")
+    basis = f"prediction: {memory_words}; {decode_words}; {_error_words(fit)}"
+    return Prediction(variant=m.name, target=target.name, engine=m.engine, memory_bytes=memory,
+                      fits=memory <= target.memory_budget_gib * 2**30, decode_tps=decode, prefill_tps=None,
+                      basis=basis, decode_error=fit.decode_error, memory_error=fit.memory_error)

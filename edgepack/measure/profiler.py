@@ -48,15 +48,19 @@ class Measurement:
     decode_tps: float
     decode_tps_min: float
     decode_tps_max: float
+    device: str = "cpu"  # where the engine ran the model: cpu, cuda, metal
+    joules_per_token: float | None = None  # while decoding, where a power sensor is readable
+    power_source: str | None = None
 
 
 @dataclass(frozen=True)
 class DeviceMeasurements:
     memory_bandwidth_gbps: float
-    power_watts: float | None
     variants: tuple[Measurement, ...]
     notes: tuple[str, ...]
     crashed: tuple[CrashedVariant, ...] = ()  # measured by nobody: their engine crashed
+    measured_on: str | None = None  # None: this machine; else the device's ssh:// address
+    device_description: str | None = None  # the measuring device, as detected there
 
 
 def peak_rss_bytes() -> int:
@@ -71,37 +75,62 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
+def _import_engine_libraries(path: Path) -> None:
+    """The variant's engine libraries are loaded before the model, so they do not count as the model's memory. Only
+    its own: a device measured over SSH may have one engine installed."""
+    import importlib
+
+    path = Path(path)
+    names = ("llama_cpp",) if path.is_file() else ("onnxruntime", "transformers") \
+        if (path / "model.onnx").is_file() else ("torch", "transformers")
+    for name in names:
+        importlib.import_module(name)
+
+
 def measure_in_this_process(path: Path, threads: int, prompt_tokens: int, new_tokens: int, runs: int,
-                            context: int | None) -> Measurement:
+                            context: int | None, device: str = "cpu") -> Measurement:
     """The child's side: load, warm up, run; a Measurement of one variant."""
-    import llama_cpp  # noqa: F401  (the engines' libraries are loaded first, so they do not count as the model)
-    import onnxruntime  # noqa: F401
     import psutil
-    import transformers  # noqa: F401
+
+    from edgepack.measure.power import open_meter
+
+    _import_engine_libraries(path)
 
     from runtimes.base import GenerationOptions, LoadOptions
     from runtimes.registry import open_runtime
 
     before = psutil.Process().memory_info().rss
     started = time.perf_counter()
-    runtime = open_runtime(path, LoadOptions(threads=threads, context_length=context or prompt_tokens + new_tokens + 8))
+    runtime = open_runtime(path, LoadOptions(threads=threads, context_length=context or prompt_tokens + new_tokens + 8,
+                                             device=device))
     load_s = time.perf_counter() - started
     prompt = runtime.tokenize(PROMPT_TEXT)[:prompt_tokens]
     if len(prompt) < prompt_tokens:
         raise EdgepackError(f"the profiling prompt gives only {len(prompt)} tokens; ask for fewer")
     options = GenerationOptions(max_tokens=new_tokens, ignore_eos=True)
 
+    meter = open_meter(device)
+    decode_joules = []
+
     def one_run() -> tuple[float, float]:
         start = time.perf_counter()
-        first = None
+        first, joules_at_first = None, 0.0
         for chunk in runtime.generate(prompt, options):
             if first is None and chunk.token_id is not None:
                 first = time.perf_counter()
+                joules_at_first = meter.read_joules() if meter else 0.0
         end = time.perf_counter()
+        if meter:
+            decode_joules.append((meter.read_joules() - joules_at_first) / (new_tokens - 1))
         return first - start, (new_tokens - 1) / (end - first)
 
     one_run()
-    results = [one_run() for _ in range(runs)]
+    decode_joules.clear()
+    try:
+        results = [one_run() for _ in range(runs)]
+    finally:
+        if meter:
+            meter.close()
     ttft = statistics.median(r[0] for r in results)
     decode = [r[1] for r in results]
     peak = peak_rss_bytes()
@@ -110,7 +139,9 @@ def measure_in_this_process(path: Path, threads: int, prompt_tokens: int, new_to
         context=runtime.context_length, prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=runs,
         load_s=load_s, peak_rss_mib=peak / 2**20, model_rss_mib=(peak - before) / 2**20,
         engine_memory_mib=runtime.memory_bytes() / 2**20, ttft_s=ttft, prefill_tps=prompt_tokens / ttft,
-        decode_tps=statistics.median(decode), decode_tps_min=min(decode), decode_tps_max=max(decode))
+        decode_tps=statistics.median(decode), decode_tps_min=min(decode), decode_tps_max=max(decode), device=device,
+        joules_per_token=statistics.median(decode_joules) if decode_joules else None,
+        power_source=meter.source if meter else None)
 
 
 @dataclass(frozen=True)
@@ -120,6 +151,7 @@ class ProfileOptions:
     new_tokens: int = 64
     runs: int = 3  # measured runs after one warm-up
     context: int | None = None  # None: just what the prompt and the new tokens need
+    device: str = "cpu"  # where the engine runs the model: cpu, cuda, metal
     show_progress: bool = True
 
     @property
@@ -133,7 +165,7 @@ def measure_variant(path: Path, options: ProfileOptions | None = None) -> Measur
     """Measure one variant in a fresh child process."""
     o = options or ProfileOptions()
     command = [sys.executable, "-m", "edgepack.measure.profiler", str(path), str(o.thread_count),
-               str(o.prompt_tokens), str(o.new_tokens), str(o.runs), str(o.context or 0)]
+               str(o.prompt_tokens), str(o.new_tokens), str(o.runs), str(o.context or 0), o.device]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode < 0:  # a signal: the engine crashed
         cause, hint = describe_exit(done.returncode)
@@ -146,27 +178,6 @@ def measure_variant(path: Path, options: ProfileOptions | None = None) -> Measur
     return Measurement(**data)
 
 
-def read_power_watts() -> float | None:
-    """Board power where a sensor is readable: NVIDIA GPUs through nvidia-smi, Jetson INA3221 rails via sysfs."""
-    import glob
-
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=power.draw", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=5)
-        if out.returncode == 0 and out.stdout.strip():
-            return sum(float(v) for v in out.stdout.split())
-    except (OSError, subprocess.SubprocessError, ValueError):
-        pass
-    rails = glob.glob("/sys/bus/i2c/drivers/ina3221/*/hwmon/hwmon*/in*_input")
-    currents = glob.glob("/sys/bus/i2c/drivers/ina3221/*/hwmon/hwmon*/curr*_input")
-    if rails and len(rails) == len(currents):
-        total = 0.0
-        for volt, curr in zip(sorted(rails), sorted(currents), strict=True):
-            total += int(Path(volt).read_text()) / 1000 * int(Path(curr).read_text()) / 1000
-        return total
-    return None
-
-
 def profile(paths: list[Path], options: ProfileOptions | None = None) -> DeviceMeasurements:
     """Each variant measured in its own process, and this machine's memory bandwidth."""
     options = options or ProfileOptions()
@@ -176,9 +187,6 @@ def profile(paths: list[Path], options: ProfileOptions | None = None) -> DeviceM
     threads = options.thread_count
     notes = []
     bandwidth = measure_bandwidth_gbps(threads)
-    power = read_power_watts()
-    if power is None:
-        notes.append("no power sensor readable here (nvidia-smi, Jetson INA3221): tokens per joule not measured")
     measured, crashed = [], []
     with progress_bar("profiling", len(paths), options.show_progress) as advance:
         for path in map(Path, paths):
@@ -187,8 +195,15 @@ def profile(paths: list[Path], options: ProfileOptions | None = None) -> DeviceM
             except EngineCrashedError as exc:
                 crashed.append(crashed_variant(path, "measure", exc))
             advance(1)
-    return DeviceMeasurements(memory_bandwidth_gbps=bandwidth, power_watts=power, variants=tuple(measured),
-                              notes=tuple(notes), crashed=tuple(crashed))
+    return DeviceMeasurements(memory_bandwidth_gbps=bandwidth, variants=tuple(measured),
+                              notes=tuple(notes) + power_notes(measured), crashed=tuple(crashed))
+
+
+def power_notes(measured: list[Measurement]) -> tuple[str, ...]:
+    if any(m.joules_per_token is not None for m in measured):
+        return ()
+    return ("no power sensor readable (RAPL energy counters, nvidia-smi, Jetson INA3221): joules per token not "
+            "measured",)
 
 
 def require_measured(result: DeviceMeasurements) -> None:
@@ -207,6 +222,7 @@ if __name__ == "__main__":  # the child process of measure_variant
     import dataclasses
 
     path_arg, threads_arg, prompt_arg, new_arg, runs_arg, context_arg = sys.argv[1:7]
+    device_arg = sys.argv[7] if len(sys.argv) > 7 else "cpu"
     result = measure_in_this_process(Path(path_arg), int(threads_arg), int(prompt_arg), int(new_arg), int(runs_arg),
-                                     int(context_arg) or None)
+                                     int(context_arg) or None, device_arg)
     print(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(result).items()}))

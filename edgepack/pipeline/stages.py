@@ -19,14 +19,14 @@ from edgepack.core.errors import EngineCrashedError
 from edgepack.core.file_lock import held_scratch_dir, remove_abandoned_scratch_dirs
 from edgepack.core.progress import say
 from edgepack.core.versions import library_versions
-from edgepack.measure.predict import ModelShape, model_shape
+from edgepack.measure.predict import EngineFit, ModelShape, model_shape
 from edgepack.measure.profiler import (
     DeviceMeasurements,
     Measurement,
     ProfileOptions,
     crashed_variant,
     measure_variant,
-    read_power_watts,
+    power_notes,
 )
 from edgepack.pipeline.stage_cache import StageCache, digest_of
 from edgepack.quality.evaluate import EvalOptions
@@ -169,49 +169,107 @@ def host_identity() -> dict[str, Any]:
             "machine": device.machine}
 
 
-def measure_stage(stage: StageInput, variants: list[Variant], options: ProfileOptions
-                  ) -> tuple[DeviceMeasurements, dict[str, ModelShape], StageRun]:
-    """Each variant measured on this machine in its own process (cached per variant and host), with its shape
-    (layers, KV heads, weight bytes) for predictions; the memory bandwidth once per host."""
-    from edgepack.measure.bandwidth import measure_bandwidth_gbps
+@dataclass(frozen=True)
+class MeasureResult:
+    """This machine's measurements at the build's context, each variant's shape, and per engine what the prediction
+    model fitted (with its held-out error) when the target is not this machine."""
 
-    cache, force, threads = stage.cache, stage.force, options.thread_count
-    prompt_tokens, new_tokens, runs = options.prompt_tokens, options.new_tokens, options.runs
+    measurements: DeviceMeasurements
+    shapes: dict[str, ModelShape]
+    fits: dict[str, EngineFit]
+
+
+def measure_stage(stage: StageInput, variants: list[Variant], options: ProfileOptions, predicting: bool
+                  ) -> tuple[MeasureResult, StageRun]:
+    """Each variant measured on this machine in its own process at `options.context` (cached per variant and host),
+    with its shape (layers, KV heads, weight bytes); the read bandwidth once per host and thread count.
+    `predicting`: the target is elsewhere, so the extra runs the prediction model is fitted and checked on are made
+    too (edgepack/measure/on_target.py's fit_runs)."""
+    from edgepack.measure.on_target import fit_engines, fit_runs
+
+    threads = options.thread_count
     options = replace(options, threads=threads)
     started = time.perf_counter()
-    host = host_identity()
-    versions = library_versions(MEASURE_LIBRARIES)
-    bandwidth_key = digest_of({"stage": "bandwidth", "host": host, "threads": threads})
-    record = None if force else cache.load("bandwidth", bandwidth_key)
-    if record is None:
-        say("measuring this machine's memory bandwidth")
-        gbps = measure_bandwidth_gbps(threads)
-        record, _ = cache.store("bandwidth", bandwidth_key, lambda _directory: {"gbps": gbps},
-                                replace_existing=force)
-    bandwidth = record["gbps"]
-    measured, crashed, ran = [], [], 0
+    bandwidth = {threads: _bandwidth(stage, threads)}
+    counts = {"ran": 0}
+    measured, crashed = [], []
     shapes: dict[str, ModelShape] = {}
+    notes: list[str] = []
     for v in variants:
-        key = digest_of({"stage": "measure", "record": 3, "host": host, "variant": v.sha256, "threads": threads,
-                         "prompt": prompt_tokens, "new": new_tokens, "runs": runs, "versions": versions})
-        record = None if force else cache.load("measure", key)
-        if record is None:
-            say(f"measuring {v.kind} on this machine ({threads} threads, {prompt_tokens}-token prompt, "
-                f"{new_tokens} new tokens, {runs} runs)")
+        variant_options = _on_a_usable_device(v, options, notes)
+        try:
+            m, shape = _measure_cached(stage, v, variant_options, counts)
+        except EngineCrashedError as exc:  # not cached: a retry may pass
+            crashed.append(replace(crashed_variant(v.path, "measure", exc), name=v.kind))
+            continue
+        measured.append(m)
+        shapes[v.kind] = shape
+    extra = []
+    if predicting and measured:
+        usable = [v for v in variants if v.kind in shapes]
+        engines = {m.name: m.engine for m in measured}
+        for run in fit_runs(usable, engines, threads, options.context or 0):
+            variant = next(v for v in usable if v.kind == run.kind)
+            if run.threads not in bandwidth:
+                bandwidth[run.threads] = _bandwidth(stage, run.threads)
             try:
-                m = measure_variant(v.path, options)
-            except EngineCrashedError as exc:  # not cached: a retry may pass
-                crashed.append(replace(crashed_variant(v.path, "measure", exc), name=v.kind))
-                continue
-            fresh = {"measurement": asdict(m), "shape": asdict(model_shape(v.path))}
-            record, _ = cache.store("measure", key, lambda _directory, r=fresh: r, replace_existing=force)
-            ran += 1
-        data = dict(record["measurement"])
-        data["path"], data["name"] = v.path, v.kind
-        measured.append(Measurement(**data))
-        shapes[v.kind] = ModelShape(**record["shape"])
-    power = read_power_watts()
-    notes = () if power is not None else ("no power sensor readable here: tokens per joule not measured",)
-    result = DeviceMeasurements(memory_bandwidth_gbps=bandwidth, power_watts=power, variants=tuple(measured),
-                                notes=notes, crashed=tuple(crashed))
-    return result, shapes, StageRun("measure", time.perf_counter() - started, ran, len(variants) - ran)
+                m, _ = _measure_cached(stage, variant, replace(options, threads=run.threads, context=run.context),
+                                       counts)
+            except EngineCrashedError:
+                continue  # the variant itself was measured: the fit goes without this run
+            extra.append((run, m))
+    fits = fit_engines(measured, extra, shapes, bandwidth) if predicting and measured else {}
+    result = DeviceMeasurements(memory_bandwidth_gbps=bandwidth[threads], variants=tuple(measured),
+                                notes=tuple(notes) + power_notes(measured), crashed=tuple(crashed))
+    ran = counts["ran"]
+    return MeasureResult(result, shapes, fits), StageRun("measure", time.perf_counter() - started, ran,
+                                                         max(0, len(variants) + len(extra) - ran))
+
+
+def _on_a_usable_device(v: Variant, options: ProfileOptions, notes: list[str]) -> ProfileOptions:
+    """The options, on the CPU where the variant's engine cannot run on the GPU asked for (its server falls back to
+    the CPU the same way)."""
+    from runtimes.registry import engine_supports_device
+
+    if options.device == "cpu":
+        return options
+    engine = converter_for(v.kind).engines[0]
+    if engine_supports_device(engine, options.device):
+        return options
+    notes.append(f"{v.kind} measured on the CPU: this machine's {engine} cannot run on {options.device} (a build "
+                 "with GPU support would), and its server would fall back to the CPU the same way")
+    return replace(options, device="cpu")
+
+
+def _bandwidth(stage: StageInput, threads: int) -> float:
+    from edgepack.measure.bandwidth import measure_bandwidth_gbps
+
+    key = digest_of({"stage": "bandwidth", "record": 2, "host": host_identity(), "threads": threads})
+    record = None if stage.force else stage.cache.load("bandwidth", key)
+    if record is None:
+        say(f"measuring this machine's memory bandwidth ({threads} threads)")
+        gbps = measure_bandwidth_gbps(threads)
+        record, _ = stage.cache.store("bandwidth", key, lambda _directory: {"gbps": gbps},
+                                      replace_existing=stage.force)
+    return record["gbps"]
+
+
+def _measure_cached(stage: StageInput, v: Variant, options: ProfileOptions, counts: dict[str, int]
+                    ) -> tuple[Measurement, ModelShape]:
+    key = digest_of({"stage": "measure", "record": 4, "host": host_identity(), "variant": v.sha256,
+                     "threads": options.threads, "context": options.context, "device": options.device,
+                     "prompt": options.prompt_tokens,
+                     "new": options.new_tokens, "runs": options.runs,
+                     "versions": library_versions(MEASURE_LIBRARIES)})
+    record = None if stage.force else stage.cache.load("measure", key)
+    if record is None:
+        say(f"measuring {v.kind} on this machine ({options.device}, {options.threads} threads, context "
+            f"{options.context}, "
+            f"{options.prompt_tokens}-token prompt, {options.new_tokens} new tokens, {options.runs} runs)")
+        m = measure_variant(v.path, options)
+        fresh = {"measurement": asdict(m), "shape": asdict(model_shape(v.path))}
+        record, _ = stage.cache.store("measure", key, lambda _directory, r=fresh: r, replace_existing=stage.force)
+        counts["ran"] += 1
+    data = dict(record["measurement"])
+    data["path"], data["name"] = v.path, v.kind
+    return Measurement(**data), ModelShape(**record["shape"])

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from converters.registry import ConvertOptions
 from edgepack.measure.bandwidth import measure_bandwidth_gbps
-from edgepack.measure.predict import ModelShape, bytes_per_token, calibrate, kv_cache_bytes, model_shape, predict
-from edgepack.measure.profiler import ProfileOptions, profile
+from edgepack.measure.predict import (
+    ModelShape,
+    bytes_per_token,
+    fit_engine,
+    kv_cache_bytes,
+    model_shape,
+    predict,
+    predict_decode_tps,
+    predict_memory_bytes,
+)
+from edgepack.measure.profiler import Measurement, ProfileOptions, profile
 from edgepack.measure.targets import resolve_target
 
 QUIET = ConvertOptions(show_progress=False)
@@ -42,34 +52,76 @@ def test_profiler_returns_sane_positive_figures(tiny_variants):
     assert {m.engine for m in result.variants} == {"llamacpp", "onnxrt"}
 
 
-def test_prediction_rests_on_the_calibration(tiny_variants):
-    result = profile([tiny_variants["gguf-f16"]], ProfileOptions(threads=1, prompt_tokens=32, new_tokens=8, runs=2,
-                                                              show_progress=False))
-    calibration = calibrate(result.variants[0], result.memory_bandwidth_gbps)
-    assert calibration.efficiency > 0
+def _measurement(name: str, threads: int, tps: float, context: int = 256, rss_mib: float = 100.0,
+                 engine: str = "llamacpp") -> Measurement:
+    return Measurement(name=name, path=Path(name), engine=engine, threads=threads, context=context, prompt_tokens=16,
+                       new_tokens=8, runs=1, load_s=0.1, peak_rss_mib=rss_mib + 50, model_rss_mib=rss_mib,
+                       engine_memory_mib=rss_mib, ttft_s=0.1, prefill_tps=100, decode_tps=tps, decode_tps_min=tps,
+                       decode_tps_max=tps)
+
+
+# a model with no KV cache to speak of: 1 GB of weights; made-up machine: 10 GB/s read at 1 thread, 16 at 2
+NO_KV = ModelShape(layers=1, kv_heads=0, head_dim=64, weight_bytes=10**9)
+BANDWIDTH = {1: 10.0, 2: 16.0}
+
+
+def test_the_fit_recovers_the_share_and_compute_that_made_the_figures():
+    # by hand: share 0.5 and 0.02 core-seconds of compute give 0.02 + 1e9 / (0.5 x 10e9) = 0.22 s a token at 1
+    # thread and 0.01 + 1e9 / (0.5 x 16e9) = 0.135 s at 2
+    points = [_measurement("v", 1, 1 / 0.22), _measurement("v", 2, 1 / 0.135)]
+    fit = fit_engine("llamacpp", points, {"v": NO_KV}, BANDWIDTH)
+    assert fit.bandwidth_share == pytest.approx(0.5)
+    # 4 threads at 20 GB/s: 1 / (0.02 / 4 + 1e9 / (0.5 x 20e9)) = 1 / 0.105
+    assert predict_decode_tps(points[1], NO_KV, fit, 4, 20.0, BANDWIDTH[2]) == pytest.approx(1 / 0.105)
+
+
+def test_the_share_never_exceeds_the_read_bandwidth():
+    # faster than the kernel's bandwidth allows at both thread counts (weights in cache): bounded at 1
+    points = [_measurement("v", 1, 20.0), _measurement("v", 2, 40.0)]
+    assert fit_engine("llamacpp", points, {"v": NO_KV}, BANDWIDTH).bandwidth_share == 1.0
+
+
+def test_memory_moves_with_the_kv_cache_and_the_fitted_compute_buffers():
+    smollm2 = ModelShape(layers=30, kv_heads=3, head_dim=64, weight_bytes=100 * 2**20)
+    kv_per_cell = 2 * 30 * 3 * 64 * 2  # f16 K and V of every layer
+    # 1024 more cells of context add their KV cache and, by construction here, 8 KiB of buffers per cell
+    low = _measurement("v", 2, 50, context=256, rss_mib=200.0)
+    high = _measurement("v", 2, 50, context=1280, rss_mib=200.0 + (1024 * kv_per_cell + 1024 * 8192) / 2**20)
+    fit = fit_engine("llamacpp", [low, high], {"v": smollm2}, BANDWIDTH)
+    assert fit.memory_per_context_token == pytest.approx(8192)
+    at_4096 = 200 * 2**20 + (4096 - 256) * (kv_per_cell + 8192)
+    assert predict_memory_bytes(low, smollm2, fit, 4096) == pytest.approx(at_4096, abs=2)
+    # ONNX Runtime grows its cache with the tokens held: 24 tokens at the measurement (f32), 4096 in a full context
+    onnx = _measurement("o", 2, 50, context=256, rss_mib=300.0, engine="onnxrt")
+    onnx_fit = fit_engine("onnxrt", [onnx], {"o": smollm2}, BANDWIDTH)
+    assert predict_memory_bytes(onnx, smollm2, onnx_fit, 4096) == pytest.approx(
+        300 * 2**20 + (4096 - 24) * kv_per_cell * 2, abs=2)
+
+
+def test_sliding_window_layers_hold_a_window_of_kv_in_llama_cpp():
+    # Gemma 3 270M's shape: 18 layers, every sixth global (3 of them), window 512, 1 KV head of 256, f16
+    gemma = ModelShape(layers=18, kv_heads=1, head_dim=256, weight_bytes=0, sliding_window=512, sliding_layers=15)
+    per_cell = 2 * 1 * 256 * 2
+    # global layers: 4096 cells; sliding ones: min(4096, 512 + 512 micro-batch) = 1024 cells
+    assert kv_cache_bytes(gemma, 4096, 2, sliding=True) == (3 * 4096 + 15 * 1024) * per_cell == 28_311_552
+    assert kv_cache_bytes(gemma, 4096, 2) == 18 * 4096 * per_cell  # ONNX/torch: every layer holds the context
+
+
+def test_a_cpu_target_is_predicted_and_a_gpu_target_is_not_predicted_from_a_cpu():
+    points = [_measurement("v", 1, 1 / 0.22), _measurement("v", 2, 1 / 0.135)]
+    fit = fit_engine("llamacpp", points, {"v": NO_KV}, BANDWIDTH)
     pi = resolve_target("raspberry-pi-5-8gb")
-    jetson = resolve_target("jetson-orin-nano-8gb")
-    on_pi = predict(tiny_variants["gguf-q8_0"], "llamacpp", pi, calibration, context=512)
-    on_jetson = predict(tiny_variants["gguf-q8_0"], "llamacpp", jetson, calibration, context=512)
-    assert on_pi.is_prediction and on_pi.basis.startswith("prediction:") and on_pi.fits
-    # same model and engine: the decode prediction scales with the targets' bandwidth
-    assert on_jetson.decode_tps / on_pi.decode_tps == pytest.approx(68 / 17.1, rel=1e-6)
-    shape = model_shape(tiny_variants["gguf-q8_0"])
-    fixed = calibration.overhead_bytes  # llama.cpp: a fixed overhead
-    assert on_pi.memory_bytes == shape.weight_bytes + kv_cache_bytes(shape, 512, 2) + fixed
-    small = replace(pi, memory_budget_gib=on_pi.memory_bytes / 2**30 / 2)
-    assert not predict(tiny_variants["gguf-q8_0"], "llamacpp", small, calibration, context=512).fits
+    on_pi = predict(points[1], NO_KV, fit, BANDWIDTH[2], pi, context=512)
+    # 4 cores, 17.1 GB/s data sheet x 0.7: 1 / (0.02 / 4 + 1e9 / (0.5 x 11.97e9))
+    assert on_pi.decode_tps == pytest.approx(1 / (0.005 + 1e9 / (0.5 * 17.1 * 0.7 * 1e9)))
+    assert on_pi.is_prediction and on_pi.basis.startswith("prediction:") and "held-out" in on_pi.basis
+    for name in ("cuda-rtx4090-24gb", "jetson-orin-nano-8gb"):
+        gpu = predict(points[1], NO_KV, fit, BANDWIDTH[2], resolve_target(name), context=512)
+        assert gpu.decode_tps is None and "not predictable from this machine's CPU" in gpu.basis
+    rtx = predict(points[1], NO_KV, fit, BANDWIDTH[2], resolve_target("cuda-rtx4090-24gb"), context=512)
+    assert "bounds it at 1008 t/s at most" in rtx.basis  # 1008 GB/s / 1 GB a token
+    assert rtx.memory_bytes == pytest.approx(100 * 2**20, abs=2) and rtx.fits
 
 
 def test_bandwidth_benchmark_is_positive():
     assert measure_bandwidth_gbps(1, mib_per_thread=16, rounds=2) > 0.5
-
-
-def test_engine_overhead_model():
-    from edgepack.measure.predict import EngineCalibration
-
-    onnx = EngineCalibration("onnxrt", 0.5, overhead_bytes=600, overhead_per_weight_byte=1.2,
-                             host_bandwidth_gbps=20, from_variant="onnx-fp32")
-    gguf = replace(onnx, engine="llamacpp")
-    assert onnx.overhead_for(100) == 120  # ONNX Runtime's prepacked copy grows with the weights
-    assert gguf.overhead_for(100) == 600  # llama.cpp memory-maps its weights: a fixed overhead

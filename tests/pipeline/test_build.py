@@ -199,18 +199,27 @@ def test_a_build_for_another_target_predicts_and_explains(host_build, stories_di
     assert bundle.name == "stories260K-hf-raspberry-pi-5-8gb"
     verify_bundle(bundle)
     stages = {s["name"]: s for s in result["stages"]}
-    assert stages["convert"]["ran"] == 0 and stages["measure"]["ran"] == 0  # the host build's stages are reused
+    # the host build's conversions and measurements are reused; predicting adds the runs the model is fitted and
+    # checked on (the largest variant at 1 thread and at a quarter of the context, the smallest at both)
+    assert stages["convert"]["ran"] == 0 and stages["measure"]["ran"] <= 3
     report = (bundle / "report.md").read_text()
     assert "are **predicted** for raspberry-pi-5-8gb" in report
-    assert "data-sheet bandwidth" in report and "efficiency of llamacpp measured here on gguf-" in report
+    assert "GB/s data sheet x 0.7 achievable" in report and "of the read bandwidth (fitted on gguf-f16 at 1 and" \
+        in report
     manifest = json.loads((bundle / "edgepack.json").read_text())
     assert all(p["is_prediction"] for p in manifest["performance"])
+    # the held-out check of the smallest variant gives every prediction its error
+    assert all(p["decode_error"] is not None and p["memory_error"] is not None for p in manifest["performance"])
     assert "python:3.11-slim" in (bundle / "deploy" / "Dockerfile").read_text()
     assert manifest["server"]["device"] == "cpu"  # a Raspberry Pi has no GPU for LLMs
     jetson = run_edgepack(["build", str(stories_dir), "--target", "jetson-orin-nano-8gb", "--formats", BUILD_FORMATS,
                            "--out", str(tmp_path), "--json"], build_env)
     jetson_manifest = json.loads((Path(json.loads(jetson.stdout)["bundle"]) / "edgepack.json").read_text())
     assert jetson_manifest["server"]["device"] == "cuda"
+    # its GPU serves the bundle, so no decode figure comes from this CPU, and the choice says so
+    assert all(p["decode_tps"] is None and "not predictable from this machine's CPU" in p["basis"]
+               for p in jetson_manifest["performance"])
+    assert "no decode figure for this target" in jetson_manifest["decision"]["why"]
 
 
 def test_nothing_fits_exits_6_and_writes_no_bundle(host_build, stories_dir, build_env, tmp_path: Path):
