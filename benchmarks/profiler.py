@@ -2,10 +2,12 @@
 
     python -m benchmarks.profiler [--model DIR] [--runs 3] [--agreement] [--json]
 
-Fitted on: every GGUF and ONNX variant at 2 threads and a 1024-token context, plus per engine its largest variant
-(gguf-f16, onnx-fp32) at 1 thread (the share of the read bandwidth decode reaches) and at a 256-token context (the
-compute buffers' growth with the context). Held out: every variant at 1 and 2 threads and contexts 512 and 4096,
-each measured in its own process and predicted from its fitted measurement alone. The table gives each held-out
+Fitted on: every GGUF and ONNX variant at 2 threads and a 1024-token context, plus per engine its largest and
+smallest variants (gguf-f16 and gguf-q4_k_m, onnx-fp32 and onnx-int4) at 1 thread (the share of the read bandwidth
+decode reaches, and how compute scales with threads) and the largest at a 256-token context (the compute buffers'
+growth with the context). Held out: every variant at 1 and 2 threads and contexts 512 and 4096, each measured in its
+own process and predicted from its fitted measurement alone (gguf-q8_0 and onnx-int8 at 1 thread are also held out
+in their thread count). The table gives each held-out
 figure's error; `edgepack build` states errors measured the same way beside its predictions.
 
 `--agreement` also checks the profiler's decode t/s against llama-cpp-python's own generate loop on the same file,
@@ -23,9 +25,18 @@ from dataclasses import replace
 from pathlib import Path
 
 KINDS = ("gguf-f16", "gguf-q8_0", "gguf-q4_k_m", "onnx-fp32", "onnx-int8", "onnx-int4")
-CALIBRATE_ON = {"llamacpp": "gguf-f16", "onnxrt": "onnx-fp32"}
+CALIBRATE_ON = {"llamacpp": "gguf-f16", "onnxrt": "onnx-fp32"}  # the largest of each engine
+SMALLEST = {"llamacpp": "gguf-q4_k_m", "onnxrt": "onnx-int4"}
 FIT_THREADS, FIT_CONTEXT, SECOND_CONTEXT = 2, 1024, 256
 HELD_OUT = [(threads, context) for threads in (1, 2) for context in (512, 4096)]
+
+
+def dataclass_dict(m) -> dict:
+    from dataclasses import asdict
+
+    data = asdict(m)
+    data["path"] = str(data["path"])
+    return data
 
 
 def direct_llama_cpp(path: Path, threads: int, prompt_tokens: int, new_tokens: int, runs: int) -> float:
@@ -65,7 +76,7 @@ def agreement(paths: dict[str, Path], options, args, console) -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--agreement", action="store_true")
@@ -103,8 +114,8 @@ def main(argv: list[str] | None = None) -> None:
         return replace(measure_variant(paths[kind], replace(base, threads=threads, context=context)), name=kind)
 
     fitted = {kind: measure(kind, FIT_THREADS, FIT_CONTEXT) for kind in KINDS}
-    extra = [measure(kind, threads, context) for kind in CALIBRATE_ON.values()
-             for threads, context in ((1, FIT_CONTEXT), (FIT_THREADS, SECOND_CONTEXT))]
+    extra = [measure(kind, 1, FIT_CONTEXT) for kind in (*CALIBRATE_ON.values(), *SMALLEST.values())]
+    extra += [measure(kind, FIT_THREADS, SECOND_CONTEXT) for kind in CALIBRATE_ON.values()]
     fits = {engine: fit_engine(engine, [*fitted.values(), *extra], shapes, bandwidth) for engine in CALIBRATE_ON}
     rows = []
     for kind in KINDS:
@@ -116,6 +127,9 @@ def main(argv: list[str] | None = None) -> None:
             memory = predict_memory_bytes(m, shapes[kind], fit, context,
                                           tokens_held=held.prompt_tokens + held.new_tokens) / 2**20
             rows.append({"variant": kind, "engine": m.engine, "threads": threads, "context": context,
+                         "thread_count_in_fit": threads == FIT_THREADS or kind in (*CALIBRATE_ON.values(),
+                                                                                   *SMALLEST.values()),
+                         "measured": dataclass_dict(held),
                          "predicted_decode_tps": decode, "measured_decode_tps": held.decode_tps,
                          "decode_error": decode / held.decode_tps - 1, "predicted_memory_mib": memory,
                          "measured_memory_mib": held.model_rss_mib,
@@ -128,7 +142,8 @@ def main(argv: list[str] | None = None) -> None:
                    "error"):
         table.add_column(column)
     for r in rows:
-        table.add_row(r["variant"], str(r["threads"]), str(r["context"]),
+        table.add_row(r["variant"], f"{r['threads']}{'' if r['thread_count_in_fit'] else ' (held out)'}",
+                      str(r["context"]),
                       f"{r['predicted_decode_tps']:.1f} / {r['measured_decode_tps']:.1f}", f"{r['decode_error']:+.1%}",
                       f"{r['predicted_memory_mib']:.0f} / {r['measured_memory_mib']:.0f}",
                       f"{r['memory_error']:+.1%}")
@@ -138,7 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     worst_decode = max(abs(r["decode_error"]) for r in rows)
     worst_memory = max(abs(r["memory_error"]) for r in rows)
     console.print(f"largest held-out error: decode {worst_decode:.1%}, memory {worst_memory:.1%}")
-    result = {"bandwidth_gbps": bandwidth, "fits": {e: f.basis for e, f in fits.items()}, "held_out": rows,
+    result = {"bandwidth_gbps": bandwidth, "fits": {e: f.basis for e, f in fits.items()},
+              "fit_measurements": [dataclass_dict(m) for m in [*fitted.values(), *extra]], "held_out": rows,
               "worst_decode_error": worst_decode, "worst_memory_error": worst_memory}
     if args.agreement:
         result["agreement"] = agreement(paths, replace(base, threads=FIT_THREADS), args, console)

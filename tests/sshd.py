@@ -43,7 +43,7 @@ def _keygen(path: Path) -> None:
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
 
 
-def _system_python() -> str | None:
+def system_python() -> str | None:
     """The system's interpreter of this Python's version, which another account can run (this venv's may point into
     a home that only its owner can enter, as pyenv's does)."""
     path = Path(f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}")
@@ -52,7 +52,7 @@ def _system_python() -> str | None:
 
 def _account() -> tuple[str, Path, bool]:
     """(name, home, made here) of the account the device logs in."""
-    if os.geteuid() != 0 or _system_python() is None:
+    if os.geteuid() != 0 or system_python() is None:
         me = pwd.getpwuid(os.getuid())
         return me.pw_name, Path(me.pw_dir), False
     try:
@@ -75,7 +75,7 @@ def _device_python(account: str, home: Path) -> str:
     packages = sysconfig.get_paths()["purelib"]
     source_root = Path(__file__).resolve().parents[1]
     script = home / "python-with-edgepack"
-    script.write_text(f'#!/bin/sh\nPYTHONPATH="{packages}:{source_root}" exec {_system_python()} "$@"\n')
+    script.write_text(f'#!/bin/sh\nPYTHONPATH="{packages}:{source_root}" exec {system_python()} "$@"\n')
     script.chmod(0o755)
     return str(script)
 

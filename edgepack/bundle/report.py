@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from edgepack.measure.predict import ACHIEVABLE_SHARE_OF_SPEC
+
 
 def _mib(value: float) -> str:
     return f"{value / 2**20:.1f}" if value < 10 * 2**20 else f"{value / 2**20:.0f}"
@@ -85,15 +87,17 @@ def render_markdown(report: dict[str, Any]) -> str:
     for q in quality["variants"]:
         lines.append(f"- `{q['name']}`: {performance[q['name']]['basis']}.")
     if device:
-        lines += _device_section(device, [performance[q["name"]] for q in quality["variants"]])
+        lines += _device_section(device, [performance[q["name"]] for q in quality["variants"]], target)
     host = report["host_measurements"]
     lines += ["", f"## Measured on the build machine ({report['build_host']})", "",
-              f"Memory bandwidth {host['memory_bandwidth_gbps']:.1f} GB/s (measured).", "",
-              "| variant | threads | load s | model RSS MiB | TTFT ms | prefill t/s | decode t/s |",
-              "|---|---|---|---|---|---|---|"]
+              f"Read bandwidth {host['memory_bandwidth_gbps']:.1f} GB/s (measured).", "",
+              "| variant | device | threads | context | load s | model RSS MiB | TTFT ms | prefill t/s | decode t/s | "
+              "J/token |", "|---|---|---|---|---|---|---|---|---|---|"]
     for m in host["variants"]:
-        lines.append(f"| {m['name']} | {m['threads']} | {m['load_s']:.2f} | {m['model_rss_mib']:.0f} | "
-                     f"{m['ttft_s'] * 1000:.0f} | {m['prefill_tps']:.0f} | {m['decode_tps']:.1f} |")
+        joules = "-" if m.get("joules_per_token") is None else f"{m['joules_per_token']:.3f}"
+        lines.append(f"| {m['name']} | {m.get('device', 'cpu')} | {m['threads']} | {m['context']} | "
+                     f"{m['load_s']:.2f} | {m['model_rss_mib']:.0f} | {m['ttft_s'] * 1000:.0f} | "
+                     f"{m['prefill_tps']:.0f} | {m['decode_tps']:.1f} | {joules} |")
     for note in host.get("notes", []):
         lines.append(f"\nNote: {note}")
     lines += ["", "## Running it", "",
@@ -142,10 +146,16 @@ def _error(predicted: float | None, measured: float) -> str:
     return "-" if predicted is None or not measured else f"{predicted / measured - 1:+.0%}"
 
 
-def _device_section(device: dict[str, Any], performance: list[dict[str, Any]]) -> list[str]:
+def _device_section(device: dict[str, Any], performance: list[dict[str, Any]], target: dict[str, Any]) -> list[str]:
+    sheet = ""
+    if target.get("memory_bandwidth_gbps") and not str(target.get("source", "")).startswith("ssh://"):
+        share = device["memory_bandwidth_gbps"] / target["memory_bandwidth_gbps"]
+        sheet = (f" That is {share:.2f} of the {target['memory_bandwidth_gbps']:g} GB/s data sheet figure of "
+                 f"{target['name']}'s profile (predictions assume {ACHIEVABLE_SHARE_OF_SPEC}).")
     lines = ["", f"## Measured on the device: {device['device_description']} ({device['measured_on']})", "",
              f"Read bandwidth {device['memory_bandwidth_gbps']:.1f} GB/s (measured there with the same kernel as on "
-             "the build machine). Prediction (from the build machine) against measurement (on the device):", "",
+             f"the build machine).{sheet} Prediction (from the build machine) against measurement (on the device):",
+             "",
              "| variant | threads | decode t/s measured | predicted | error | memory MiB measured | predicted | "
              "error |", "|---|---|---|---|---|---|---|---|"]
     measured = {m["name"]: m for m in device["variants"]}

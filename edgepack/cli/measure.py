@@ -94,6 +94,7 @@ def profile(variants: tuple[Path, ...], threads: int | None, prompt_tokens: int,
 
 def _profile_on_device(device, paths: list[Path], options):
     """`edgepack profile --measure-on`: the files go to the device, and its measurements come back."""
+    from edgepack.bundle.device_install import install_on_device
     from edgepack.core.artifacts import Variant
     from edgepack.core.errors import EdgepackError
     from edgepack.measure.remote import connect, measure_on_device
@@ -108,4 +109,4 @@ def _profile_on_device(device, paths: list[Path], options):
                                 files=tuple(p.name for p in files), bytes=sum(p.stat().st_size for p in files),
                                 sha256=directory_fingerprint(path), converter="given on the command line"))
     engines = {"llamacpp" if p.is_file() else "onnxrt" for p in paths}
-    return measure_on_device(connect(device, engines, options.threads), variants, options)
+    return measure_on_device(connect(device, engines, options.threads, install=install_on_device), variants, options)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 
 def cache_root() -> Path:
@@ -12,3 +15,8 @@ def cache_root() -> Path:
         return Path(os.environ["EDGEPACK_CACHE"])
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "edgepack"
+
+
+def digest_of(value: Any) -> str:
+    """A cache key: the sha256 of `value` as canonical JSON."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()

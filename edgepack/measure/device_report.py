@@ -40,7 +40,7 @@ def describe(device: DeviceInfo) -> str:
 
 
 def main(argv: list[str]) -> None:
-    from edgepack import __version__
+    from edgepack.core.versions import EDGEPACK_VERSION
     from edgepack.measure.bandwidth import measure_bandwidth_gbps
     from edgepack.measure.hardware import detect
     from runtimes.registry import engine_supports_device, runtime_names
@@ -49,7 +49,7 @@ def main(argv: list[str]) -> None:
     threads = [int(t) for t in argv] or [device.physical_cores or 1]
     engines = {name: [d for d in ("cpu", "cuda", "metal") if engine_supports_device(name, d)]
                for name in runtime_names()}
-    print(json.dumps({"edgepack": __version__, "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+    print(json.dumps({"edgepack": EDGEPACK_VERSION, "python": f"{sys.version_info.major}.{sys.version_info.minor}",
                       "device": dataclasses.asdict(device), "engines": engines,
                       "bandwidth_gbps": {str(t): measure_bandwidth_gbps(t) for t in threads}}))
 

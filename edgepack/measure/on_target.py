@@ -34,20 +34,23 @@ class FitRun:
 
 
 def fit_runs(variants: list[Variant], engines: dict[str, str], threads: int, context: int) -> list[FitRun]:
-    """Per engine: its largest variant at one thread and at a quarter of the context (to fit the bandwidth share
-    and the compute buffers), and its smallest at both (held out: the check of the fitted model)."""
+    """Per engine: its largest and smallest variants at one thread (to fit the bandwidth share and how compute
+    scales with threads), the largest at a quarter of the context (the compute buffers), and a variant between
+    them at both (held out: the check of the fitted model). With two variants, the smallest is the check."""
     runs = []
     other_threads = 1 if threads > 1 else None
     other_context = max(MIN_SECOND_CONTEXT, context // 4) if context > MIN_SECOND_CONTEXT else None
     for engine in sorted(set(engines.values())):
         mine = sorted((v for v in variants if engines[v.kind] == engine), key=lambda v: v.bytes)
-        largest, smallest = mine[-1], mine[0]
+        largest = mine[-1]
+        fitted = [largest, mine[0]] if len(mine) >= 3 else [largest]
+        check = mine[len(mine) // 2] if len(mine) >= 3 else mine[0] if len(mine) == 2 else None
         if other_threads:
-            runs.append(FitRun(largest.kind, other_threads, context, "fit"))
+            runs += [FitRun(v.kind, other_threads, context, "fit") for v in fitted]
         if other_context:
             runs.append(FitRun(largest.kind, threads, other_context, "fit"))
-        if smallest is not largest:
-            runs.append(FitRun(smallest.kind, other_threads or threads, other_context or context, "check"))
+        if check is not None:
+            runs.append(FitRun(check.kind, other_threads or threads, other_context or context, "check"))
     return runs
 
 

@@ -1,10 +1,11 @@
 """Predict what a variant needs and how fast it decodes where it was not measured: on a target we are not on, or
 on this machine at another thread count or context.
 
-Decode: time per token = compute / threads + bytes read per token / (share x read bandwidth). Bytes read are the
-weights and the KV cache of the positions so far; the read bandwidth is what `bandwidth.py`'s kernel measures (on a
-target: its data-sheet figure x ACHIEVABLE_SHARE_OF_SPEC); the share (at most 1) is fitted per engine on this
-machine from one variant at two thread counts, and each variant's compute from its own measurement.
+Decode: time per token = compute x ((1 - p) + p / threads) + bytes read per token / (share x read bandwidth). Bytes
+read are the weights and the KV cache of the positions so far; the read bandwidth is what `bandwidth.py`'s kernel
+measures (on a target: its data-sheet figure x ACHIEVABLE_SHARE_OF_SPEC); the share (at most 1) and compute's parallel
+share p are fitted per engine on this machine from two variants at two thread counts, and each variant's compute
+from its own measurement.
 Memory: the variant's measured RSS, moved to another context by the KV cache (per layer, with llama.cpp's
 window-sized cache for sliding-window layers) and the engine's compute buffers, whose growth per token of context
 is fitted from two contexts.
@@ -55,6 +56,7 @@ class EngineFit:
     basis: str  # what it was fitted on, in words
     decode_error: float | None = None  # largest relative error on held-out figures (None: not checked)
     memory_error: float | None = None
+    parallel_share: float = 1.0  # of compute, across threads (Amdahl): 1 scales perfectly, 0 not at all
 
 
 @dataclass(frozen=True)
@@ -154,19 +156,30 @@ def kv_held(m: Measurement, shape: ModelShape) -> int:
     return engine_kv_bytes(shape, m.engine, tokens)
 
 
-def compute_seconds(m: Measurement, shape: ModelShape, share: float, bandwidth_gbps: float) -> float:
-    """A variant's compute per token in core-seconds: its measured time per token less the memory time, x threads."""
-    memory_s = bytes_per_token(shape, decode_position(m), m.engine) / (share * bandwidth_gbps * 1e9)
-    return max(0.0, (1 / m.decode_tps - memory_s) * m.threads)
+def compute_factor(fit: EngineFit, threads: int) -> float:
+    """Compute time at `threads` relative to one thread: (1 - p) + p / threads, p the fitted parallel share."""
+    return 1 - fit.parallel_share + fit.parallel_share / threads
+
+
+def memory_seconds(m: Measurement, shape: ModelShape, share: float, bandwidth_gbps: float,
+                   position: int | None = None) -> float:
+    per_token = bytes_per_token(shape, decode_position(m) if position is None else position, m.engine)
+    return per_token / (share * bandwidth_gbps * 1e9)
+
+
+def compute_seconds(m: Measurement, shape: ModelShape, fit: EngineFit, bandwidth_here_gbps: float) -> float:
+    """A variant's compute per token on one thread: its measured time per token less the memory time, scaled from
+    the measurement's thread count."""
+    at_measured = 1 / m.decode_tps - memory_seconds(m, shape, fit.bandwidth_share, bandwidth_here_gbps)
+    return max(0.0, at_measured / compute_factor(fit, m.threads))
 
 
 def predict_decode_tps(m: Measurement, shape: ModelShape, fit: EngineFit, threads: int, bandwidth_gbps: float,
                        bandwidth_here_gbps: float, position: int | None = None) -> float:
     """Decode t/s of the measured variant at `threads` and a read bandwidth of `bandwidth_gbps`.
     `bandwidth_here_gbps`: this machine's read bandwidth at the measurement's thread count."""
-    compute = compute_seconds(m, shape, fit.bandwidth_share, bandwidth_here_gbps)
-    per_token = bytes_per_token(shape, decode_position(m) if position is None else position, m.engine)
-    return 1 / (compute / threads + per_token / (fit.bandwidth_share * bandwidth_gbps * 1e9))
+    compute = compute_seconds(m, shape, fit, bandwidth_here_gbps) * compute_factor(fit, threads)
+    return 1 / (compute + memory_seconds(m, shape, fit.bandwidth_share, bandwidth_gbps, position))
 
 
 def predict_memory_bytes(m: Measurement, shape: ModelShape, fit: EngineFit, context: int,
@@ -179,22 +192,21 @@ def predict_memory_bytes(m: Measurement, shape: ModelShape, fit: EngineFit, cont
     return int(m.model_rss_mib * 2**20 - kv_held(m, shape) + kv_then + buffers)
 
 
+SHARE_GRID = [step / 200 for step in range(200, 9, -1)]  # 1.00, 0.995, ... 0.05
+PARALLEL_GRID = [step / 100 for step in range(100, -1, -1)]  # 1.00 ... 0.00
+
+
 def fit_engine(engine: str, fit_points: list[Measurement], shapes: dict[str, ModelShape],
                bandwidth_gbps: dict[int, float]) -> EngineFit:
-    """The share of the read bandwidth from one variant at two thread counts (or, on a one-core machine, two
-    variants at one: their compute is taken as equal), and the compute buffers' growth from one variant at two
-    contexts. `shapes` by variant name; `bandwidth_gbps` by thread count."""
+    """Decode: the share of the read bandwidth and compute's parallel share, the pair that best reproduces the fit
+    points (least squares of relative errors, each variant with its own compute): two variants at two thread counts
+    determine both; with one variant the compute is taken as parallel (share 1 of it). Memory: the compute buffers'
+    growth from one variant at two contexts. `shapes` by variant name; `bandwidth_gbps` by thread count."""
     points = [m for m in fit_points if m.engine == engine]
-    share, how = 1.0, "no two measurements to fit on: the whole read bandwidth assumed"
     by_variant: dict[str, list[Measurement]] = {}
     for m in points:
         by_variant.setdefault(m.name, []).append(m)
-    pair = _thread_pair(by_variant)
-    if pair is None and len(by_variant) >= 2:
-        same_threads = [ms[0] for ms in by_variant.values()]
-        pair = (same_threads[0], same_threads[1]) if same_threads[0].threads == same_threads[1].threads else None
-    if pair is not None:
-        share, how = _solve_share(pair, shapes, bandwidth_gbps)
+    share, parallel, how = _fit_decode(by_variant, shapes, bandwidth_gbps)
     slope, slope_how = 0.0, "compute buffers taken as fixed (no two contexts measured)"
     context_pair = _context_pair(by_variant)
     if context_pair is not None:
@@ -205,16 +217,38 @@ def fit_engine(engine: str, fit_points: list[Measurement], shapes: dict[str, Mod
         slope = max(0.0, grow / cells)
         slope_how = (f"compute buffers {slope / 1024:.1f} KiB per token of context (from {low.name} at contexts "
                      f"{low.context} and {high.context})")
-    return EngineFit(engine=engine, bandwidth_share=share, memory_per_context_token=slope, basis=f"{how}; {slope_how}")
+    return EngineFit(engine=engine, bandwidth_share=share, memory_per_context_token=slope,
+                     basis=f"{how}; {slope_how}", parallel_share=parallel)
 
 
-def _thread_pair(by_variant: dict[str, list[Measurement]]) -> tuple[Measurement, Measurement] | None:
-    for ms in by_variant.values():
-        threads = {m.threads: m for m in ms}
-        if len(threads) >= 2:
-            low, high = min(threads), max(threads)
-            return threads[low], threads[high]
-    return None
+def _fit_decode(by_variant: dict[str, list[Measurement]], shapes: dict[str, ModelShape],
+                bandwidth_gbps: dict[int, float]) -> tuple[float, float, str]:
+    varied = {name: ms for name, ms in by_variant.items() if len({m.threads for m in ms}) >= 2}
+    if not varied:
+        return 1.0, 1.0, "no variant measured at two thread counts: the whole read bandwidth and parallel compute " \
+                         "assumed"
+    parallel_grid = PARALLEL_GRID if len(varied) >= 2 else [1.0]
+    rows = [(m, 1 / m.decode_tps, bytes_per_token(shapes[m.name], decode_position(m), m.engine)
+             / (bandwidth_gbps[m.threads] * 1e9)) for ms in varied.values() for m in ms]
+    best = (float("inf"), 1.0, 1.0)
+    for share in SHARE_GRID:
+        for parallel in parallel_grid:
+            error = 0.0
+            for ms in varied.values():
+                factors = [(1 - parallel + parallel / m.threads) for m in ms]
+                rests = [t - d / share for m, t, d in rows if m in ms]
+                compute = max(0.0, sum(f * r for f, r in zip(factors, rests, strict=True))
+                              / sum(f * f for f in factors))
+                error += sum(((compute * f + d / share) / t - 1) ** 2
+                             for f, (m, t, d) in zip(factors, [r for r in rows if r[0] in ms], strict=True))
+            if error < best[0] - 1e-12:
+                best = (error, share, parallel)
+    _, share, parallel = best
+    names = " and ".join(varied)
+    threads = sorted({m.threads for ms in varied.values() for m in ms})
+    assumed = "" if len(varied) >= 2 else " (compute assumed parallel: one variant cannot tell)"
+    return share, parallel, (f"decode reaches {share:.2f} of the read bandwidth and compute is {parallel:.0%} "
+                             f"parallel{assumed} (fitted on {names} at {' and '.join(map(str, threads))} threads)")
 
 
 def _context_pair(by_variant: dict[str, list[Measurement]]) -> tuple[Measurement, Measurement] | None:
@@ -224,27 +258,6 @@ def _context_pair(by_variant: dict[str, list[Measurement]]) -> tuple[Measurement
                 if a.threads == b.threads and _pad(b.context, LLAMACPP_KV_PAD) > _pad(a.context, LLAMACPP_KV_PAD):
                     return a, b
     return None
-
-
-def _solve_share(pair: tuple[Measurement, Measurement], shapes: dict[str, ModelShape],
-                 bandwidth_gbps: dict[int, float]) -> tuple[float, str]:
-    """Two equations t_i = c_i x compute + bytes_i / (share x bandwidth_i), solved for compute and 1/share."""
-    a, b = pair
-    rows = []
-    for m in (a, b):
-        per_token = bytes_per_token(shapes[m.name], decode_position(m), m.engine)
-        same_variant = a.name == b.name
-        rows.append(((1 / m.threads) if same_variant else 1.0, per_token / (bandwidth_gbps[m.threads] * 1e9),
-                     1 / m.decode_tps))
-    (c1, d1, t1), (c2, d2, t2) = rows
-    determinant = c1 * d2 - c2 * d1
-    inverse_share = (c1 * t2 - c2 * t1) / determinant if determinant else 0.0
-    share = 1 / inverse_share if inverse_share >= 1 else 1.0  # never more than the bandwidth the kernel reads
-    # nor so little that the memory time alone would exceed a measured time per token (negative compute)
-    share = min(1.0, max(share, d1 / t1, d2 / t2))
-    what = f"{a.name} at {a.threads} and {b.threads} threads" if a.name == b.name else \
-        f"{a.name} and {b.name} at {a.threads} threads (their compute taken as equal)"
-    return share, f"decode reaches {share:.2f} of the read bandwidth (fitted on {what})"
 
 
 def target_bandwidth_gbps(target: TargetProfile) -> float | None:
@@ -280,9 +293,10 @@ def predict(m: Measurement, shape: ModelShape, fit: EngineFit, bandwidth_here_gb
         decode, decode_words = None, "decode: not predictable, the profile gives no memory bandwidth"
     else:
         decode = predict_decode_tps(m, shape, fit, target.cpu_cores, bandwidth, bandwidth_here_gbps)
-        compute = compute_seconds(m, shape, fit.bandwidth_share, bandwidth_here_gbps)
-        decode_words = (f"decode = 1 / ({compute * 1000:.1f} ms of compute measured here / {target.cpu_cores} cores "
-                        f"+ {bytes_per_token(shape, decode_position(m), m.engine) / 2**20:.0f} MiB read per token / "
+        compute = compute_seconds(m, shape, fit, bandwidth_here_gbps) * compute_factor(fit, target.cpu_cores)
+        decode_words = (f"decode = 1 / ({compute * 1000:.1f} ms of compute (measured here, at {target.cpu_cores} "
+                        f"cores) + {bytes_per_token(shape, decode_position(m), m.engine) / 2**20:.0f} MiB read per "
+                        "token / "
                         f"({fit.bandwidth_share:.2f} x {target.memory_bandwidth_gbps:g} GB/s data sheet x "
                         f"{ACHIEVABLE_SHARE_OF_SPEC} achievable)); assumes the target's cores compute as fast as this "
                         f"machine's; {fit.basis}")

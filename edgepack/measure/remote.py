@@ -17,16 +17,18 @@ import json
 import shlex
 import signal
 import subprocess
-import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from edgepack.core.artifacts import CrashedVariant, Variant
+from edgepack.core.cache import digest_of
 from edgepack.core.errors import EdgepackError, EngineCrashedError
 from edgepack.core.isolation import describe_exit
 from edgepack.core.progress import say
+from edgepack.core.versions import EDGEPACK_VERSION
 from edgepack.measure.device_report import describe, device_from_dict
 from edgepack.measure.hardware import DeviceInfo
 from edgepack.measure.predict import ACHIEVABLE_SHARE_OF_SPEC
@@ -158,10 +160,14 @@ class DeviceSide:
         return describe(self.info)
 
 
-def connect(device: SshDevice, engines: set[str], threads: int | None) -> DeviceSide:
-    """Steps 1-3: reach the device, make sure this edgepack runs there, and describe the device."""
-    from edgepack import __version__
+# (session, device, root on the device, engines) -> the path of a Python with this edgepack there
+Installer = Callable[[SshSession, SshDevice, str, set[str]], str]
 
+
+def connect(device: SshDevice, engines: set[str], threads: int | None, install: Installer | None = None
+            ) -> DeviceSide:
+    """Steps 1-3: reach the device, make sure this edgepack runs there (with `install` where it does not: the
+    wheelhouse installer of edgepack/bundle/device_install.py), and describe the device."""
     session = SshSession(device)
     say(f"connecting to {device.url}")
     root = session.run("connect", f"mkdir -p {REMOTE_ROOT} && cd {REMOTE_ROOT} && pwd").strip()
@@ -171,10 +177,14 @@ def connect(device: SshDevice, engines: set[str], threads: int | None) -> Device
     probe = session.run_allowing_failure("find edgepack", f"{shlex.quote(python)} -c "
                                          + shlex.quote("import edgepack; print(edgepack.__version__)"))
     found = probe.stdout.strip() if probe.returncode == 0 else None
-    if found != __version__:
+    if found != EDGEPACK_VERSION:
         why = f"edgepack {found}" if found else "no edgepack"
-        say(f"{device.url}: {python} has {why}; installing edgepack {__version__} there from an offline wheelhouse")
-        python = _install_wheelhouse(session, device, root, engines)
+        if install is None:
+            raise DeviceStepError(device.url, "find edgepack", f"{python} has {why}, and this is edgepack "
+                                  f"{EDGEPACK_VERSION}: install it there, or pass --remote-python")
+        say(f"{device.url}: {python} has {why}; installing edgepack {EDGEPACK_VERSION} there from an offline "
+            "wheelhouse")
+        python = install(session, device, root, engines)
     report = session.run("describe the device", f"{shlex.quote(python)} -m edgepack.measure.device_report "
                          + (str(threads) if threads else ""))
     try:
@@ -189,51 +199,10 @@ def connect(device: SshDevice, engines: set[str], threads: int | None) -> Device
                       bandwidth_gbps={int(t): float(v) for t, v in data["bandwidth_gbps"].items()})
 
 
-def _install_wheelhouse(session: SshSession, device: SshDevice, root: str, engines: set[str]) -> str:
-    """A throwaway venv on the device, from wheels built here for its platform and Python; its python's path."""
-    from edgepack import __version__
-    from edgepack.bundle.wheels import download_wheels
-    from edgepack.measure.targets import host_profile
-
-    step = "install edgepack on the device"
-    facts = session.run(step, f"{shlex.quote(device.python)} -c " + shlex.quote(
-        "import platform, sys; print(platform.system(), platform.machine(), "
-        "f'{sys.version_info.major}.{sys.version_info.minor}')")).split()
-    if len(facts) != 3:
-        raise DeviceStepError(device.url, step, f"{device.python} did not say its platform: {' '.join(facts)!r}")
-    system, machine, python_version = facts
-    target = replace(host_profile(DeviceInfo(os=system, machine=machine, cpu_model=None, physical_cores=1,
-                                             logical_cores=1, isa_features=(), ram_total_bytes=0,
-                                             ram_available_bytes=0)),
-                     python_version=python_version)
-    venv = f"{root}/venv-{__version__}-py{python_version}"
-    with tempfile.TemporaryDirectory(prefix="edgepack-wheelhouse-") as tmp:
-        houses = []
-        for engine in sorted(engines):
-            dest = Path(tmp) / f"wheels-{engine}"
-            download_wheels(dest, engine, target)
-            houses.append(dest)
-        session.run(step, f"rm -rf {shlex.quote(venv)} && mkdir -p {shlex.quote(venv)}")
-        for house in houses:
-            say(f"copying {house.name} to {device.url}")
-            session.put(step, house, f"{venv}/{house.name}")
-    commands = [f"{shlex.quote(device.python)} -m venv {shlex.quote(venv)}"]
-    for house in houses:
-        where = shlex.quote(f"{venv}/{house.name}")
-        commands.append(f"{shlex.quote(venv)}/bin/pip install -q --no-index --find-links {where} "
-                        f"-r {where}/requirements.txt")
-    commands.append(f"{shlex.quote(venv)}/bin/pip install -q --no-index --no-deps {shlex.quote(venv)}/"
-                    f"{houses[0].name}/edgepack-*.whl")
-    session.run(step, " && ".join(commands), timeout_s=3600)
-    return f"{venv}/bin/python"
-
-
 def measure_on_device(side: DeviceSide, variants: list[Variant], options: ProfileOptions, cache=None,
                       force: bool = False) -> DeviceMeasurements:
     """Step 4 for every variant: upload it once, measure it in a child process there. `cache`: the build's
     StageCache, where measurements are kept per device and variant."""
-    from edgepack.pipeline.stage_cache import digest_of
-
     threads = options.threads or side.info.physical_cores or 1
     bandwidth = side.bandwidth_gbps.get(threads)
     if bandwidth is None:

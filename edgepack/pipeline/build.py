@@ -13,6 +13,7 @@ from typing import Any
 
 from converters.registry import ConvertOptions, converters
 from converters.registry import formats as registered_formats
+from edgepack.bundle.device_install import install_on_device
 from edgepack.bundle.write import SERVE_DEVICE, Bundle, BundleRequest, write_bundle
 from edgepack.core.artifacts import Decision, QualityReport, StudentModel, Variant, to_json_dict
 from edgepack.core.cache import cache_root
@@ -219,7 +220,7 @@ def _reach_device(options: BuildOptions, target: TargetProfile | None) -> tuple[
     engines = {engine for converter in converters() for engine in converter.engines[:1]
                if not options.formats or any(item.split("-", 1)[0] == converter.name for item in options.formats)}
     try:
-        return connect(options.measure_on, engines, options.threads), None
+        return connect(options.measure_on, engines, None, install=install_on_device), None
     except DeviceStepError as exc:
         if not options.allow_predicted or target is None:
             if options.allow_predicted:

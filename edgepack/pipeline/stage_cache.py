@@ -10,20 +10,16 @@ rebuild replaces it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgepack.core.cache import digest_of
 from edgepack.core.fileio import atomic_output_dir, atomic_output_file, file_identity, sha256_file
 
 RECORD = "record.json"
-
-
-def digest_of(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def directory_fingerprint(path: Path) -> str:

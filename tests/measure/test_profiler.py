@@ -75,6 +75,23 @@ def test_the_fit_recovers_the_share_and_compute_that_made_the_figures():
     assert predict_decode_tps(points[1], NO_KV, fit, 4, 20.0, BANDWIDTH[2]) == pytest.approx(1 / 0.105)
 
 
+def test_two_variants_at_two_thread_counts_tell_the_share_from_how_compute_scales():
+    # made with share 0.6 and compute 40% parallel: t = c x (0.6 + 0.4 / T) + bytes / (0.6 x bandwidth_T)
+    def seconds(compute: float, weight_bytes: float, threads: int) -> float:
+        return compute * (0.6 + 0.4 / threads) + weight_bytes / (0.6 * BANDWIDTH[threads] * 1e9)
+
+    small = replace(NO_KV, weight_bytes=5 * 10**8)
+    points = [_measurement(name, threads, 1 / seconds(compute, shape.weight_bytes, threads))
+              for name, compute, shape in (("big", 0.05, NO_KV), ("small", 0.08, small)) for threads in (1, 2)]
+    fit = fit_engine("llamacpp", points, {"big": NO_KV, "small": small}, BANDWIDTH)
+    assert (fit.bandwidth_share, fit.parallel_share) == (pytest.approx(0.6), pytest.approx(0.4))
+    # a third variant measured at 2 threads only, predicted at 1: 0.02 x 1 + 2e8 / (0.6 x 10e9)
+    third = replace(NO_KV, weight_bytes=2 * 10**8)
+    measured = _measurement("third", 2, 1 / seconds(0.02, third.weight_bytes, 2))
+    assert predict_decode_tps(measured, third, fit, 1, BANDWIDTH[1], BANDWIDTH[2]) == pytest.approx(
+        1 / (0.02 + 2e8 / 6e9))
+
+
 def test_the_share_never_exceeds_the_read_bandwidth():
     # faster than the kernel's bandwidth allows at both thread counts (weights in cache): bounded at 1
     points = [_measurement("v", 1, 20.0), _measurement("v", 2, 40.0)]

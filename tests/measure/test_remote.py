@@ -94,3 +94,38 @@ def test_an_engine_crash_on_the_device_rejects_that_variant(ssh_test_device, tin
     (crash,) = result.crashed
     assert crash.name == "gguf-q8_0" and "SIGSEGV" in crash.cause
     assert isinstance(EngineCrashedError("x", cause=crash.cause), EdgepackError)
+
+
+@pytest.mark.wheelhouse
+def test_a_device_without_edgepack_gets_a_throwaway_venv_from_a_wheelhouse(ssh_test_device, tiny_model,
+                                                                           tmp_path_factory):
+    """The device's plain system Python has no edgepack: the ONNX engine's wheelhouse goes over and is installed in
+    a venv there (pip downloads the wheels here, for the device's platform)."""
+    from sshd import system_python
+
+    from edgepack.bundle.device_install import install_on_device
+
+    plain = system_python()
+    if plain is None:
+        pytest.skip("no system Python of this version for the device account")
+    out = tmp_path_factory.mktemp("remote-onnx")
+    (variant,) = convert(tiny_model("llama-bpe"), ["onnx-fp32"], out, ConvertOptions(show_progress=False))
+    device = parse_ssh_url(ssh_test_device.url, config_file=ssh_test_device.config, python=plain)
+    side = connect(device, {"onnxrt"}, threads=1, install=install_on_device)
+    assert side.python.startswith(str(ssh_test_device.home)) and side.python.endswith("/bin/python")
+    (measurement,) = measure_on_device(side, [variant], PROFILE).variants
+    assert measurement.engine == "onnxrt" and measurement.decode_tps > 0
+
+
+def test_profile_measures_on_the_device_from_the_command_line(ssh_test_device, tiny_gguf):
+    from cli_runner import run_edgepack
+
+    done = run_edgepack(["profile", str(tiny_gguf.path), "--threads", "1", "--prompt-tokens", "16", "--new-tokens",
+                         "8", "--runs", "1", "--measure-on", ssh_test_device.url, "--ssh-config",
+                         str(ssh_test_device.config), "--remote-python", ssh_test_device.python, "--json"], check=True)
+    result = json.loads(done.stdout)
+    assert result["measured_on"] == ssh_test_device.url and result["device_description"]
+    (measurement,) = result["variants"]
+    assert measurement["decode_tps"] > 0 and str(ssh_test_device.home) in measurement["path"]
+    refused = run_edgepack(["profile", str(tiny_gguf.path), "--measure-on", "pi@host"])
+    assert refused.returncode == 2 and "accepted: ssh://" in refused.stderr
