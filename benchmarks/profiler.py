@@ -1,17 +1,15 @@
 """Predictions checked against measurements they were not fitted on, on this machine.
 
-    python -m benchmarks.profiler [--model DIR] [--runs 3] [--agreement] [--json]
+    python -m benchmarks.profiler [--model DIR] [--runs 2] [--rounds 3] [--agreement] [--json]
 
 Fitted on: every GGUF and ONNX variant at 2 threads and a 1024-token context, plus per engine its largest and
 smallest variants (gguf-f16 and gguf-q4_k_m, onnx-fp32 and onnx-int4) at 1 thread (the share of the read bandwidth
 decode reaches, and how compute scales with threads) and the largest at a 256-token context (the compute buffers'
 growth with the context). Held out: every variant at 1 and 2 threads and contexts 512 and 4096, each measured in its
 own process and predicted from its fitted measurement alone (gguf-q8_0 and onnx-int8 at 1 thread are also held out
-in their thread count). The table gives each held-out
-figure's error; `edgepack build` states errors measured the same way beside its predictions.
-
-`--agreement` also checks the profiler's decode t/s against llama-cpp-python's own generate loop on the same file,
-threads, prompt and token count (the two alternating three times).
+in their thread count). Every configuration is measured once per round, in three rounds, and its median taken.
+The table gives each held-out figure's error; `edgepack build` states errors measured the same way beside its
+predictions.
 """
 
 from __future__ import annotations
@@ -76,7 +74,8 @@ def agreement(paths: dict[str, Path], options, args, console) -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path)
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=2, help="measured runs per process, after a warm-up")
+    parser.add_argument("--rounds", type=int, default=3, help="processes per configuration, in rounds")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--agreement", action="store_true")
@@ -109,20 +108,36 @@ def main(argv: list[str] | None = None) -> None:
     bandwidth = {threads: measure_bandwidth_gbps(threads) for threads in (1, 2)}
     console.print(f"read bandwidth: {bandwidth[1]:.1f} GB/s at 1 thread, {bandwidth[2]:.1f} GB/s at 2")
 
-    def measure(kind: str, threads: int, context: int):
-        console.print(f"measuring {kind} at {threads} threads, context {context}")
-        return replace(measure_variant(paths[kind], replace(base, threads=threads, context=context)), name=kind)
+    fit_configs = [(kind, FIT_THREADS, FIT_CONTEXT) for kind in KINDS]
+    fit_configs += [(kind, 1, FIT_CONTEXT) for kind in (*CALIBRATE_ON.values(), *SMALLEST.values())]
+    fit_configs += [(kind, FIT_THREADS, SECOND_CONTEXT) for kind in CALIBRATE_ON.values()]
+    held_configs = [(kind, threads, context) for kind in KINDS for threads, context in HELD_OUT]
+    # every configuration once per round, in rounds: a drift of the machine's speed over the run (seen here: +20%
+    # for the same configuration twenty minutes later) then hits the fitted and the held-out figures alike
+    results: dict[tuple[str, int, int], list] = {}
+    configs = [*fit_configs, *held_configs]
+    for round_index in range(args.rounds):
+        for number, (kind, threads, context) in enumerate(configs, 1):
+            console.print(f"round {round_index + 1}/{args.rounds}, {number}/{len(configs)}: {kind} at {threads} "
+                          f"threads, context {context}")
+            m = measure_variant(paths[kind], replace(base, threads=threads, context=context))
+            results.setdefault((kind, threads, context), []).append(replace(m, name=kind))
 
-    fitted = {kind: measure(kind, FIT_THREADS, FIT_CONTEXT) for kind in KINDS}
-    extra = [measure(kind, 1, FIT_CONTEXT) for kind in (*CALIBRATE_ON.values(), *SMALLEST.values())]
-    extra += [measure(kind, FIT_THREADS, SECOND_CONTEXT) for kind in CALIBRATE_ON.values()]
+    def median_of(config: tuple[str, int, int]):
+        """The round whose decode is the median, with the median model RSS."""
+        runs = sorted(results[config], key=lambda m: m.decode_tps)
+        middle = runs[(len(runs) - 1) // 2]
+        return replace(middle, model_rss_mib=statistics.median(m.model_rss_mib for m in runs))
+
+    fitted = {kind: median_of((kind, FIT_THREADS, FIT_CONTEXT)) for kind in KINDS}
+    extra = [median_of(config) for config in fit_configs[len(KINDS):]]
     fits = {engine: fit_engine(engine, [*fitted.values(), *extra], shapes, bandwidth) for engine in CALIBRATE_ON}
     rows = []
     for kind in KINDS:
         m = fitted[kind]
         fit = fits[m.engine]
         for threads, context in HELD_OUT:
-            held = measure(kind, threads, context)
+            held = median_of((kind, threads, context))
             decode = predict_decode_tps(m, shapes[kind], fit, threads, bandwidth[threads], bandwidth[FIT_THREADS])
             memory = predict_memory_bytes(m, shapes[kind], fit, context,
                                           tokens_held=held.prompt_tokens + held.new_tokens) / 2**20

@@ -17,7 +17,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-DEVICE_ACCOUNT = "edgepack-device"
+# one account per pytest-xdist worker, should the tests run in several
+DEVICE_ACCOUNT = "edgepack-device" + (f"-{os.environ['PYTEST_XDIST_WORKER']}"
+                                      if os.environ.get("PYTEST_XDIST_WORKER") else "")
 
 
 @dataclass(frozen=True)

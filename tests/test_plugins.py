@@ -75,6 +75,7 @@ def test_without_the_plugin_its_kind_is_refused_with_what_is_accepted(tiny_model
     assert "unknown variant kind 'caesar-3'" in done.stderr and "gguf-q4_k_m" in done.stderr
 
 
+@pytest.mark.slow  # a whole build with a crashing engine: about a minute
 def test_an_engine_that_crashes_rejects_its_variant_and_the_build_goes_on(plugin_env, tiny_model, tmp_path):
     """caesar-13's engine aborts the process as it loads: that variant is rejected with the signal's name, and the
     build ships the other one."""

@@ -137,7 +137,7 @@ def _where_line(target: dict[str, Any], report: dict[str, Any], device: dict[str
 def _decode_cell(p: dict[str, Any]) -> str:
     if p.get("predicted_memory_bytes") is not None:  # measured on the device
         return f"{_tps(p['decode_tps'])} (predicted {_tps(p.get('predicted_decode_tps'))})"
-    if p["is_prediction"] and p["decode_tps"] is not None and p.get("decode_error") is not None:
+    if p.get("is_prediction") and p["decode_tps"] is not None and p.get("decode_error") is not None:
         return f"{_tps(p['decode_tps'])} ±{p['decode_error']:.0%}"
     return _tps(p["decode_tps"])
 

@@ -80,6 +80,7 @@ def test_logit_distillation_lowers_the_kld_to_the_teacher_and_reuses_the_teacher
     assert json.loads(third.stdout)["teacher_cache_hit"] is None
 
 
+@pytest.mark.slow  # a whole run, killed and resumed: about a minute
 def test_a_killed_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_one(teacher, files, tmp_path):
     env = {**os.environ, "EDGEPACK_CACHE": str(tmp_path / "cache")}
     steps = ["--max-steps", "12", "--save-every", "4", "--eval-every", "1000"]
@@ -184,6 +185,7 @@ def test_logit_distillation_on_the_teachers_answers_with_lora_when_no_data_is_gi
         assert not [k for k in weights.keys() if "lora" in k]
 
 
+@pytest.mark.slow  # distils, then builds: about half a minute
 def test_a_distilled_student_goes_through_build_and_its_bundle_says_how_it_was_made(teacher, files, tmp_path):
     env = {**os.environ, "EDGEPACK_CACHE": str(tmp_path / "cache")}
     student = tmp_path / "student"

@@ -126,6 +126,8 @@ def test_profile_measures_on_the_device_from_the_command_line(ssh_test_device, t
     result = json.loads(done.stdout)
     assert result["measured_on"] == ssh_test_device.url and result["device_description"]
     (measurement,) = result["variants"]
-    assert measurement["decode_tps"] > 0 and str(ssh_test_device.home) in measurement["path"]
+    assert measurement["decode_tps"] > 0 and measurement["name"] == "gguf-q8_0"
+    uploaded = list((ssh_test_device.home / ".cache" / "edgepack" / "measure-on" / "variants").glob("*/gguf-q8_0.gguf"))
+    assert uploaded and uploaded[0].read_bytes() == tiny_gguf.path.read_bytes()
     refused = run_edgepack(["profile", str(tiny_gguf.path), "--measure-on", "pi@host"])
     assert refused.returncode == 2 and "accepted: ssh://" in refused.stderr

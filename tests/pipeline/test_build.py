@@ -246,6 +246,7 @@ def test_nothing_passing_the_gate_exits_5(host_build, stories_dir, build_env, tm
                      r"divergence up to [0-9.]+ \(upper end of its 95% interval\)", done.stderr), done.stderr
 
 
+@pytest.mark.slow  # a whole run, killed and resumed: about a minute
 def test_a_build_killed_midway_resumes_and_never_leaves_a_bundle_that_verifies(stories_dir, tmp_path: Path):
     env = {**os.environ, "EDGEPACK_CACHE": str(tmp_path / "cache")}
     out = tmp_path / "dist"

@@ -13,7 +13,7 @@ from cli_runner import run_edgepack
 
 from edgepack.bundle.verify import verify_bundle
 
-FORMATS = "gguf-q8_0,gguf-f16"
+FORMATS = "gguf-q8_0"
 
 
 @pytest.fixture(scope="module")
