@@ -105,8 +105,6 @@ def main(argv: list[str] | None = None) -> None:
     shapes = {kind: model_shape(path) for kind, path in paths.items()}
     base = ProfileOptions(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, runs=args.runs,
                           show_progress=False)
-    bandwidth = {threads: measure_bandwidth_gbps(threads) for threads in (1, 2)}
-    console.print(f"read bandwidth: {bandwidth[1]:.1f} GB/s at 1 thread, {bandwidth[2]:.1f} GB/s at 2")
 
     fit_configs = [(kind, FIT_THREADS, FIT_CONTEXT) for kind in KINDS]
     fit_configs += [(kind, 1, FIT_CONTEXT) for kind in (*CALIBRATE_ON.values(), *SMALLEST.values())]
@@ -116,7 +114,12 @@ def main(argv: list[str] | None = None) -> None:
     # for the same configuration twenty minutes later) then hits the fitted and the held-out figures alike
     results: dict[tuple[str, int, int], list] = {}
     configs = [*fit_configs, *held_configs]
+    bandwidth_rounds: dict[int, list[float]] = {1: [], 2: []}
     for round_index in range(args.rounds):
+        for threads in bandwidth_rounds:  # the bandwidth too, once a round
+            bandwidth_rounds[threads].append(measure_bandwidth_gbps(threads))
+        console.print(f"round {round_index + 1}: read bandwidth {bandwidth_rounds[1][-1]:.1f} GB/s at 1 thread, "
+                      f"{bandwidth_rounds[2][-1]:.1f} at 2")
         for number, (kind, threads, context) in enumerate(configs, 1):
             console.print(f"round {round_index + 1}/{args.rounds}, {number}/{len(configs)}: {kind} at {threads} "
                           f"threads, context {context}")
@@ -129,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         middle = runs[(len(runs) - 1) // 2]
         return replace(middle, model_rss_mib=statistics.median(m.model_rss_mib for m in runs))
 
+    bandwidth = {threads: statistics.median(values) for threads, values in bandwidth_rounds.items()}
     fitted = {kind: median_of((kind, FIT_THREADS, FIT_CONTEXT)) for kind in KINDS}
     extra = [median_of(config) for config in fit_configs[len(KINDS):]]
     fits = {engine: fit_engine(engine, [*fitted.values(), *extra], shapes, bandwidth) for engine in CALIBRATE_ON}

@@ -31,6 +31,10 @@ def install_on_device(session: SshSession, device: SshDevice, root: str, engines
                                              ram_available_bytes=0)),
                      python_version=python_version)
     venv = f"{root}/venv-{EDGEPACK_VERSION}-py{python_version}"
+    made = session.run_allowing_failure(step, f"{shlex.quote(venv)}/bin/python -c "
+                                        + shlex.quote("import edgepack; print(edgepack.__version__)"))
+    if made.returncode == 0 and made.stdout.strip() == EDGEPACK_VERSION:  # installed by an earlier run
+        return f"{venv}/bin/python"
     with tempfile.TemporaryDirectory(prefix="edgepack-wheelhouse-") as tmp:
         houses = []
         for engine in sorted(engines):
