@@ -57,7 +57,10 @@ def runtime_classes() -> dict[str, type[Runtime]]:
 def engine_supports_device(engine: str, device: str) -> bool:
     """Whether the installed `engine` can run a model on `device`; False for an engine that does not load here."""
     cls = _load_engine(engine)
-    return not isinstance(cls, str) and cls.supports_device(device)
+    try:
+        return not isinstance(cls, str) and cls.supports_device(device)
+    except ImportError:  # the engine's module loads without its library, which this device does not have
+        return False
 
 
 def open_runtime(path: Path, options: LoadOptions | None = None, engine: str | None = None) -> Runtime:
