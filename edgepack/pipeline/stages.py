@@ -6,6 +6,7 @@ reported through `StageRun`, so the build can say it and time it.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -161,7 +162,10 @@ def quality_stage(stage: StageInput, variants: list[Variant], options: EvalOptio
     return report, StageRun("quality", time.perf_counter() - started, len(missing), len(variants) - len(missing))
 
 
+@functools.cache
 def host_identity() -> dict[str, Any]:
+    """This machine in cache keys; detected once a process (detection reads /proc and runs nvidia-smi), since every
+    measurement's key has it."""
     from edgepack.measure.hardware import detect
 
     device = detect()
