@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import gguf
+import numpy as np
 import torch
 
 from converters.architectures import architecture_for_config
@@ -92,3 +93,21 @@ def compute_imatrix(source: HFModelDir, text: str, dataset: str, window: int = C
             model(torch.tensor([ids]), use_cache=False)
     tensors = {name: ColumnStats(acc.sum_of_squares.numpy(), acc.rows) for name, acc in sorted(accumulators.items())}
     return ImportanceMatrix(tensors=tensors, window=window, windows=len(windows), datasets=(dataset,))
+
+
+def compute_column_importance(source: HFModelDir, text: str, window: int = CALIBRATION_WINDOW
+                              ) -> dict[str, np.ndarray]:
+    """Per linear layer of the model in `source` (by its Hugging Face module name, lm_head included), the mean
+    square of each input column over `text`: the weights other quantizers (ONNX's block quantization) give each
+    column's rounding error."""
+    model, tokenizer = load_reference(source.path)
+    window = min(window, int(getattr(model.config, "max_position_embeddings", window)))
+    windows = calibration_windows(tokenizer, text, window)
+    if not windows:
+        raise EdgepackError("the calibration text has no tokens; expected a few thousand words of text")
+    layers = {name: module for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    with _hooked(layers) as accumulators, torch.inference_mode():
+        for ids in windows:
+            model(torch.tensor([ids]), use_cache=False)
+    return {name: (acc.sum_of_squares / max(acc.rows, 1)).numpy().astype(np.float32)
+            for name, acc in accumulators.items()}

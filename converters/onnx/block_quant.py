@@ -1,0 +1,119 @@
+"""Block-wise weight quantization in ONNX Runtime's MatMulNBits layout (also GatherBlockQuantized's, for a table
+gathered by rows).
+
+A weight W of shape (N outputs, K inputs) is cut along K into blocks of `block_size`; each block gets a float
+scale and an integer zero point, and its values become q = clamp(round(w / scale) + zero_point, 0, 2^bits - 1),
+so that w ~ (q - zero_point) * scale. Packed, as the operator reads them: B is uint8 (N, blocks, block_size *
+bits / 8), low-order bits first; scales (N, blocks); zero points uint8, packed the same way along the blocks.
+
+Rounding to nearest over each block's min..max range is the plain way. `search_clipping` instead tries
+narrower ranges and keeps, per block, the one with the least squared error, weighted per input column by
+`importance` (the mean square of that column's activations on a calibration text, as llama.cpp's importance
+matrix weighs its K-quants): an outlier weight may be clipped when the columns it multiplies are quiet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SHRINK_GRID = tuple(1.0 - 0.04 * step for step in range(13))  # range scaled by 1.00, 0.96, ... 0.52
+
+
+@dataclass(frozen=True)
+class BlockQuantized:
+    packed: np.ndarray  # uint8 (N, blocks, block_size * bits // 8)
+    scales: np.ndarray  # float32 (N, blocks)
+    zero_points: np.ndarray  # uint8 (N, ceil(blocks * bits / 8))
+    bits: int
+    block_size: int
+    columns: int  # K before padding to whole blocks
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + self.scales.nbytes + self.zero_points.nbytes
+
+
+def _pack(values: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 values < 2^bits, packed along the last axis, low-order bits first."""
+    if bits == 8:
+        return values.astype(np.uint8)
+    per_byte = 8 // bits
+    if values.shape[-1] % per_byte:
+        pad = per_byte - values.shape[-1] % per_byte
+        values = np.concatenate([values, np.zeros((*values.shape[:-1], pad), values.dtype)], axis=-1)
+    grouped = values.reshape(*values.shape[:-1], -1, per_byte).astype(np.uint8)
+    packed = np.zeros(grouped.shape[:-1], dtype=np.uint8)
+    for slot in range(per_byte):
+        packed |= grouped[..., slot] << (bits * slot)
+    return packed
+
+
+def _unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    if bits == 8:
+        return packed[..., :count]
+    per_byte, mask = 8 // bits, (1 << bits) - 1
+    slots = [(packed >> (bits * slot)) & mask for slot in range(per_byte)]
+    return np.stack(slots, axis=-1).reshape(*packed.shape[:-1], -1)[..., :count]
+
+
+def _quantize_with_range(blocks: np.ndarray, low: np.ndarray, high: np.ndarray, levels: int
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Codes, scale and zero point for each block's [low, high] (low <= 0 <= high, so zero is exact)."""
+    scale = (high - low) / levels
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    zero = np.clip(np.round(-low / scale), 0, levels)
+    codes = np.clip(np.round(blocks / scale[..., None]) + zero[..., None], 0, levels)
+    return codes, scale, zero
+
+
+def quantize_blocks(weight: np.ndarray, bits: int, block_size: int, *, importance: np.ndarray | None = None,
+                    search_clipping: bool = False) -> BlockQuantized:
+    """`weight` (N, K) float -> MatMulNBits blocks. `importance` (K,) weighs the clipping search's error."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block size must be a power of two >= 16, got {block_size}")
+    weight = np.asarray(weight, dtype=np.float32)
+    rows, columns = weight.shape
+    blocks_per_row = -(-columns // block_size)
+    padded = np.zeros((rows, blocks_per_row * block_size), dtype=np.float32)
+    padded[:, :columns] = weight
+    blocks = padded.reshape(rows, blocks_per_row, block_size)
+    levels = (1 << bits) - 1
+    low = np.minimum(blocks.min(axis=-1), 0.0)
+    high = np.maximum(blocks.max(axis=-1), 0.0)
+    codes, scale, zero = _quantize_with_range(blocks, low, high, levels)
+    if search_clipping:
+        weights = np.ones(blocks_per_row * block_size, dtype=np.float32)
+        if importance is not None:
+            weights[:columns] = np.maximum(np.asarray(importance, dtype=np.float32), 1e-12)
+        weights[columns:] = 0.0
+        weights = weights.reshape(blocks_per_row, block_size)
+        best_error = _weighted_error(blocks, codes, scale, zero, weights)
+        for shrink in SHRINK_GRID[1:]:
+            trial = _quantize_with_range(blocks, low * shrink, high * shrink, levels)
+            error = _weighted_error(blocks, *trial, weights)
+            better = error < best_error
+            codes = np.where(better[..., None], trial[0], codes)
+            scale = np.where(better, trial[1], scale)
+            zero = np.where(better, trial[2], zero)
+            best_error = np.minimum(error, best_error)
+    return BlockQuantized(packed=_pack(codes.astype(np.uint8), bits), scales=scale.astype(np.float32),
+                          zero_points=_pack(zero.astype(np.uint8), bits), bits=bits, block_size=block_size,
+                          columns=columns)
+
+
+def _weighted_error(blocks, codes, scale, zero, weights) -> np.ndarray:
+    restored = (codes - zero[..., None]) * scale[..., None]
+    return ((restored - blocks) ** 2 * weights).sum(axis=-1)
+
+
+def dequantize_blocks(quantized: BlockQuantized) -> np.ndarray:
+    """The (N, K) float32 weight that MatMulNBits multiplies by."""
+    rows, blocks_per_row = quantized.scales.shape
+    codes = _unpack(quantized.packed, quantized.bits, quantized.block_size).astype(np.float32)
+    zero = _unpack(quantized.zero_points, quantized.bits, blocks_per_row).astype(np.float32)
+    restored = (codes - zero[..., None]) * quantized.scales[..., None]
+    return restored.reshape(rows, -1)[:, :quantized.columns]
