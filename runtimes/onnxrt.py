@@ -1,9 +1,11 @@
-"""ONNX Runtime over our ONNX export (a directory with model.onnx, config.json and the tokenizer).
+"""ONNX Runtime over our ONNX variants (a directory with model.onnx, config.json and the tokenizer).
 
 Our own decode loop on an InferenceSession, not optimum's generate: inputs are bound from preallocated buffers
-(attention mask and positions are slices of arrays sized for the whole context), the KV cache stays in ONNX
-Runtime's own OrtValues from one step to the next (IO binding; never copied into numpy), and the next-token
-logits land in one reused buffer.
+(attention mask and positions are slices of arrays sized for the whole context) and the next-token logits land in
+one reused buffer. The KV cache depends on the graph:
+- our decode-optimized graph (converters/onnx/decoder_graph.py): one buffer per layer and part, sized for the
+  whole context, bound as both past and present, so GroupQueryAttention writes each new position in place;
+- optimum's export: the present KV comes back as new OrtValues each step and is bound as the next step's past.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from runtimes.base import DEFAULT_CONTEXT_CAP, LoadOptions, Runtime, physical_co
 from runtimes.hf_text import HFTokenizerText, end_of_generation_ids
 
 MODEL_FILE = "model.onnx"
+SHARED_BUFFER_GRAPH = "edgepack-decoder-gqa"  # converters.onnx.decoder_graph.GRAPH_KIND
 _PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)")
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -123,6 +126,8 @@ class OnnxRuntime(HFTokenizerText, Runtime):
         self._kv_dtype = _NUMPY_TYPES.get(first.type, np.float32)
         self._has_positions = "position_ids" in inputs
         self._has_mask = "attention_mask" in inputs
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        self.shares_kv_buffer = metadata.get("edgepack.graph") == SHARED_BUFFER_GRAPH
         self._vocab = int(self.session.get_outputs()[0].shape[-1]) if isinstance(
             self.session.get_outputs()[0].shape[-1], int) else len(self.tokenizer)
         # preallocated once, sliced per step
@@ -133,6 +138,16 @@ class OnnxRuntime(HFTokenizerText, Runtime):
         self._step_logits = np.zeros((1, 1, self._vocab), dtype=np.float32)
         self._present: list = []
         self._past_length = 0
+        if self.shares_kv_buffer:
+            # zeros from calloc: pages become resident only as positions are written
+            self._kv_buffers = [np.zeros((1, self._kv_heads, self.context_length, self._head_dim), self._kv_dtype)
+                                for _ in self._past_names]
+            self._kv_values = [self._ortvalue(buffer) for buffer in self._kv_buffers]
+
+    def _ortvalue(self, array: np.ndarray):
+        import onnxruntime as ort
+
+        return ort.OrtValue.ortvalue_from_numpy(array)
 
     # -- computing ------------------------------------------------------------------------------
 
@@ -146,21 +161,27 @@ class OnnxRuntime(HFTokenizerText, Runtime):
             binding.bind_cpu_input("attention_mask", self._mask[:, : past_length + count])
         if self._has_positions:
             binding.bind_cpu_input("position_ids", self._positions[:, past_length: past_length + count])
-        for index, name in enumerate(self._past_names):
-            if past_length == 0:
-                binding.bind_cpu_input(name, self._empty_past)
-            else:
-                binding.bind_ortvalue_input(name, self._present[index])
         if logits_buffer is not None:
             binding.bind_output("logits", "cpu", element_type=np.float32, shape=logits_buffer.shape,
                                 buffer_ptr=logits_buffer.ctypes.data)
         else:
             binding.bind_output("logits", "cpu")
-        for name in self._present_names:
-            binding.bind_output(name, "cpu")
+        if self.shares_kv_buffer:
+            for past, present, value in zip(self._past_names, self._present_names, self._kv_values):
+                binding.bind_ortvalue_input(past, value)
+                binding.bind_ortvalue_output(present, value)
+        else:
+            for index, name in enumerate(self._past_names):
+                if past_length == 0:
+                    binding.bind_cpu_input(name, self._empty_past)
+                else:
+                    binding.bind_ortvalue_input(name, self._present[index])
+            for name in self._present_names:
+                binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        self._present = outputs[1:]
+        if not self.shares_kv_buffer:
+            self._present = outputs[1:]
         self._past_length = past_length + count
         return outputs[0]
 
@@ -196,4 +217,5 @@ class OnnxRuntime(HFTokenizerText, Runtime):
 
     def close(self) -> None:
         self._present = []
+        self._kv_values, self._kv_buffers = [], []
         self.session = None

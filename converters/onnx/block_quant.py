@@ -100,9 +100,34 @@ def quantize_blocks(weight: np.ndarray, bits: int, block_size: int, *, importanc
             scale = np.where(better, trial[1], scale)
             zero = np.where(better, trial[2], zero)
             best_error = np.minimum(error, best_error)
+        codes, scale, zero = _refine(blocks, codes, scale, zero, weights, levels)
     return BlockQuantized(packed=_pack(codes.astype(np.uint8), bits), scales=scale.astype(np.float32),
                           zero_points=_pack(zero.astype(np.uint8), bits), bits=bits, block_size=block_size,
                           columns=columns)
+
+
+def _refine(blocks, codes, scale, zero, weights, levels, rounds: int = 3):
+    """Each block's zero point moved by -1, 0 or +1, and for each, the scale that minimises the weighted error for
+    the current codes (a closed-form least squares) with the codes rounded again to it, a few rounds; a block
+    keeps whichever of these had the least error."""
+    best_error = _weighted_error(blocks, codes, scale, zero, weights)
+    for shift in (0, -1, 1):
+        trial_zero = np.clip(zero + shift, 0, levels)
+        trial_scale, trial_codes = scale, np.clip(np.round(blocks / scale[..., None]) + trial_zero[..., None], 0,
+                                                  levels)
+        for _ in range(rounds):
+            centred = trial_codes - trial_zero[..., None]
+            denominator = (weights * centred * centred).sum(axis=-1)
+            fitted = (weights * centred * blocks).sum(axis=-1) / np.maximum(denominator, 1e-30)
+            trial_scale = np.where((denominator > 0) & (fitted > 0), fitted, trial_scale).astype(np.float32)
+            trial_codes = np.clip(np.round(blocks / trial_scale[..., None]) + trial_zero[..., None], 0, levels)
+            error = _weighted_error(blocks, trial_codes, trial_scale, trial_zero, weights)
+            better = error < best_error
+            codes = np.where(better[..., None], trial_codes, codes)
+            scale = np.where(better, trial_scale, scale)
+            zero = np.where(better, trial_zero, zero)
+            best_error = np.minimum(error, best_error)
+    return codes, scale, zero
 
 
 def _weighted_error(blocks, codes, scale, zero, weights) -> np.ndarray:

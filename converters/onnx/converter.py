@@ -1,23 +1,39 @@
-"""The registered ONNX converter: kinds onnx-fp32 (optimum-onnx export), onnx-int8 and onnx-int4 (onnxruntime's
-quantizers), each a directory DIR/<kind>/ with model.onnx, config and tokenizer."""
+"""The registered ONNX converter: kinds onnx-fp32, onnx-int8 and onnx-int4, each a directory DIR/<kind>/ with
+model.onnx, config, tokenizer and weights.json (what each weight became).
+
+For the architectures our builder takes (converters/onnx/decoder_graph.py) every kind is our decode-optimized
+graph, with the weights of converters/onnx/recipes.py. Any other model (an architecture optimum-onnx exports but
+our builder does not express, such as a sequence-dependent rope) falls back to optimum-onnx's export and
+onnxruntime's quantizers; each variant's `converter` says which exporter made it."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from converters.calibration import calibration_sha256, calibration_text
+from converters.hf_model import HFModelDir
+from converters.logit_parity import check_logit_parity
+from converters.onnx.decoder_graph import GRAPH_KIND, CalibrationStats, TensorReport, write_decoder_graph
+from converters.onnx.decoder_spec import NotExpressible, decoder_spec
 from converters.onnx.export import export_onnx_fp32
 from converters.onnx.quantize import quantize_int4, quantize_int8
+from converters.onnx.recipes import RECIPE_VERSION, plan_needs_grams, plan_uses_calibration, precision_plan
 from converters.registry import ConvertOptions
 from edgepack.core.artifacts import Variant
 from edgepack.core.cpu import int8_isa
-from edgepack.core.fileio import refuse_existing, sha256_file
+from edgepack.core.fileio import atomic_output_dir, refuse_existing, sha256_file
 from edgepack.core.progress import say
 from edgepack.core.versions import library_versions, package_version
 
 KINDS = ("onnx-fp32", "onnx-int8", "onnx-int4")
+MODEL_FILE = "model.onnx"
+WEIGHTS_REPORT = "weights.json"
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
 def directory_variant(kind: str, path: Path, converter: str) -> Variant:
@@ -29,6 +45,27 @@ def directory_variant(kind: str, path: Path, converter: str) -> Variant:
                    sha256=hashlib.sha256(listing.encode()).hexdigest(), converter=converter,
                    library_versions=library_versions(("optimum-onnx", "onnxruntime", "onnx", "transformers",
                                                       "torch")))
+
+
+def copy_model_side_files(model_path: Path, dst: Path) -> None:
+    """Config, generation config, tokenizer and chat template: every file of the model folder but its weights."""
+    for path in Path(model_path).iterdir():
+        if path.is_file() and not path.name.endswith(WEIGHT_FILE_SUFFIXES) and not path.name.endswith(
+                ".index.json") and not path.name.startswith("."):
+            shutil.copy2(path, dst / path.name)
+
+
+def write_weights_report(dst: Path, plan_text: str, tensors: list[TensorReport]) -> None:
+    by_precision: dict[str, int] = {}
+    for tensor in tensors:
+        by_precision[tensor.precision] = by_precision.get(tensor.precision, 0) + tensor.bytes
+    total = sum(by_precision.values()) or 1
+    report = {"graph": GRAPH_KIND, "plan": plan_text,
+              "bytes_by_precision": {name: {"bytes": size, "share": size / total}
+                                     for name, size in sorted(by_precision.items())},
+              "tensors": [{"name": t.name, "shape": list(t.shape), "precision": t.precision, "bytes": t.bytes,
+                           "rms_error": t.rms_error} for t in tensors]}
+    (dst / WEIGHTS_REPORT).write_text(json.dumps(report, indent=1) + "\n")
 
 
 class OnnxConverter:
@@ -43,16 +80,77 @@ class OnnxConverter:
         return kind in KINDS
 
     def cache_options(self, kind: str, options: ConvertOptions) -> dict[str, Any]:
-        relevant: dict[str, Any] = {"allow_pickle": options.allow_pickle}
+        relevant: dict[str, Any] = {"allow_pickle": options.allow_pickle, "graph": GRAPH_KIND,
+                                    "recipe": RECIPE_VERSION}
         if kind == "onnx-int8":
-            relevant["int8_isa"] = options.int8_isa
+            relevant["int8_isa"] = options.int8_isa  # only the fallback's dynamic quantization reads it
         if kind == "onnx-int4":
             relevant["int4_block_size"] = options.int4_block_size
+            relevant["calibration"] = calibration_sha256(options.calibration_text) if options.imatrix else None
         return relevant
 
     def convert(self, model_path: Path, kinds: list[str], out_dir: Path, options: ConvertOptions) -> list[Variant]:
         for kind in kinds:
             refuse_existing(out_dir / kind, options.force)
+        model = HFModelDir(model_path, allow_pickle=options.allow_pickle)
+        try:
+            spec = decoder_spec(model)
+        except NotExpressible as why:
+            say(f"our ONNX graph cannot express {Path(model_path).name}: {why}; exporting with optimum-onnx")
+            return self._convert_with_optimum(model_path, kinds, out_dir, options)
+        return self._convert_decoder_graph(model, spec, kinds, out_dir, options)
+
+    # -- our graph ------------------------------------------------------------------------------
+
+    def _convert_decoder_graph(self, model: HFModelDir, spec, kinds: list[str], out_dir: Path,
+                               options: ConvertOptions) -> list[Variant]:
+        exporter = (f"edgepack decoder graph (onnx {package_version('onnx')}, "
+                    f"onnxruntime {package_version('onnxruntime')})")
+        plans = {kind: precision_plan(kind, options.int4_block_size, options.imatrix) for kind in kinds}
+        variants: list[Variant] = []
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".onnx-base.") as scratch:
+            # the float32 graph is built (and checked against transformers) whatever kinds are asked for: the
+            # quantized graphs are the same graph with other weights
+            fp32 = out_dir / "onnx-fp32" if "onnx-fp32" in kinds else Path(scratch) / "onnx-fp32"
+            say(f"building our ONNX graph of {model.path.name} ({spec.family}, {spec.layers} layers)")
+            with atomic_output_dir(fp32) as tmp:
+                tensors = write_decoder_graph(model, spec, precision_plan("onnx-fp32"), tmp / MODEL_FILE)
+                copy_model_side_files(model.path, tmp)
+                write_weights_report(tmp, precision_plan("onnx-fp32").describe(), tensors)
+                parity = check_logit_parity(tmp, model.path)
+            say(f"onnx-fp32: logit parity ok (max |diff| {parity.max_abs_diff:.2e} over {parity.positions} "
+                f"positions, argmax agreement {parity.argmax_agreement:.0%})")
+            if "onnx-fp32" in kinds:
+                variants.append(directory_variant("onnx-fp32", fp32, exporter))
+            calibration = self._calibration(model, [plans[k] for k in kinds if k != "onnx-fp32"], options)
+            for kind in kinds:
+                if kind == "onnx-fp32":
+                    continue
+                plan = plans[kind]
+                say(f"{kind}: {plan.describe()}")
+                with atomic_output_dir(out_dir / kind) as tmp:
+                    tensors = write_decoder_graph(model, spec, plan, tmp / MODEL_FILE, calibration)
+                    copy_model_side_files(model.path, tmp)
+                    write_weights_report(tmp, plan.describe(), tensors)
+                variants.append(directory_variant(kind, out_dir / kind, f"{exporter}: {plan.describe()}"))
+        return variants
+
+    def _calibration(self, model: HFModelDir, plans, options: ConvertOptions) -> CalibrationStats | None:
+        if not any(plan_uses_calibration(plan) for plan in plans):
+            return None
+        from converters.gguf.imatrix_collect import compute_linear_input_stats
+
+        grams = any(plan_needs_grams(plan) for plan in plans)
+        say("reading the calibration text through the model (column importance" + (" and GPTQ's Hessians)"
+                                                                                  if grams else ")"))
+        importance, gram_matrices = compute_linear_input_stats(model, calibration_text(options.calibration_text),
+                                                               grams=grams)
+        return CalibrationStats(importance, gram_matrices)
+
+    # -- optimum-onnx's export, for what our graph cannot express -------------------------------
+
+    def _convert_with_optimum(self, model_path: Path, kinds: list[str], out_dir: Path,
+                              options: ConvertOptions) -> list[Variant]:
         exporter = f"optimum-onnx {package_version('optimum-onnx')} export ({package_version('onnxruntime')})"
         variants: list[Variant] = []
         with tempfile.TemporaryDirectory(dir=out_dir, prefix=".onnx-base.") as scratch:

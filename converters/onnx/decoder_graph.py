@@ -25,6 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 from converters.hf_model import HFModelDir
 from converters.onnx.block_quant import BlockQuantized, quantize_blocks
 from converters.onnx.decoder_spec import DecoderSpec
+from converters.onnx.gptq import gptq_quantize
 
 GRAPH_KIND = "edgepack-decoder-gqa"  # metadata edgepack.graph: how the runtime recognises this graph
 OPSET = 21
@@ -35,12 +36,14 @@ ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 class WeightPrecision:
     bits: int | None = None  # None: float32
     block_size: int = 32
-    search_clipping: bool = False  # importance-weighted clipping search instead of plain min..max rounding
+    # "nearest": each block's min..max range, rounded to nearest; "search": the range and scale searched for the
+    # least error weighted by the columns' activations; "gptq": GPTQ's error feedback over the columns
+    rounding: str = "nearest"
 
     def describe(self) -> str:
         if self.bits is None:
             return "fp32"
-        return f"{self.bits}-bit/{self.block_size}" + (" searched" if self.search_clipping else "")
+        return f"{self.bits}-bit/{self.block_size} {self.rounding}"
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,15 @@ class PrecisionPlan:
         parts += [f"{role} {precision.describe()}" for role, precision in sorted(self.overrides.items())]
         parts += [f"lm_head {self.head.describe()}", f"embedding {self.embedding.describe()}"]
         return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class CalibrationStats:
+    """What the calibration text's activations look like at each linear layer's input, by Hugging Face module
+    name: the mean square of each column (importance) and, for GPTQ, the sum of x x^T (gram)."""
+
+    importance: dict[str, np.ndarray]
+    grams: dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -104,9 +116,9 @@ class DecoderGraphBuilder:
     """Reads weights from `model` one at a time and writes the graph for `spec` under `plan`."""
 
     def __init__(self, model: HFModelDir, spec: DecoderSpec, plan: PrecisionPlan,
-                 importance: dict[str, np.ndarray] | None = None) -> None:
+                 calibration: CalibrationStats | None = None) -> None:
         self.model, self.spec, self.plan = model, spec, plan
-        self.importance = importance or {}
+        self.calibration = calibration or CalibrationStats({}, {})
         self.graph = _Graph()
         self.report: list[TensorReport] = []
         self._head_blocks: BlockQuantized | None = None
@@ -138,8 +150,12 @@ class DecoderGraphBuilder:
         return {role: (self._read(f"{module}.weight"), module) for role, module in modules.items()}
 
     def _quantize(self, weight: np.ndarray, precision: WeightPrecision, module: str) -> BlockQuantized:
+        gram = self.calibration.grams.get(module)
+        if precision.rounding == "gptq" and gram is not None:
+            return gptq_quantize(weight, gram, precision.bits, precision.block_size)
         return quantize_blocks(weight, precision.bits, precision.block_size,
-                               importance=self.importance.get(module), search_clipping=precision.search_clipping)
+                               importance=self.calibration.importance.get(module),
+                               search_clipping=precision.rounding != "nearest")
 
     def _record(self, name: str, weight: np.ndarray, precision: WeightPrecision,
                 blocks: BlockQuantized | None) -> None:
@@ -381,10 +397,10 @@ class DecoderGraphBuilder:
 
 
 def write_decoder_graph(model: HFModelDir, spec: DecoderSpec, plan: PrecisionPlan, out_file: Path,
-                        importance: dict[str, np.ndarray] | None = None) -> list[TensorReport]:
+                        calibration: CalibrationStats | None = None) -> list[TensorReport]:
     """Build the graph and save it to `out_file` (weights in `out_file`.data when the model passes protobuf's
     2 GB limit). Returns the per-tensor report."""
-    builder = DecoderGraphBuilder(model, spec, plan, importance)
+    builder = DecoderGraphBuilder(model, spec, plan, calibration)
     proto = builder.build()
     external = sum(init.ByteSize() for init in proto.graph.initializer) > (2 << 30) - (64 << 20)
     onnx.save_model(proto, str(out_file), save_as_external_data=external, all_tensors_to_one_file=True,

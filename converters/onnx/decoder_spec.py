@@ -93,6 +93,8 @@ def decoder_spec(model: HFModelDir) -> DecoderSpec:
     text = getattr(config, "text_config", None) or config
     hidden, heads = int(text.hidden_size), int(text.num_attention_heads)
     head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
+    if head_dim % 16:
+        raise NotExpressible(f"head size {head_dim}: ONNX Runtime's GroupQueryAttention takes multiples of 16")
     if float(getattr(text, "partial_rotary_factor", 1.0) or 1.0) != 1.0:
         raise NotExpressible("a partial rotary embedding (partial_rotary_factor < 1)")
     act_name = getattr(text, "hidden_activation", None) or getattr(text, "hidden_act", "silu")
