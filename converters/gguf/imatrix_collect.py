@@ -95,41 +95,19 @@ def compute_imatrix(source: HFModelDir, text: str, dataset: str, window: int = C
     return ImportanceMatrix(tensors=tensors, window=window, windows=len(windows), datasets=(dataset,))
 
 
-class _GramAccumulator(_Accumulator):
-    """The column sums of squares and the whole sum of x x^T (float32) of one layer's inputs."""
-
-    def __init__(self, columns: int) -> None:
-        super().__init__(columns)
-        self.gram = torch.zeros((columns, columns), dtype=torch.float32)
-
-    def __call__(self, module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-        super().__call__(module, inputs)
-        rows = inputs[0].detach().reshape(-1, self.gram.shape[0]).float()
-        self.gram += rows.T @ rows
-
-
-def compute_linear_input_stats(source: HFModelDir, text: str, *, grams: bool = False,
-                               window: int = CALIBRATION_WINDOW) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Per linear layer of the model in `source`, by its Hugging Face module name (lm_head included): the mean
-    square of each input column over `text` and, with `grams`, the sum of x x^T over its inputs (what GPTQ needs;
-    K x K floats per layer, so only asked for when GPTQ runs)."""
+def compute_column_importance(source: HFModelDir, text: str, window: int = CALIBRATION_WINDOW
+                              ) -> dict[str, np.ndarray]:
+    """Per linear layer of the model in `source`, by its Hugging Face module name (lm_head included), the mean
+    square of each input column over `text`: how much each column's rounding error weighs in ONNX's block
+    quantization, as llama.cpp's importance matrix weighs its K-quants."""
     model, tokenizer = load_reference(source.path)
     window = min(window, int(getattr(model.config, "max_position_embeddings", window)))
     windows = calibration_windows(tokenizer, text, window)
     if not windows:
         raise EdgepackError("the calibration text has no tokens; expected a few thousand words of text")
     layers = {name: module for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
-    accumulators = {name: (_GramAccumulator if grams and name != "lm_head" else _Accumulator)(layer.in_features)
-                    for name, layer in layers.items()}
-    handles = [layer.register_forward_pre_hook(accumulators[name]) for name, layer in layers.items()]
-    try:
-        with torch.inference_mode():
-            for ids in windows:
-                model(torch.tensor([ids]), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    importance = {name: (acc.sum_of_squares / max(acc.rows, 1)).numpy().astype(np.float32)
-                  for name, acc in accumulators.items()}
-    gram_matrices = {name: acc.gram.numpy() for name, acc in accumulators.items() if isinstance(acc, _GramAccumulator)}
-    return importance, gram_matrices
+    with _hooked(layers) as accumulators, torch.inference_mode():
+        for ids in windows:
+            model(torch.tensor([ids]), use_cache=False)
+    return {name: (acc.sum_of_squares / max(acc.rows, 1)).numpy().astype(np.float32)
+            for name, acc in accumulators.items()}

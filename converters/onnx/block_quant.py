@@ -29,10 +29,14 @@ class BlockQuantized:
     bits: int
     block_size: int
     columns: int  # K before padding to whole blocks
+    # float32 (N, blocks) or None: w ~ q * scale + minimum, zero points all 0. MatMulNBits takes only integer zero
+    # points at speed, so the graph adds (sum of each block of x) @ minimum^T with a small MatMul of its own
+    minimums: np.ndarray | None = None
 
     @property
     def nbytes(self) -> int:
-        return self.packed.nbytes + self.scales.nbytes + self.zero_points.nbytes
+        extra = self.minimums.nbytes if self.minimums is not None else 0
+        return self.packed.nbytes + self.scales.nbytes + self.zero_points.nbytes + extra
 
 
 def _pack(values: np.ndarray, bits: int) -> np.ndarray:
@@ -135,10 +139,63 @@ def _weighted_error(blocks, codes, scale, zero, weights) -> np.ndarray:
     return ((restored - blocks) ** 2 * weights).sum(axis=-1)
 
 
+def quantize_blocks_with_minimum(weight: np.ndarray, bits: int, block_size: int, *,
+                                 importance: np.ndarray | None = None, search: bool = True) -> BlockQuantized:
+    """Blocks with a float minimum instead of an integer zero point (llama.cpp's Q4_1 and Q4_K's form): codes
+    0..2^bits-1, w ~ q * scale + minimum. A weight already on such a grid (a model dequantized from Q4_1) comes
+    back exactly; otherwise the range is searched and (scale, minimum) refitted by weighted least squares."""
+    weight = np.asarray(weight, dtype=np.float32)
+    rows, columns = weight.shape
+    blocks_per_row = -(-columns // block_size)
+    padded = np.zeros((rows, blocks_per_row * block_size), dtype=np.float32)
+    padded[:, :columns] = weight
+    blocks = padded.reshape(rows, blocks_per_row, block_size)
+    levels = (1 << bits) - 1
+    weights = np.ones(blocks_per_row * block_size, dtype=np.float32)
+    if importance is not None:
+        weights[:columns] = np.maximum(np.asarray(importance, dtype=np.float32), 1e-12)
+    weights[columns:] = 0.0
+    weights = weights.reshape(blocks_per_row, block_size)
+    low, high = blocks.min(axis=-1), blocks.max(axis=-1)
+
+    def encode(scale, minimum):
+        safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        codes = np.clip(np.round((blocks - minimum[..., None]) / safe[..., None]), 0, levels)
+        error = ((codes * safe[..., None] + minimum[..., None] - blocks) ** 2 * weights).sum(axis=-1)
+        return codes, safe, minimum, error
+
+    codes, scale, minimum, best = encode((high - low) / levels, low)
+    for shrink in (SHRINK_GRID[1:] if search else ()):
+        middle = (high + low) / 2
+        trial = encode((high - low) * shrink / levels, middle - (middle - low) * shrink)
+        better = trial[3] < best
+        codes = np.where(better[..., None], trial[0], codes)
+        scale, minimum = np.where(better, trial[1], scale), np.where(better, trial[2], minimum)
+        best = np.minimum(trial[3], best)
+    for _ in range(3 if search else 0):  # weighted least squares for (scale, minimum) given the codes
+        sw, sq, sqq = weights.sum(-1), (weights * codes).sum(-1), (weights * codes * codes).sum(-1)
+        sx, sqx = (weights * blocks).sum(-1), (weights * codes * blocks).sum(-1)
+        det = sw * sqq - sq * sq
+        ok = det > 1e-20
+        fitted_scale = np.where(ok, (sw * sqx - sq * sx) / np.where(ok, det, 1.0), scale)
+        fitted_min = np.where(ok, (sqq * sx - sq * sqx) / np.where(ok, det, 1.0), minimum)
+        trial = encode(np.where(fitted_scale > 0, fitted_scale, scale).astype(np.float32),
+                       fitted_min.astype(np.float32))
+        better = trial[3] < best
+        codes = np.where(better[..., None], trial[0], codes)
+        scale, minimum = np.where(better, trial[1], scale), np.where(better, trial[2], minimum)
+        best = np.minimum(trial[3], best)
+    return BlockQuantized(packed=_pack(codes.astype(np.uint8), bits), scales=scale.astype(np.float32),
+                          zero_points=_pack(np.zeros(scale.shape, dtype=np.uint8), bits), bits=bits,
+                          block_size=block_size, columns=columns, minimums=minimum.astype(np.float32))
+
+
 def dequantize_blocks(quantized: BlockQuantized) -> np.ndarray:
-    """The (N, K) float32 weight that MatMulNBits multiplies by."""
+    """The (N, K) float32 weight that the graph multiplies by."""
     rows, blocks_per_row = quantized.scales.shape
     codes = _unpack(quantized.packed, quantized.bits, quantized.block_size).astype(np.float32)
     zero = _unpack(quantized.zero_points, quantized.bits, blocks_per_row).astype(np.float32)
     restored = (codes - zero[..., None]) * quantized.scales[..., None]
+    if quantized.minimums is not None:
+        restored = restored + quantized.minimums[..., None]
     return restored.reshape(rows, -1)[:, :quantized.columns]

@@ -22,7 +22,7 @@ from converters.onnx.decoder_graph import GRAPH_KIND, CalibrationStats, TensorRe
 from converters.onnx.decoder_spec import NotExpressible, decoder_spec
 from converters.onnx.export import export_onnx_fp32
 from converters.onnx.quantize import quantize_int4, quantize_int8
-from converters.onnx.recipes import RECIPE_VERSION, plan_needs_grams, plan_uses_calibration, precision_plan
+from converters.onnx.recipes import RECIPE_VERSION, plan_uses_calibration, precision_plan
 from converters.registry import ConvertOptions
 from edgepack.core.artifacts import Variant
 from edgepack.core.cpu import int8_isa
@@ -66,6 +66,28 @@ def write_weights_report(dst: Path, plan_text: str, tensors: list[TensorReport])
               "tensors": [{"name": t.name, "shape": list(t.shape), "precision": t.precision, "bytes": t.bytes,
                            "rms_error": t.rms_error} for t in tensors]}
     (dst / WEIGHTS_REPORT).write_text(json.dumps(report, indent=1) + "\n")
+
+
+def write_genai_config(dst: Path, model: HFModelDir, spec) -> None:
+    """genai_config.json, so onnxruntime-genai's Generator can run the folder too (the graph has its interface)."""
+    config = model.config
+    generation = model.read_json("generation_config.json") or {}
+    eos = generation.get("eos_token_id", config.get("eos_token_id"))
+    decoder = {"session_options": {"log_id": "onnxruntime-genai", "provider_options": []}, "filename": MODEL_FILE,
+               "head_size": spec.head_dim, "hidden_size": spec.hidden, "num_attention_heads": spec.heads,
+               "num_hidden_layers": spec.layers, "num_key_value_heads": spec.kv_heads,
+               "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                          "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+               "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                           "present_value_names": "present.%d.value"}}
+    context = int(config.get("max_position_embeddings", 4096))
+    genai = {"model": {"bos_token_id": config.get("bos_token_id"), "eos_token_id": eos,
+                       "pad_token_id": config.get("pad_token_id") or (eos[0] if isinstance(eos, list) else eos),
+                       "context_length": context, "decoder": decoder, "type": spec.family, "vocab_size": spec.vocab},
+             "search": {"do_sample": False, "max_length": context, "min_length": 0, "num_beams": 1,
+                        "num_return_sequences": 1, "past_present_share_buffer": True, "temperature": 1.0,
+                        "top_k": 1, "top_p": 1.0, "repetition_penalty": 1.0}}
+    (dst / "genai_config.json").write_text(json.dumps(genai, indent=1) + "\n")
 
 
 class OnnxConverter:
@@ -117,6 +139,7 @@ class OnnxConverter:
                 tensors = write_decoder_graph(model, spec, precision_plan("onnx-fp32"), tmp / MODEL_FILE)
                 copy_model_side_files(model.path, tmp)
                 write_weights_report(tmp, precision_plan("onnx-fp32").describe(), tensors)
+                write_genai_config(tmp, model, spec)
                 parity = check_logit_parity(tmp, model.path)
             say(f"onnx-fp32: logit parity ok (max |diff| {parity.max_abs_diff:.2e} over {parity.positions} "
                 f"positions, argmax agreement {parity.argmax_agreement:.0%})")
@@ -132,20 +155,17 @@ class OnnxConverter:
                     tensors = write_decoder_graph(model, spec, plan, tmp / MODEL_FILE, calibration)
                     copy_model_side_files(model.path, tmp)
                     write_weights_report(tmp, plan.describe(), tensors)
+                    write_genai_config(tmp, model, spec)
                 variants.append(directory_variant(kind, out_dir / kind, f"{exporter}: {plan.describe()}"))
         return variants
 
     def _calibration(self, model: HFModelDir, plans, options: ConvertOptions) -> CalibrationStats | None:
         if not any(plan_uses_calibration(plan) for plan in plans):
             return None
-        from converters.gguf.imatrix_collect import compute_linear_input_stats
+        from converters.gguf.imatrix_collect import compute_column_importance
 
-        grams = any(plan_needs_grams(plan) for plan in plans)
-        say("reading the calibration text through the model (column importance" + (" and GPTQ's Hessians)"
-                                                                                  if grams else ")"))
-        importance, gram_matrices = compute_linear_input_stats(model, calibration_text(options.calibration_text),
-                                                               grams=grams)
-        return CalibrationStats(importance, gram_matrices)
+        say("reading the calibration text through the model (each linear layer's column importance)")
+        return CalibrationStats(compute_column_importance(model, calibration_text(options.calibration_text)))
 
     # -- optimum-onnx's export, for what our graph cannot express -------------------------------
 
