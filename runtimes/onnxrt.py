@@ -143,6 +143,12 @@ class OnnxRuntime(HFTokenizerText, Runtime):
             self._kv_buffers = [np.zeros((1, self._kv_heads, self.context_length, self._head_dim), self._kv_dtype)
                                 for _ in self._past_names]
             self._kv_values = [self._ortvalue(buffer) for buffer in self._kv_buffers]
+            # one binding for the session's life: the KV buffers stay bound; each step rebinds ids, mask, logits
+            self._kv_binding = self.session.io_binding()
+            self._kv_binding.bind_output("logits", "cpu")  # first, so it stays output 0 when rebound
+            for past, present, value in zip(self._past_names, self._present_names, self._kv_values):
+                self._kv_binding.bind_ortvalue_input(past, value)
+                self._kv_binding.bind_ortvalue_output(present, value)
 
     def _ortvalue(self, array: np.ndarray):
         import onnxruntime as ort
@@ -155,7 +161,7 @@ class OnnxRuntime(HFTokenizerText, Runtime):
         """One forward pass continuing from `past_length` cached positions; returns the logits OrtValue or
         writes them into `logits_buffer`."""
         count = input_ids.shape[1]
-        binding = self.session.io_binding()
+        binding = self._kv_binding if self.shares_kv_buffer else self.session.io_binding()
         binding.bind_cpu_input("input_ids", input_ids)
         if self._has_mask:
             binding.bind_cpu_input("attention_mask", self._mask[:, : past_length + count])
@@ -166,11 +172,7 @@ class OnnxRuntime(HFTokenizerText, Runtime):
                                 buffer_ptr=logits_buffer.ctypes.data)
         else:
             binding.bind_output("logits", "cpu")
-        if self.shares_kv_buffer:
-            for past, present, value in zip(self._past_names, self._present_names, self._kv_values):
-                binding.bind_ortvalue_input(past, value)
-                binding.bind_ortvalue_output(present, value)
-        else:
+        if not self.shares_kv_buffer:
             for index, name in enumerate(self._past_names):
                 if past_length == 0:
                     binding.bind_cpu_input(name, self._empty_past)
@@ -179,10 +181,11 @@ class OnnxRuntime(HFTokenizerText, Runtime):
             for name in self._present_names:
                 binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
-        if not self.shares_kv_buffer:
-            self._present = outputs[1:]
         self._past_length = past_length + count
+        if self.shares_kv_buffer:
+            return None if logits_buffer is not None else binding.get_outputs()[0]
+        outputs = binding.get_outputs()
+        self._present = outputs[1:]
         return outputs[0]
 
     def _prefill(self, prompt_ids: Sequence[int]) -> np.ndarray:
@@ -217,5 +220,5 @@ class OnnxRuntime(HFTokenizerText, Runtime):
 
     def close(self) -> None:
         self._present = []
-        self._kv_values, self._kv_buffers = [], []
+        self._kv_values, self._kv_buffers, self._kv_binding = [], [], None
         self.session = None

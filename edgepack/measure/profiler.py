@@ -112,10 +112,18 @@ def measure_in_this_process(path: Path, threads: int, prompt_tokens: int, new_to
     meter = open_meter(device)
     decode_joules = []
 
+    run_count = 0
+
     def one_run() -> tuple[float, float]:
+        # each run's prompt starts elsewhere in the text, so no engine reads it from a cache of the previous
+        # run's (llama.cpp's slots keep the longest shared prefix, and prefill would read ~zero tokens)
+        nonlocal run_count
+        shift = run_count % len(prompt)
+        run_count += 1
+        rotated = prompt[shift:] + prompt[:shift]
         start = time.perf_counter()
         first, joules_at_first = None, 0.0
-        for chunk in runtime.generate(prompt, options):
+        for chunk in runtime.generate(rotated, options):
             if first is None and chunk.token_id is not None:
                 first = time.perf_counter()
                 joules_at_first = meter.read_joules() if meter else 0.0
