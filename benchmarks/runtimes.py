@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3, help="the whole table measured this many times, interleaved")
     parser.add_argument("--threads", type=int, default=None, help="default: one per physical core")
-    parser.add_argument("--genai-python", type=Path, default=Path.home() / ".cache/edgepack/tools/genai-venv/bin/python")
+    parser.add_argument("--genai-python", type=Path,
+                        default=Path.home() / ".cache/edgepack/tools/genai-venv/bin/python")
     parser.add_argument("--genai-model", type=Path, help="onnxruntime-genai's builder's int4 folder")
     parser.add_argument("--only", help="measure only these rows, e.g. onnx-int4/onnxrt,onnx-int4/genai")
     parser.add_argument("--json", action="store_true")
@@ -241,7 +242,8 @@ def main(argv: list[str] | None = None) -> None:
              "onnx-int8 / gguf-q8_0 decode": (decode, "onnx-int8", "onnxrt", "gguf-q8_0", "llamacpp"),
              "onnx-fp32 (ours) / optimum generate on optimum's export decode":
                  (decode, "onnx-fp32", "onnxrt", "optimum-fp32", "optimum"),
-             "onnx-int4 / genai builder int4 on Generator decode": (decode, "onnx-int4", "onnxrt", "genai-int4", "genai"),
+             "onnx-int4 / genai builder int4 on Generator decode":
+                 (decode, "onnx-int4", "onnxrt", "genai-int4", "genai"),
              "our loop / Generator on the same onnx-int4 decode": (decode, "onnx-int4", "onnxrt", "onnx-int4", "genai")}
     ratios = {}
     for name, (figure, kind, engine, anchor_kind, anchor_engine) in pairs.items():
@@ -255,7 +257,8 @@ def main(argv: list[str] | None = None) -> None:
         table.add_column(column)
     for r in rows:
         table.add_row(r["variant"], r["engine"], f"{r['mib']:.0f}", f"{r['load_s']:.2f}", f"{r['memory_mib']:.0f}",
-                      f"{r['prefill_tps']:.1f}", f"{r['decode_tps']:.1f}", f"{r['decode_min']:.1f}-{r['decode_max']:.1f}")
+                      f"{r['prefill_tps']:.1f}", f"{r['decode_tps']:.1f}",
+                      f"{r['decode_min']:.1f}-{r['decode_max']:.1f}")
     console.print(table)
     for name, value in ratios.items():
         console.print(f"{name}: {value:.2f}x")

@@ -146,7 +146,7 @@ class OnnxRuntime(HFTokenizerText, Runtime):
             # one binding for the session's life: the KV buffers stay bound; each step rebinds ids, mask, logits
             self._kv_binding = self.session.io_binding()
             self._kv_binding.bind_output("logits", "cpu")  # first, so it stays output 0 when rebound
-            for past, present, value in zip(self._past_names, self._present_names, self._kv_values):
+            for past, present, value in zip(self._past_names, self._present_names, self._kv_values, strict=True):
                 self._kv_binding.bind_ortvalue_input(past, value)
                 self._kv_binding.bind_ortvalue_output(present, value)
 

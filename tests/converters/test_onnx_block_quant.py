@@ -70,7 +70,8 @@ def test_onnxruntime_matmulnbits_multiplies_by_the_weight_we_dequantize(bits):
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, n])],
                               [numpy_helper.from_array(blocks.packed, "b"), numpy_helper.from_array(blocks.scales, "s"),
                                numpy_helper.from_array(blocks.zero_points, "z")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 10
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     x = rng.standard_normal((2, k)).astype(np.float32)
