@@ -1,4 +1,4 @@
-"""What a model directory or a GGUF file holds, for `edgepack inspect`."""
+"""What a model directory, a GGUF file or an ONNX variant folder holds, for `edgepack inspect`."""
 
 from __future__ import annotations
 
@@ -6,16 +6,19 @@ from pathlib import Path
 
 from edgepack.core.artifacts import StudentModel, to_json_dict
 from edgepack.core.gguf_file import GGUFSummary, inspect_gguf
+from edgepack.core.onnx_folder import OnnxSummary, inspect_onnx_folder, is_onnx_folder
 from edgepack.student.load import load_student
 
 
-def inspect_path(path: Path) -> StudentModel | GGUFSummary:
+def inspect_path(path: Path) -> StudentModel | GGUFSummary | OnnxSummary:
     if Path(path).is_file():
         return inspect_gguf(path)
+    if is_onnx_folder(path):
+        return inspect_onnx_folder(path)
     return load_student(path)
 
 
-def summary_rows(summary: StudentModel | GGUFSummary) -> list[tuple[str, str]]:
+def summary_rows(summary: StudentModel | GGUFSummary | OnnxSummary) -> list[tuple[str, str]]:
     data = to_json_dict(summary)
     rows = []
     for key, value in data.items():

@@ -16,6 +16,7 @@ from converters.onnx.decoder_graph import PrecisionPlan, WeightPrecision, write_
 from converters.onnx.decoder_spec import decoder_spec
 from converters.registry import ConvertOptions
 from edgepack.convert import convert
+from edgepack.student.inspect import inspect_path
 from runtimes.base import GenerationOptions, LoadOptions
 from runtimes.registry import open_runtime
 from runtimes.torch_reference import TorchRuntime
@@ -107,6 +108,11 @@ def test_quantized_kinds_record_what_each_weight_became(tiny_model, tmp_path):
     rows, blocks = q_k_v["shape"][0], q_k_v["shape"][1] // 32
     assert q_k_v["bytes"] == rows * blocks * (16 + 4 + 4) + rows * -(-blocks // 2)
     assert variants["onnx-int4"].bytes < variants["onnx-int8"].bytes
+    summary = inspect_path(variants["onnx-int4"].path)  # what `edgepack inspect` shows
+    assert summary.graph == "edgepack-decoder-gqa" and summary.architecture == "qwen3"
+    assert summary.bytes == variants["onnx-int4"].bytes
+    assert sum(summary.quant_types.values()) == pytest.approx(1.0)
+    assert set(summary.quant_types) == {"4-bit/32+min search", "8-bit/32 search"}
 
 
 def test_a_model_our_graph_cannot_express_falls_back_to_optimum(tiny_model, tmp_path):
