@@ -72,9 +72,8 @@ def _quantize_with_range(blocks: np.ndarray, low: np.ndarray, high: np.ndarray, 
     return codes, scale, zero
 
 
-def quantize_blocks(weight: np.ndarray, bits: int, block_size: int, *, importance: np.ndarray | None = None,
-                    search_clipping: bool = False) -> BlockQuantized:
-    """`weight` (N, K) float -> MatMulNBits blocks. `importance` (K,) weighs the clipping search's error."""
+def _split_blocks(weight: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, int]:
+    """(N, blocks, block_size) float32, the last block zero-padded, and K before padding."""
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     if block_size < 16 or block_size & (block_size - 1):
@@ -84,17 +83,30 @@ def quantize_blocks(weight: np.ndarray, bits: int, block_size: int, *, importanc
     blocks_per_row = -(-columns // block_size)
     padded = np.zeros((rows, blocks_per_row * block_size), dtype=np.float32)
     padded[:, :columns] = weight
-    blocks = padded.reshape(rows, blocks_per_row, block_size)
+    return padded.reshape(rows, blocks_per_row, block_size), columns
+
+
+def _column_weights(importance: np.ndarray | None, columns: int, blocks: np.ndarray) -> np.ndarray:
+    """Each column's weight in the rounding error, shaped (blocks, block_size): the importance (ones without
+    one), zero for the padding."""
+    _, blocks_per_row, block_size = blocks.shape
+    weights = np.ones(blocks_per_row * block_size, dtype=np.float32)
+    if importance is not None:
+        weights[:columns] = np.maximum(np.asarray(importance, dtype=np.float32), 1e-12)
+    weights[columns:] = 0.0
+    return weights.reshape(blocks_per_row, block_size)
+
+
+def quantize_blocks(weight: np.ndarray, bits: int, block_size: int, *, importance: np.ndarray | None = None,
+                    search_clipping: bool = False) -> BlockQuantized:
+    """`weight` (N, K) float -> MatMulNBits blocks. `importance` (K,) weighs the clipping search's error."""
+    blocks, columns = _split_blocks(weight, bits, block_size)
     levels = (1 << bits) - 1
     low = np.minimum(blocks.min(axis=-1), 0.0)
     high = np.maximum(blocks.max(axis=-1), 0.0)
     codes, scale, zero = _quantize_with_range(blocks, low, high, levels)
     if search_clipping:
-        weights = np.ones(blocks_per_row * block_size, dtype=np.float32)
-        if importance is not None:
-            weights[:columns] = np.maximum(np.asarray(importance, dtype=np.float32), 1e-12)
-        weights[columns:] = 0.0
-        weights = weights.reshape(blocks_per_row, block_size)
+        weights = _column_weights(importance, columns, blocks)
         best_error = _weighted_error(blocks, codes, scale, zero, weights)
         for shrink in SHRINK_GRID[1:]:
             trial = _quantize_with_range(blocks, low * shrink, high * shrink, levels)
@@ -144,18 +156,9 @@ def quantize_blocks_with_minimum(weight: np.ndarray, bits: int, block_size: int,
     """Blocks with a float minimum instead of an integer zero point (llama.cpp's Q4_1 and Q4_K's form): codes
     0..2^bits-1, w ~ q * scale + minimum. A weight already on such a grid (a model dequantized from Q4_1) comes
     back exactly; otherwise the range is searched and (scale, minimum) refitted by weighted least squares."""
-    weight = np.asarray(weight, dtype=np.float32)
-    rows, columns = weight.shape
-    blocks_per_row = -(-columns // block_size)
-    padded = np.zeros((rows, blocks_per_row * block_size), dtype=np.float32)
-    padded[:, :columns] = weight
-    blocks = padded.reshape(rows, blocks_per_row, block_size)
+    blocks, columns = _split_blocks(weight, bits, block_size)
     levels = (1 << bits) - 1
-    weights = np.ones(blocks_per_row * block_size, dtype=np.float32)
-    if importance is not None:
-        weights[:columns] = np.maximum(np.asarray(importance, dtype=np.float32), 1e-12)
-    weights[columns:] = 0.0
-    weights = weights.reshape(blocks_per_row, block_size)
+    weights = _column_weights(importance, columns, blocks)
     low, high = blocks.min(axis=-1), blocks.max(axis=-1)
 
     def encode(scale, minimum):
