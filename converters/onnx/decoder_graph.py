@@ -23,12 +23,16 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from converters.hf_model import HFModelDir
-from converters.onnx.block_quant import BlockQuantized, quantize_blocks, quantize_blocks_with_minimum
+from converters.onnx.block_quant import (
+    BlockQuantized,
+    dequantize_blocks,
+    quantize_blocks,
+    quantize_blocks_with_minimum,
+)
 from converters.onnx.decoder_spec import DecoderSpec
 
 GRAPH_KIND = "edgepack-decoder-gqa"  # metadata edgepack.graph: how the runtime recognises this graph
 OPSET = 21
-ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 @dataclass(frozen=True)
@@ -163,8 +167,6 @@ class DecoderGraphBuilder:
         if blocks is None:
             self.report.append(TensorReport(name, tuple(weight.shape), "fp32", weight.nbytes, 0.0))
             return
-        from converters.onnx.block_quant import dequantize_blocks
-
         error = float(np.sqrt(np.mean((dequantize_blocks(blocks) - weight) ** 2)))
         self.report.append(TensorReport(name, tuple(weight.shape), precision.describe(), blocks.nbytes, error))
 
