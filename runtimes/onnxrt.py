@@ -17,11 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from edgepack.core.errors import EdgepackError
+from edgepack.core.onnx_folder import GRAPH_KIND, GRAPH_METADATA_KEY, MODEL_FILE, is_onnx_folder
 from runtimes.base import DEFAULT_CONTEXT_CAP, LoadOptions, Runtime, physical_cores
 from runtimes.hf_text import HFTokenizerText, end_of_generation_ids
 
-MODEL_FILE = "model.onnx"
-SHARED_BUFFER_GRAPH = "edgepack-decoder-gqa"  # converters.onnx.decoder_graph.GRAPH_KIND
 _PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)")
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -87,8 +86,7 @@ class OnnxRuntime(HFTokenizerText, Runtime):
 
     @classmethod
     def can_load(cls, path: Path) -> bool:
-        path = Path(path)
-        return path.is_dir() and (path / MODEL_FILE).is_file()
+        return is_onnx_folder(path)
 
     @classmethod
     def supports_device(cls, device: str) -> bool:
@@ -127,7 +125,7 @@ class OnnxRuntime(HFTokenizerText, Runtime):
         self._has_positions = "position_ids" in inputs
         self._has_mask = "attention_mask" in inputs
         metadata = self.session.get_modelmeta().custom_metadata_map
-        self.shares_kv_buffer = metadata.get("edgepack.graph") == SHARED_BUFFER_GRAPH
+        self.shares_kv_buffer = metadata.get(GRAPH_METADATA_KEY) == GRAPH_KIND
         self._vocab = int(self.session.get_outputs()[0].shape[-1]) if isinstance(
             self.session.get_outputs()[0].shape[-1], int) else len(self.tokenizer)
         # preallocated once, sliced per step

@@ -18,7 +18,7 @@ from typing import Any
 from converters.calibration import calibration_sha256, calibration_text
 from converters.hf_model import HFModelDir
 from converters.logit_parity import check_logit_parity
-from converters.onnx.decoder_graph import GRAPH_KIND, CalibrationStats, TensorReport, write_decoder_graph
+from converters.onnx.decoder_graph import CalibrationStats, TensorReport, write_decoder_graph
 from converters.onnx.decoder_spec import NotExpressible, decoder_spec
 from converters.onnx.export import export_onnx_fp32
 from converters.onnx.quantize import quantize_int4, quantize_int8
@@ -27,12 +27,11 @@ from converters.registry import ConvertOptions
 from edgepack.core.artifacts import Variant
 from edgepack.core.cpu import int8_isa
 from edgepack.core.fileio import atomic_output_dir, refuse_existing, sha256_file
+from edgepack.core.onnx_folder import GRAPH_KIND, MODEL_FILE, WEIGHTS_REPORT
 from edgepack.core.progress import say
 from edgepack.core.versions import library_versions, package_version
 
 KINDS = ("onnx-fp32", "onnx-int8", "onnx-int4")
-MODEL_FILE = "model.onnx"
-WEIGHTS_REPORT = "weights.json"
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 

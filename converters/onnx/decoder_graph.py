@@ -30,8 +30,8 @@ from converters.onnx.block_quant import (
     quantize_blocks_with_minimum,
 )
 from converters.onnx.decoder_spec import DecoderSpec
+from edgepack.core.onnx_folder import GRAPH_KIND, GRAPH_METADATA_KEY
 
-GRAPH_KIND = "edgepack-decoder-gqa"  # metadata edgepack.graph: how the runtime recognises this graph
 OPSET = 21
 
 
@@ -415,7 +415,7 @@ class DecoderGraphBuilder:
                                                         helper.make_opsetid("com.microsoft", 1)],
                                   producer_name="edgepack")
         model.ir_version = 10
-        helper.set_model_props(model, {"edgepack.graph": GRAPH_KIND, "edgepack.precision": self.plan.describe()})
+        helper.set_model_props(model, {GRAPH_METADATA_KEY: GRAPH_KIND, "edgepack.precision": self.plan.describe()})
         return model
 
 

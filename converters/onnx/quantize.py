@@ -10,8 +10,8 @@ from pathlib import Path
 from edgepack.core.cpu import INT8_ISAS
 from edgepack.core.errors import EdgepackError
 from edgepack.core.fileio import atomic_output_dir, refuse_existing
+from edgepack.core.onnx_folder import MODEL_FILE
 
-MODEL_FILE = "model.onnx"
 TWO_GB = 2 << 30
 
 

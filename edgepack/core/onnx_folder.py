@@ -11,6 +11,8 @@ from edgepack.core.errors import EdgepackError
 
 MODEL_FILE = "model.onnx"
 WEIGHTS_REPORT = "weights.json"  # written by converters/onnx/converter.py
+GRAPH_KIND = "edgepack-decoder-gqa"  # our decode-optimized graph (converters/onnx/decoder_graph.py)
+GRAPH_METADATA_KEY = "edgepack.graph"  # the model metadata that names it, which the ONNX engine reads
 
 
 @dataclass(frozen=True)
