@@ -89,6 +89,8 @@ class Runtime(ABC):
     # generate() may be called from many threads at once: the engine queues (and batches) them itself
     generates_concurrently: ClassVar[bool] = False
     constrains_output: ClassVar[bool] = False  # GenerationOptions.grammar is honoured
+    # what to do about it where it is not
+    unconstrained_remedy: ClassVar[str] = "serve a GGUF variant (llama.cpp) for that"
     parallel: int = 1  # generations the engine runs at once
     path: Path
     context_length: int
@@ -209,25 +211,31 @@ class Runtime(ABC):
         options = options or GenerationOptions()
         prompt_ids = list(self.tokenize(prompt) if isinstance(prompt, str) else prompt)
         self.check_prompt_fits(prompt_ids, 1)  # room for at least one new token
-        if options.grammar is not None:
-            raise EdgepackError(f"the {self.name} engine cannot constrain output to a grammar (response_format, "
-                                "forced tool calls); serve a GGUF variant (llama.cpp) for that")
-        sampler = Sampler(options.temperature, options.top_p, options.top_k, options.seed, options.logit_bias,
-                          options.presence_penalty, options.frequency_penalty)
+        picker = TokenPicker(options, self.output_grammar(options.grammar))
         stream = TokenStream(prompt_ids, options, self.eos_token_ids, self.detokenize, self.context_length)
-        logits = self._prefill(prompt_ids)
-        while True:
-            if cancel is not None and cancel.is_set():
-                yield stream.cancelled()
-                return
-            token = sampler.pick(logits)
-            sampler.accept(token)
-            logprob, top = token_logprobs(logits, token, options.top_logprobs) if options.logprobs else (None, ())
-            chunk = stream.add(token, logprob, top)
-            yield chunk
-            if chunk.finish_reason is not None:
-                return
-            logits = self._step(token)
+        try:
+            logits = self._prefill(prompt_ids)
+            while True:
+                if cancel is not None and cancel.is_set():
+                    yield stream.cancelled()
+                    return
+                token = picker.pick(logits)
+                logprob, top = token_logprobs(logits, token, options.top_logprobs) if options.logprobs else (None, ())
+                chunk = stream.add(token, logprob, top)
+                yield chunk
+                if chunk.finish_reason is not None:
+                    return
+                logits = self._step(token)
+        finally:
+            picker.close()
+
+    def output_grammar(self, grammar: str | None):
+        """The grammar (runtimes.llamacpp_sampling.OutputGrammar) that constrains a generation's tokens, None for
+        free text. Engines whose `constrains_output` is set build it; the others refuse."""
+        if grammar is None:
+            return None
+        raise EdgepackError(f"the {self.name} engine cannot constrain output to a grammar (response_format, "
+                            f"forced tool calls) here; {self.unconstrained_remedy}")
 
     def complete(self, prompt: str | Sequence[int], options: GenerationOptions | None = None,
                  cancel: threading.Event | None = None) -> GenerationResult:
@@ -247,6 +255,43 @@ class Runtime(ABC):
         return GenerationResult(text="".join(texts), token_ids=tuple(tokens),
                                 logprobs=tuple(logprobs) if options.logprobs else None, finish_reason=reason,
                                 prompt_tokens=len(prompt_ids), completion_tokens=len(tokens))
+
+    def complete_all(self, prompts: Sequence[Sequence[int]],
+                     options: Sequence[GenerationOptions]) -> list[GenerationResult]:
+        """Each prompt completed with its options, in order: `parallel` at a time on an engine that batches them
+        (each generation as it would be served beside others), one after another on the others."""
+        if not self.generates_concurrently or self.parallel < 2 or len(prompts) < 2:
+            return [self.complete(list(prompt), option) for prompt, option in zip(prompts, options, strict=True)]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="edgepack-complete") as pool:
+            return list(pool.map(lambda pair: self.complete(list(pair[0]), pair[1]), zip(prompts, options,
+                                                                                          strict=True)))
+
+
+class TokenPicker:
+    """The Python sampler for engines that hand us logits, with a grammar when output is constrained: the token is
+    first picked freely, and only when the grammar refuses it are the logits masked and the pick made again (exactly
+    the constrained distribution, as runtimes.llamacpp_sampling.SamplerChain does it, at a fraction of the cost)."""
+
+    def __init__(self, options: GenerationOptions, grammar=None) -> None:
+        self.sampler = Sampler(options.temperature, options.top_p, options.top_k, options.seed, options.logit_bias,
+                               options.presence_penalty, options.frequency_penalty)
+        self.grammar = grammar
+
+    def pick(self, logits: np.ndarray) -> int:
+        token = self.sampler.pick(logits)
+        if self.grammar is not None:
+            if not self.grammar.allows(token, float(logits[token])):
+                token = self.sampler.pick(self.grammar.masked(logits))
+            self.grammar.accept(token)
+        self.sampler.accept(token)
+        return token
+
+    def close(self) -> None:
+        if self.grammar is not None:
+            self.grammar.close()
+            self.grammar = None
 
 
 class TokenStream:

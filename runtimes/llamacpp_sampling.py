@@ -22,6 +22,54 @@ from runtimes.base import GenerationOptions
 SEED_RANGE = 2**32 - 1
 
 
+class OutputGrammar:
+    """A GBNF grammar (rule "root") over a llama.cpp vocabulary, applied to logits we hold as an array: for the engines
+    that compute logits themselves (ONNX Runtime) and for SamplerChain. `allows` checks one token, `masked` sets every
+    token the grammar refuses to -inf, `accept` moves the grammar past a token."""
+
+    def __init__(self, vocab, grammar: str) -> None:
+        import llama_cpp
+
+        self._native = llama_cpp
+        self.sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
+        if not self.sampler:
+            raise EdgepackError("llama.cpp could not parse the output grammar (GBNF with a 'root' rule)")
+
+    def allows(self, token: int, logit: float = 0.0) -> bool:
+        native = self._native
+        one = (native.llama_token_data * 1)(native.llama_token_data(token, logit, 0.0))
+        candidate = native.llama_token_data_array(data=one, size=1, selected=-1, sorted=False)
+        native.llama_sampler_apply(self.sampler, ctypes.byref(candidate))
+        return one[0].logit != float("-inf")
+
+    def apply(self, candidates) -> None:
+        """Mask a llama_token_data_array in place."""
+        self._native.llama_sampler_apply(self.sampler, ctypes.byref(candidates))
+
+    def masked(self, logits: np.ndarray) -> np.ndarray:
+        data, candidates = token_candidates(self._native, logits)
+        self.apply(candidates)
+        return data["logit"].copy()
+
+    def accept(self, token: int) -> None:
+        self._native.llama_sampler_accept(self.sampler, token)
+
+    def close(self) -> None:
+        if self.sampler is not None:
+            self._native.llama_sampler_free(self.sampler)
+            self.sampler = None
+
+
+def token_candidates(native, logits: np.ndarray):
+    """Every token with its logit, as llama.cpp's samplers take them (the array must outlive their use)."""
+    data = np.empty(len(logits), dtype=[("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+    data["id"] = np.arange(len(logits), dtype=np.int32)
+    data["logit"] = logits
+    data["p"] = 0.0
+    pointer = data.ctypes.data_as(ctypes.POINTER(native.llama_token_data))
+    return data, native.llama_token_data_array(data=pointer, size=len(logits), selected=-1, sorted=False)
+
+
 class SamplerChain:
     """One generation's sampler chain; `sample(ctx, batch_index)` picks from the logits of that batch row and tells
     the samplers that keep state (penalties, grammar, the random draw) about the token.
@@ -44,9 +92,7 @@ class SamplerChain:
         try:
             self._build(n_vocab, options, penalty_window)
             if options.grammar is not None:
-                self.grammar = llama_cpp.llama_sampler_init_grammar(vocab, options.grammar.encode("utf-8"), b"root")
-                if not self.grammar:
-                    raise EdgepackError("llama.cpp could not parse the output grammar (GBNF with a 'root' rule)")
+                self.grammar = OutputGrammar(vocab, options.grammar)
         except BaseException:
             self.close()
             raise
@@ -83,41 +129,23 @@ class SamplerChain:
             return int(native.llama_sampler_sample(self.chain, ctx, batch_index))  # picks and accepts
         logits = np.ctypeslib.as_array(native.llama_get_logits_ith(ctx, batch_index), shape=(self.n_vocab,))
         token = self._pick(logits, with_grammar=False)
-        if not self._grammar_allows(token, float(logits[token])):
+        if not self.grammar.allows(token, float(logits[token])):
             token = self._pick(logits, with_grammar=True)
-        native.llama_sampler_accept(self.grammar, token)
+        self.grammar.accept(token)
         native.llama_sampler_accept(self.chain, token)
         return token
 
-    def _candidates(self, logits: np.ndarray):
-        """Every token with its logit, as llama.cpp's samplers take them (the array must outlive their use)."""
-        native = self._native
-        data = np.empty(self.n_vocab, dtype=[("id", np.int32), ("logit", np.float32), ("p", np.float32)])
-        data["id"] = np.arange(self.n_vocab, dtype=np.int32)
-        data["logit"] = logits
-        data["p"] = 0.0
-        pointer = data.ctypes.data_as(ctypes.POINTER(native.llama_token_data))
-        return data, native.llama_token_data_array(data=pointer, size=self.n_vocab, selected=-1, sorted=False)
-
     def _pick(self, logits: np.ndarray, with_grammar: bool) -> int:
-        native = self._native
-        data, candidates = self._candidates(logits)
+        data, candidates = token_candidates(self._native, logits)
         if with_grammar:
-            native.llama_sampler_apply(self.grammar, ctypes.byref(candidates))
-        native.llama_sampler_apply(self.chain, ctypes.byref(candidates))
+            self.grammar.apply(candidates)
+        self._native.llama_sampler_apply(self.chain, ctypes.byref(candidates))
         return int(candidates.data[candidates.selected].id)
-
-    def _grammar_allows(self, token: int, logit: float) -> bool:
-        native = self._native
-        one = (native.llama_token_data * 1)(native.llama_token_data(token, logit, 0.0))
-        candidate = native.llama_token_data_array(data=one, size=1, selected=-1, sorted=False)
-        native.llama_sampler_apply(self.grammar, ctypes.byref(candidate))
-        return one[0].logit != float("-inf")
 
     def close(self) -> None:
         if self.chain is not None:
             self._native.llama_sampler_free(self.chain)
             self.chain = None
         if self.grammar is not None:
-            self._native.llama_sampler_free(self.grammar)
+            self.grammar.close()
             self.grammar = None

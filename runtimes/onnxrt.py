@@ -11,14 +11,16 @@ one reused buffer. The KV cache depends on the graph:
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from edgepack.core.errors import EdgepackError
-from edgepack.core.onnx_folder import GRAPH_KIND, GRAPH_METADATA_KEY, MODEL_FILE, is_onnx_folder
-from runtimes.base import DEFAULT_CONTEXT_CAP, LoadOptions, Runtime, physical_cores
+from edgepack.core.onnx_folder import GRAMMAR_VOCAB_FILE, GRAPH_KIND, GRAPH_METADATA_KEY, MODEL_FILE, is_onnx_folder
+from runtimes.base import DEFAULT_CONTEXT_CAP, GenerationChunk, GenerationOptions, LoadOptions, Runtime, physical_cores
+from runtimes.batching import common_prefix
 from runtimes.hf_text import HFTokenizerText, end_of_generation_ids
 
 _PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)")
@@ -101,6 +103,9 @@ class OnnxRuntime(HFTokenizerText, Runtime):
         self.path = Path(path)
         self.threads = options.threads or physical_cores()
         self.device = options.device
+        if options.parallel < 1:
+            raise EdgepackError(f"parallel sequences {options.parallel}: must be 1 or more")
+        self.parallel = options.parallel
         self.session = open_session(self.path / MODEL_FILE, self.threads, options.device)
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         config = AutoConfig.from_pretrained(self.path)
@@ -111,6 +116,19 @@ class OnnxRuntime(HFTokenizerText, Runtime):
         except OSError:
             generation = None
         self.eos_token_ids = end_of_generation_ids(generation, config, self.tokenizer)
+        # output grammars are llama.cpp's grammar sampler over the tokenizer as llama.cpp reads it, which the
+        # converter writes beside the model
+        import importlib.util
+
+        if not (self.path / GRAMMAR_VOCAB_FILE).is_file():
+            self.unconstrained_remedy = (f"this ONNX variant has no {GRAMMAR_VOCAB_FILE} (made before edgepack wrote "
+                                         "one, or for a tokenizer llama.cpp does not read): convert it again, or "
+                                         "serve a GGUF variant")
+        elif importlib.util.find_spec("llama_cpp") is None:
+            self.unconstrained_remedy = "install llama-cpp-python, whose grammar sampler the ONNX engine uses"
+        else:
+            self.constrains_output = True
+        self._grammar_vocab = None
 
         inputs = {i.name: i for i in self.session.get_inputs()}
         self._past_names = sorted((name for name in inputs if _PAST.fullmatch(name)),
@@ -126,6 +144,10 @@ class OnnxRuntime(HFTokenizerText, Runtime):
         self._has_mask = "attention_mask" in inputs
         metadata = self.session.get_modelmeta().custom_metadata_map
         self.shares_kv_buffer = metadata.get(GRAPH_METADATA_KEY) == GRAPH_KIND
+        # our graph generates through the batch scheduler (runtimes.onnx_batch); optimum's export one at a time
+        self.generates_concurrently = self.shares_kv_buffer
+        self._scheduler = None
+        self._scheduler_lock = threading.Lock()
         self._vocab = int(self.session.get_outputs()[0].shape[-1]) if isinstance(
             self.session.get_outputs()[0].shape[-1], int) else len(self.tokenizer)
         # preallocated once, sliced per step
@@ -136,6 +158,7 @@ class OnnxRuntime(HFTokenizerText, Runtime):
         self._step_logits = np.zeros((1, 1, self._vocab), dtype=np.float32)
         self._present: list = []
         self._past_length = 0
+        self._kept: list[int] = []  # the tokens whose KV the single-sequence buffers hold after a logits call
         if self.shares_kv_buffer:
             # zeros from calloc: pages become resident only as positions are written
             self._kv_buffers = [np.zeros((1, self._kv_heads, self.context_length, self._head_dim), self._kv_dtype)
@@ -191,6 +214,7 @@ class OnnxRuntime(HFTokenizerText, Runtime):
         prompt x vocab (4,096 tokens of a 49,152-token vocabulary would be 805 MB); only the last is kept."""
         ids = np.asarray([list(prompt_ids)], dtype=np.int64)
         past = 0
+        self._kept = []  # the buffers now hold this session's tokens
         for start in range(0, ids.shape[1], self.prefill_chunk):
             chunk = ids[:, start:start + self.prefill_chunk]
             logits = self._run(chunk, past, None)
@@ -203,20 +227,67 @@ class OnnxRuntime(HFTokenizerText, Runtime):
         return self._step_logits[0, 0]
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        return self.logits_from(token_ids, 0)
+
+    def logits_from(self, token_ids: Sequence[int], start: int) -> np.ndarray:
+        """On our graph, the KV of the prefix this call shares with the previous logits call (up to `start`) is kept
+        and only the rest is computed (the behaviour prompts share the chat template's system prompt)."""
         self.check_prompt_fits(token_ids, 0)
-        ids = np.asarray([list(token_ids)], dtype=np.int64)
-        logits = self._run(ids, 0, None).numpy()[0].astype(np.float32)
+        token_ids = list(token_ids)
+        shared = 0
+        if self.shares_kv_buffer:
+            shared = min(common_prefix(self._kept, token_ids), start)
+        ids = np.asarray([token_ids[shared:]], dtype=np.int64)
+        logits = self._run(ids, shared, None).numpy()[0, start - shared:].astype(np.float32)
         self._present, self._past_length = [], 0
+        self._kept = token_ids if self.shares_kv_buffer else []
         return logits
+
+    def scheduler(self):
+        """The batch scheduler over `parallel` rows of KV buffers, started on first use."""
+        from runtimes.onnx_batch import OnnxBatchScheduler
+
+        with self._scheduler_lock:  # two first callers at once would start two schedulers
+            if self._scheduler is None:
+                self._scheduler = OnnxBatchScheduler(self, self.parallel)
+            return self._scheduler
+
+    def generate(self, prompt: str | Sequence[int], options: GenerationOptions | None = None,
+                 cancel: threading.Event | None = None) -> Iterator[GenerationChunk]:
+        if not self.generates_concurrently:
+            yield from super().generate(prompt, options, cancel)
+            return
+        options = options or GenerationOptions()
+        prompt_ids = list(self.tokenize(prompt) if isinstance(prompt, str) else prompt)
+        self.check_prompt_fits(prompt_ids, 1)
+        yield from self.scheduler().stream(prompt_ids, options, cancel)
+
+    def output_grammar(self, grammar: str | None):
+        if grammar is None or not self.constrains_output:
+            return super().output_grammar(grammar)
+        import llama_cpp
+
+        from runtimes.llamacpp import open_gguf
+        from runtimes.llamacpp_sampling import OutputGrammar
+
+        if self._grammar_vocab is None:
+            self._grammar_vocab = open_gguf(self.path / GRAMMAR_VOCAB_FILE, vocab_only=True)
+        return OutputGrammar(llama_cpp.llama_model_get_vocab(self._grammar_vocab.model), grammar)
 
     def memory_bytes(self) -> int:
         weights = sum(f.stat().st_size for f in self.path.iterdir() if f.name.startswith("model.onnx"))
         kv_cache = len(self._past_names) * self._kv_heads * self._head_dim * self.context_length * \
-            np.dtype(self._kv_dtype).itemsize
+            np.dtype(self._kv_dtype).itemsize * (self.parallel if self.generates_concurrently else 1)
         prefill_logits = min(self.prefill_chunk, self.context_length) * self._vocab * 4
         return weights + kv_cache + prefill_logits
 
     def close(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.close()
+            self._scheduler = None
         self._present = []
         self._kv_values, self._kv_buffers, self._kv_binding = [], [], None
         self.session = None
+        if self._grammar_vocab is not None:
+            self._grammar_vocab.close()
+            self._grammar_vocab = None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -75,14 +75,17 @@ class TorchRuntime(HFTokenizerText, Runtime):
         return output.logits[0, -1].float().cpu().numpy()
 
     @torch.inference_mode()
-    def greedy_batch(self, prompts: list[list[int]], max_tokens: int, batch_size: int = 16) -> list[list[int]]:
+    def greedy_batch(self, prompts: list[list[int]], max_tokens: int, batch_size: int = 16,
+                     on_logits: Callable[[int, list[int], np.ndarray], None] | None = None) -> list[list[int]]:
         """Greedy continuations of several prompts, `batch_size` at a time, left-padded (about 1.5x faster than one
-        at a time on a 2-core CPU). Each ends with its first end-of-generation token, or after `max_tokens`."""
+        at a time on a 2-core CPU). Each ends with its first end-of-generation token, or after `max_tokens`.
+        `on_logits(index, answer, logits)`: each answer's logits before each of its tokens, [len(answer), vocab],
+        as its batch finishes (so a caller keeps what it needs of them, not every batch's)."""
         from transformers import GenerationConfig
 
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_token_ids)
         config = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=sorted(self.eos_token_ids),
-                                  pad_token_id=pad)
+                                  pad_token_id=pad, return_dict_in_generate=True, output_logits=on_logits is not None)
         answers = []
         for start in range(0, len(prompts), batch_size):
             group = prompts[start:start + batch_size]
@@ -94,13 +97,16 @@ class TorchRuntime(HFTokenizerText, Runtime):
                 mask[row, width - len(prompt):] = 1
             made = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                        generation_config=config)
-            for row in made[:, width:].tolist():
+            steps = torch.stack(made.logits, dim=1).float().cpu().numpy() if on_logits is not None else None
+            for row, tokens in enumerate(made.sequences[:, width:].tolist()):
                 answer = []
-                for token in row[:max_tokens]:
+                for token in tokens[:max_tokens]:
                     answer.append(token)
                     if token in self.eos_token_ids:
                         break
                 answers.append(answer)
+                if steps is not None:
+                    on_logits(start + row, answer, steps[row, :len(answer)])
         return answers
 
     def memory_bytes(self) -> int:

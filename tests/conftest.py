@@ -50,6 +50,17 @@ def tiny_gguf(tiny_model, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_onnx(tiny_model, tmp_path_factory) -> Path:
+    """The tiny llama of `tiny_gguf` as our ONNX decoder graph in float32 (with tokenizer.gguf for grammars)."""
+    from converters.registry import ConvertOptions
+    from edgepack.convert.stage import convert
+
+    out = tmp_path_factory.mktemp("onnx-model")
+    convert(tiny_model("llama-bpe"), ["onnx-fp32"], out, ConvertOptions(show_progress=False))
+    return out / "onnx-fp32"
+
+
+@pytest.fixture(scope="session")
 def tiny_tools_gguf(tiny_model, tmp_path_factory) -> Path:
     """The tiny llama of `tiny_gguf` with a chat template that takes tools (synth_models.TOOLS_CHAT_TEMPLATE)."""
     from synth_models import TOOLS_CHAT_TEMPLATE, with_chat_template

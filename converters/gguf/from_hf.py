@@ -167,8 +167,9 @@ def write_general_metadata(writer: gguf.GGUFWriter, model: HFModelDir, outtype: 
 
 def convert_hf_to_gguf(model_path: Path, out_path: Path, *, outtype: str = "f16", force: bool = False,
                        allow_pickle: bool = False, extra_metadata: dict[str, str] | None = None,
-                       show_progress: bool = True) -> GGUFVocab:
-    """Write `out_path` (a GGUF of `outtype`) from a Hugging Face directory. Returns the vocabulary written."""
+                       show_progress: bool = True, vocab_only: bool = False) -> GGUFVocab:
+    """Write `out_path` (a GGUF of `outtype`) from a Hugging Face directory. Returns the vocabulary written.
+    `vocab_only`: the metadata and tokenizer without any tensor (what llama.cpp loads with vocab_only, ~2 MB)."""
     if outtype not in FLOAT_OUTPUT_TYPES:
         raise EdgepackError(f"unknown GGUF output type {outtype!r}; accepted: {', '.join(FLOAT_OUTPUT_TYPES)}")
     refuse_existing(out_path, force)
@@ -176,7 +177,7 @@ def convert_hf_to_gguf(model_path: Path, out_path: Path, *, outtype: str = "f16"
     arch = architecture_for_config(model.config)
     hp = read_hparams(model.config)
     vocab = read_vocab(model, hp.vocab_size)
-    planned = plan_tensors(model, arch, hp, outtype)
+    planned = [] if vocab_only else plan_tensors(model, arch, hp, outtype)
 
     with atomic_output_file(out_path) as tmp:
         writer = gguf.GGUFWriter(tmp, arch.name)
@@ -194,7 +195,8 @@ def convert_hf_to_gguf(model_path: Path, out_path: Path, *, outtype: str = "f16"
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        with progress_bar(f"{out_path.name}: writing tensors", len(planned), show_progress) as advance:
+        shown = show_progress and bool(planned)
+        with progress_bar(f"{out_path.name}: writing tensors", len(planned), shown) as advance:
             for item in planned:
                 _write_tensor_blocks(writer, item)
                 advance(1)

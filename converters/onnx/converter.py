@@ -21,6 +21,7 @@ from converters.logit_parity import check_logit_parity
 from converters.onnx.decoder_graph import CalibrationStats, TensorReport, write_decoder_graph
 from converters.onnx.decoder_spec import NotExpressible, decoder_spec
 from converters.onnx.export import export_onnx_fp32
+from converters.onnx.grammar_vocab import copy_grammar_vocab, write_grammar_vocab
 from converters.onnx.quantize import quantize_int4, quantize_int8
 from converters.onnx.recipes import RECIPE_VERSION, plan_uses_calibration, precision_plan
 from converters.registry import ConvertOptions
@@ -139,6 +140,7 @@ class OnnxConverter:
                 copy_model_side_files(model.path, tmp)
                 write_weights_report(tmp, precision_plan("onnx-fp32").describe(), tensors)
                 write_genai_config(tmp, model, spec)
+                write_grammar_vocab(model.path, tmp)
                 parity = check_logit_parity(tmp, model.path)
             say(f"onnx-fp32: logit parity ok (max |diff| {parity.max_abs_diff:.2e} over {parity.positions} "
                 f"positions, argmax agreement {parity.argmax_agreement:.0%})")
@@ -155,6 +157,7 @@ class OnnxConverter:
                     copy_model_side_files(model.path, tmp)
                     write_weights_report(tmp, plan.describe(), tensors)
                     write_genai_config(tmp, model, spec)
+                    copy_grammar_vocab(fp32, tmp)
                 variants.append(directory_variant(kind, out_dir / kind, f"{exporter}: {plan.describe()}"))
         return variants
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from converters.architectures import architecture_for_config
 from converters.hf_model import HFModelDir
 from converters.logit_parity import LogitParity, check_logit_parity
+from converters.onnx.grammar_vocab import write_grammar_vocab
 from edgepack.core.errors import UnsupportedModelError
 from edgepack.core.fileio import atomic_output_dir, refuse_existing
 
@@ -43,4 +44,5 @@ def export_onnx_fp32(model_path: Path, out_dir: Path, *, force: bool = False) ->
             logging.getLogger(name).setLevel(logging.ERROR)
         # optimum writes the weights as external data by itself once the model passes protobuf's 2 GB limit
         main_export(str(model_path), output=tmp, task=EXPORT_TASK, device="cpu", do_validation=False)
+        write_grammar_vocab(Path(model_path), tmp)  # the quantizers copy it with the other side files
         return check_logit_parity(tmp, Path(model_path))

@@ -13,6 +13,8 @@ MODEL_FILE = "model.onnx"
 WEIGHTS_REPORT = "weights.json"  # written by converters/onnx/converter.py
 GRAPH_KIND = "edgepack-decoder-gqa"  # our decode-optimized graph (converters/onnx/decoder_graph.py)
 GRAPH_METADATA_KEY = "edgepack.graph"  # the model metadata that names it, which the ONNX engine reads
+# the tokenizer as a vocabulary-only GGUF: llama.cpp's grammar sampler constrains the ONNX engine's output with it
+GRAMMAR_VOCAB_FILE = "tokenizer.gguf"
 
 
 @dataclass(frozen=True)

@@ -109,20 +109,22 @@ def reference_answers(runtime, model_fingerprint: str, tasks: Sequence[Task], co
                            f"the {context}-token context")
             continue
         asked.append((index, prompt_ids))
-    answer_ids = {}
+    made: dict[int, ReferenceAnswer] = {}
     for max_tokens in sorted({tasks[i].max_tokens for i, _ in asked}):  # one batch size of answer per group
         group = [(i, prompt) for i, prompt in asked if tasks[i].max_tokens == max_tokens]
-        for (i, _), ids in zip(group, runtime.greedy_batch([prompt for _, prompt in group], max_tokens), strict=True):
-            answer_ids[i] = ids
-    answers = []
-    for index, prompt_ids in asked:
-        task, ids = tasks[index], answer_ids[index]
-        text = answer_text(runtime, prompt_ids, ids)
-        positions = reference_positions(answer_logits(runtime, prompt_ids, ids), np.asarray(ids), top_k)
-        answers.append((index, ReferenceAnswer(task=task, prompt_ids=tuple(prompt_ids), answer_ids=tuple(ids),
-                                               text=text, correct=is_correct(text, task), positions=positions)))
-        if on_prompt is not None:
-            on_prompt()
+
+        def keep(row: int, ids: list[int], logits: np.ndarray, group=group) -> None:
+            # the distributions come from generation itself: no second pass over prompt and answer
+            index, prompt_ids = group[row]
+            task, text = tasks[index], answer_text(runtime, prompt_ids, ids)
+            made[index] = ReferenceAnswer(task=task, prompt_ids=tuple(prompt_ids), answer_ids=tuple(ids), text=text,
+                                          correct=is_correct(text, task),
+                                          positions=reference_positions(logits, np.asarray(ids), top_k))
+            if on_prompt is not None:
+                on_prompt()
+
+        runtime.greedy_batch([prompt for _, prompt in group], max_tokens, on_logits=keep)
+    answers = [(index, made[index]) for index, _ in asked]
     _store(path, answers, skipped)
     return ReferenceAnswers(tuple(a for _, a in answers), tuple(skipped))
 
@@ -156,25 +158,33 @@ def _load(path: Path, tasks: Sequence[Task]) -> ReferenceAnswers:
 
 def score_answers(runtime, answers: Sequence[ReferenceAnswer],
                   on_prompt: Callable[[], None] | None = None) -> list[AnswerScore]:
-    """Each reference answer teacher-forced through `runtime`; the diverging prompts answered by it anew."""
-    scores = []
+    """Each reference answer teacher-forced through `runtime`; then the diverging prompts answered by it anew, as
+    many at once as the engine batches."""
+    forced = []
     for answer in answers:
         logits = answer_logits(runtime, answer.prompt_ids, answer.answer_ids)
-        positions = score_positions(answer.positions, logits)
-        first = first_divergence(logits.argmax(axis=1), answer.answer_ids, runtime.eos_token_ids)
+        forced.append((score_positions(answer.positions, logits),
+                       first_divergence(logits.argmax(axis=1), answer.answer_ids, runtime.eos_token_ids)))
+        if on_prompt is not None:
+            on_prompt()
+    # generated from the prompt, as a user would get it (prefilling the agreed part of the answer in one batch
+    # instead of token by token can flip a near-tie); a prompt with nothing to check only needs to be known to differ
+    regenerate = [n for n, (answer, (_, first)) in enumerate(zip(answers, forced, strict=True))
+                  if first is not None and answer.task.checkable]
+    generated = runtime.complete_all([list(answers[n].prompt_ids) for n in regenerate],
+                                     [GenerationOptions(max_tokens=answers[n].task.max_tokens) for n in regenerate])
+    texts = {n: result.text for n, result in zip(regenerate, generated, strict=True)}
+    scores = []
+    for n, (answer, (positions, first)) in enumerate(zip(answers, forced, strict=True)):
         if first is None:
             text, correct = answer.text, answer.correct
-        elif answer.task.checkable:  # generated from the prompt, as a user would get it: prefilling the agreed
-            # part of the answer in one batch instead of token by token can flip a near-tie
-            text = runtime.complete(list(answer.prompt_ids), GenerationOptions(max_tokens=answer.task.max_tokens)).text
-            correct = is_correct(text, answer.task)
-        else:  # nothing to check: knowing that it differs is enough, so its answer is not generated
+        elif n in texts:
+            text, correct = texts[n], is_correct(texts[n], answer.task)
+        else:
             text, correct = None, None
         scores.append(AnswerScore(kld_sum=float(positions.kld.sum()), same_top1=int(positions.same_top1.sum()),
                                   tokens=len(answer.answer_ids), first_divergence=first, text=text, correct=correct,
                                   identical=first is None or text == answer.text))
-        if on_prompt is not None:
-            on_prompt()
     return scores
 
 

@@ -81,6 +81,8 @@ def _output_shape(model: ModelSession, request: ChatRequest | CompletionRequest,
                   tools: list[dict[str, Any]] | None) -> tuple[ToolFormat | None, str | None]:
     """How the model writes tool calls (None without tools), and the grammar its answer must follow (None: free):
     the response_format's, or a required tool call's."""
+    if request.response_format is not None and request.response_format.type != "text":
+        _refuse_unless_constrained(model, "response_format")
     grammar = response_format_grammar(request.response_format)
     fmt = None
     if tools:
@@ -95,11 +97,16 @@ def _output_shape(model: ModelSession, request: ChatRequest | CompletionRequest,
             raise ApiError(400, "response_format and a required tool call cannot both shape the answer; drop one",
                            param="response_format")
         grammar = grammar or tool_grammar
-    if grammar is not None and not model.runtime.constrains_output:
-        raise ApiError(400, f"the {model.runtime.name} engine cannot constrain its output (response_format, a "
-                            "required tool call); serve a GGUF variant (llama.cpp) for that",
-                       param="response_format" if request.response_format else "tool_choice")
+    if grammar is not None:
+        _refuse_unless_constrained(model, "response_format" if request.response_format else "tool_choice")
     return fmt, grammar
+
+
+def _refuse_unless_constrained(model: ModelSession, param: str) -> None:
+    runtime = model.runtime
+    if not runtime.constrains_output:
+        raise ApiError(400, f"the {runtime.name} engine cannot constrain its output (response_format, a required "
+                            f"tool call) here; {runtime.unconstrained_remedy}", param=param)
 
 
 def _logit_bias(model: ModelSession, request: ChatRequest | CompletionRequest) -> tuple[tuple[int, float], ...]:

@@ -1,6 +1,7 @@
-"""llama.cpp's batch scheduler: several generations in one decode, each isolated from the others, the prefix cache,
-chunked prompts that do not stall running streams, cancellation, seeds, and sampling in llama.cpp's chain checked
-against the Python sampler (an independent implementation of the same options)."""
+"""The batch schedulers of llama.cpp and of our ONNX graph: several generations in one decode, each isolated from the
+others, the prefix cache, chunked prompts that do not stall running streams, cancellation, seeds, grammars, and
+sampling in llama.cpp's chain checked against the Python sampler (an independent implementation of the same
+options)."""
 
 from __future__ import annotations
 
@@ -18,16 +19,22 @@ PROMPTS = ["The robot rolled", "A small boat", "Under the old bridge there", "Sh
 GREEDY = GenerationOptions(max_tokens=24, ignore_eos=True, logprobs=True)
 
 
+@pytest.fixture(scope="module", params=["llamacpp", "onnxrt"])
+def variant(request):
+    """The same tiny llama for each batching engine: a GGUF F32 and our ONNX graph in float32."""
+    return request.getfixturevalue("tiny_gguf" if request.param == "llamacpp" else "tiny_onnx")
+
+
 @pytest.fixture(scope="module")
-def batched(tiny_gguf):
-    runtime = open_runtime(tiny_gguf, LoadOptions(context_length=256, parallel=4))
+def batched(variant):
+    runtime = open_runtime(variant, LoadOptions(context_length=256, parallel=4))
     yield runtime
     runtime.close()
 
 
 @pytest.fixture(scope="module")
-def alone(tiny_gguf):
-    runtime = open_runtime(tiny_gguf, LoadOptions(context_length=256, parallel=1))
+def alone(variant):
+    runtime = open_runtime(variant, LoadOptions(context_length=256, parallel=1))
     yield runtime
     runtime.close()
 
@@ -80,8 +87,8 @@ def test_a_follow_up_reuses_the_cached_prefix_and_answers_the_same(batched, alon
     assert warm.token_ids == alone.complete(follow_up, GREEDY).token_ids
 
 
-def test_a_long_prompt_is_read_in_chunks_between_decode_steps(tiny_gguf):
-    runtime = open_runtime(tiny_gguf, LoadOptions(context_length=512, parallel=2))
+def test_a_long_prompt_is_read_in_chunks_between_decode_steps(variant):
+    runtime = open_runtime(variant, LoadOptions(context_length=512, parallel=2))
     try:
         scheduler = runtime.scheduler()
         scheduler.prefill_chunk = 32
@@ -148,6 +155,8 @@ def test_seeds_reproduce_and_differ(batched):
 def test_bias_and_penalties_in_llama_cpp_match_the_python_sampler(alone):
     """Greedy with a logit bias and OpenAI's frequency and presence penalties: llama.cpp's sampler chain picks the
     tokens that the Python sampler picks from the model's plain logits step by step."""
+    if alone.name != "llamacpp":
+        pytest.skip("the ONNX engine samples with the Python sampler itself")
     favoured = alone.tokenize(" sea", add_special=False)[0]
     options = GenerationOptions(max_tokens=20, ignore_eos=True, logit_bias=((favoured, 12.0),),
                                 frequency_penalty=1.5, presence_penalty=0.5)
@@ -212,3 +221,23 @@ def test_a_prefix_shared_with_a_running_sequence_is_copied_not_recomputed(batche
     thread.join(30)
     assert counters.reused_tokens - before == len(shared)
     assert answer.token_ids == alone.complete(second, GREEDY).token_ids
+
+
+def test_an_onnx_folder_without_its_grammar_vocabulary_refuses_grammars(tiny_onnx, tmp_path):
+    """tokenizer.gguf is what the ONNX engine's grammars work on: without it (a folder from before it was written),
+    a grammar is refused with a clear error instead of being ignored."""
+    import shutil
+
+    from edgepack.core.errors import EdgepackError
+    from edgepack.core.onnx_folder import GRAMMAR_VOCAB_FILE
+
+    folder = shutil.copytree(tiny_onnx, tmp_path / "onnx-fp32")
+    (folder / GRAMMAR_VOCAB_FILE).unlink()
+    runtime = open_runtime(folder, LoadOptions(context_length=64))
+    try:
+        assert not runtime.constrains_output
+        with pytest.raises(EdgepackError, match=r"cannot constrain output to a grammar.*no tokenizer\.gguf"):
+            runtime.complete("Answer in JSON:", GenerationOptions(max_tokens=8, grammar='root ::= "yes" | "no"'))
+        assert runtime.complete("Answer:", GenerationOptions(max_tokens=4, ignore_eos=True)).completion_tokens == 4
+    finally:
+        runtime.close()
