@@ -1,6 +1,7 @@
 """Predictions checked against measurements they were not fitted on, on this machine.
 
-    python -m benchmarks.profiler [--model DIR] [--runs 2] [--rounds 3] [--agreement] [--json]
+    python -m benchmarks.profiler [--model DIR] [--engine llamacpp|onnxrt] [--runs 2] [--rounds 3] [--agreement]
+                                  [--json]
 
 Fitted on: every GGUF and ONNX variant at 2 threads and a 1024-token context, plus per engine its largest and
 smallest variants (gguf-f16 and gguf-q4_k_m, onnx-fp32 and onnx-int4) at 1 thread (the share of the read bandwidth
@@ -25,6 +26,7 @@ from pathlib import Path
 KINDS = ("gguf-f16", "gguf-q8_0", "gguf-q4_k_m", "onnx-fp32", "onnx-int8", "onnx-int4")
 CALIBRATE_ON = {"llamacpp": "gguf-f16", "onnxrt": "onnx-fp32"}  # the largest of each engine
 SMALLEST = {"llamacpp": "gguf-q4_k_m", "onnxrt": "onnx-int4"}
+ENGINE_PREFIX = {"llamacpp": "gguf-", "onnxrt": "onnx-"}
 FIT_THREADS, FIT_CONTEXT, SECOND_CONTEXT = 2, 1024, 256
 HELD_OUT = [(threads, context) for threads in (1, 2) for context in (512, 4096)]
 
@@ -74,6 +76,7 @@ def agreement(paths: dict[str, Path], options, args, console) -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path)
+    parser.add_argument("--engine", choices=sorted(CALIBRATE_ON), help="only this engine's variants (half the time)")
     parser.add_argument("--runs", type=int, default=2, help="measured runs per process, after a warm-up")
     parser.add_argument("--rounds", type=int, default=3, help="processes per configuration, in rounds")
     parser.add_argument("--prompt-tokens", type=int, default=128)
@@ -101,15 +104,17 @@ def main(argv: list[str] | None = None) -> None:
     model = args.model or resolve_model(None)
     root = cache_root() / "bench" / model.name
     ensure_variants(model, root)
-    paths = {kind: variant_path(root, model, kind) for kind in KINDS}
+    kinds = [kind for kind in KINDS if args.engine is None or kind.startswith(ENGINE_PREFIX[args.engine])]
+    engines = [engine for engine in CALIBRATE_ON if args.engine in (None, engine)]
+    paths = {kind: variant_path(root, model, kind) for kind in kinds}
     shapes = {kind: model_shape(path) for kind, path in paths.items()}
     base = ProfileOptions(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, runs=args.runs,
                           show_progress=False)
 
-    fit_configs = [(kind, FIT_THREADS, FIT_CONTEXT) for kind in KINDS]
-    fit_configs += [(kind, 1, FIT_CONTEXT) for kind in (*CALIBRATE_ON.values(), *SMALLEST.values())]
-    fit_configs += [(kind, FIT_THREADS, SECOND_CONTEXT) for kind in CALIBRATE_ON.values()]
-    held_configs = [(kind, threads, context) for kind in KINDS for threads, context in HELD_OUT]
+    fit_configs = [(kind, FIT_THREADS, FIT_CONTEXT) for kind in kinds]
+    fit_configs += [(kind, 1, FIT_CONTEXT) for engine in engines for kind in (CALIBRATE_ON[engine], SMALLEST[engine])]
+    fit_configs += [(CALIBRATE_ON[engine], FIT_THREADS, SECOND_CONTEXT) for engine in engines]
+    held_configs = [(kind, threads, context) for kind in kinds for threads, context in HELD_OUT]
     # every configuration once per round, in rounds: a drift of the machine's speed over the run (seen here: +20%
     # for the same configuration twenty minutes later) then hits the fitted and the held-out figures alike
     results: dict[tuple[str, int, int], list] = {}
@@ -133,11 +138,11 @@ def main(argv: list[str] | None = None) -> None:
         return replace(middle, model_rss_mib=statistics.median(m.model_rss_mib for m in runs))
 
     bandwidth = {threads: statistics.median(values) for threads, values in bandwidth_rounds.items()}
-    fitted = {kind: median_of((kind, FIT_THREADS, FIT_CONTEXT)) for kind in KINDS}
-    extra = [median_of(config) for config in fit_configs[len(KINDS):]]
-    fits = {engine: fit_engine(engine, [*fitted.values(), *extra], shapes, bandwidth) for engine in CALIBRATE_ON}
+    fitted = {kind: median_of((kind, FIT_THREADS, FIT_CONTEXT)) for kind in kinds}
+    extra = [median_of(config) for config in fit_configs[len(kinds):]]
+    fits = {engine: fit_engine(engine, [*fitted.values(), *extra], shapes, bandwidth) for engine in engines}
     rows = []
-    for kind in KINDS:
+    for kind in kinds:
         m = fitted[kind]
         fit = fits[m.engine]
         for threads, context in HELD_OUT:
@@ -175,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {"bandwidth_gbps": bandwidth, "fits": {e: f.basis for e, f in fits.items()},
               "fit_measurements": [dataclass_dict(m) for m in [*fitted.values(), *extra]], "held_out": rows,
               "worst_decode_error": worst_decode, "worst_memory_error": worst_memory}
-    if args.agreement:
+    if args.agreement and "llamacpp" in engines:
         result["agreement"] = agreement(paths, replace(base, threads=FIT_THREADS), args, console)
         for row in result["agreement"]:
             console.print(f"{row['variant']}: profiler {row['profiler_decode_tps']:.1f} t/s, llama-cpp-python "
