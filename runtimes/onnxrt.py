@@ -6,10 +6,14 @@ one reused buffer. The KV cache depends on the graph:
 - our decode-optimized graph (converters/onnx/decoder_graph.py): one buffer per layer and part, sized for the
   whole context, bound as both past and present, so GroupQueryAttention writes each new position in place;
 - optimum's export: the present KV comes back as new OrtValues each step and is bound as the next step's past.
+On our graph, generations go through the batch scheduler (runtimes/onnx_batch.py), several at once; optimum's
+export generates one at a time with the loop in runtimes/base.py. Output grammars (response_format, forced tool
+calls) use llama.cpp's grammar sampler over the folder's tokenizer.gguf.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import threading
 from collections.abc import Iterator, Sequence
@@ -118,8 +122,6 @@ class OnnxRuntime(HFTokenizerText, Runtime):
         self.eos_token_ids = end_of_generation_ids(generation, config, self.tokenizer)
         # output grammars are llama.cpp's grammar sampler over the tokenizer as llama.cpp reads it, which the
         # converter writes beside the model
-        import importlib.util
-
         if not (self.path / GRAMMAR_VOCAB_FILE).is_file():
             self.unconstrained_remedy = (f"this ONNX variant has no {GRAMMAR_VOCAB_FILE} (made before edgepack wrote "
                                          "one, or for a tokenizer llama.cpp does not read): convert it again, or "

@@ -30,6 +30,11 @@ KV_BYTES = {"llamacpp": 2, "onnxrt": 4, "torch": 4}  # f16 KV cache in llama.cpp
 # llama.cpp allocates the KV cache for the whole context when it loads, in cells padded to 256; ONNX Runtime and
 # torch grow theirs with the tokens held
 PREALLOCATES_KV = {"llamacpp": True, "onnxrt": False, "torch": False}
+# llama.cpp's compute buffers grow with the context it allocates; ONNX Runtime's working memory follows the tokens of
+# each forward pass (and our graph's KV buffers, allocated at the context length, are resident only as written), so
+# for it no growth is fitted: a difference between two contexts would be noise (measured on the demo's three ONNX
+# kinds, 512 -> 4096 tokens of context moved resident memory by -9 to +1 MiB)
+BUFFERS_GROW_WITH_CONTEXT = {"llamacpp": True, "onnxrt": False, "torch": False}
 LLAMACPP_KV_PAD = 256
 LLAMACPP_UBATCH = 512  # llama.cpp's default micro-batch: a sliding-window layer keeps window + ubatch cells
 # targets whose bundle serves on a GPU (a Jetson's bundle compiles llama.cpp with CUDA on the device)
@@ -209,7 +214,9 @@ def fit_engine(engine: str, fit_points: list[Measurement], shapes: dict[str, Mod
     share, parallel, how = _fit_decode(by_variant, shapes, bandwidth_gbps)
     slope, slope_how = 0.0, "compute buffers taken as fixed (no two contexts measured)"
     context_pair = _context_pair(by_variant)
-    if context_pair is not None:
+    if not BUFFERS_GROW_WITH_CONTEXT.get(engine, True):
+        slope_how = "working memory independent of the context (it follows the tokens of each forward pass)"
+    elif context_pair is not None:
         low, high = context_pair
         shape = shapes[low.name]
         grow = (high.model_rss_mib - low.model_rss_mib) * 2**20 - (kv_held(high, shape) - kv_held(low, shape))

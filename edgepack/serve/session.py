@@ -1,8 +1,8 @@
 """A model loaded for serving: a verified bundle, or a variant path directly.
 
 The server (edgepack.serve.app) runs on a ModelSession; `edgepack.load` returns the richer LocalModel
-(edgepack.serve.model). A llama.cpp engine generates for several callers at once (runtimes.llamacpp_batch);
-any other runs one generation at a time, and callers wait on a lock.
+(edgepack.serve.model). llama.cpp and our ONNX graph generate for several callers at once (runtimes.batching);
+any other engine runs one generation at a time, and callers wait on a lock.
 """
 
 from __future__ import annotations
