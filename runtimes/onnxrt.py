@@ -267,13 +267,14 @@ class OnnxRuntime(HFTokenizerText, Runtime):
     def output_grammar(self, grammar: str | None):
         if grammar is None or not self.constrains_output:
             return super().output_grammar(grammar)
+        # llama-cpp-python is optional here (an ONNX bundle's wheelhouse leaves it out): imported only for grammars
         import llama_cpp
 
-        from runtimes.llamacpp import open_gguf
+        from runtimes.llamacpp_amx import load_llama
         from runtimes.llamacpp_sampling import OutputGrammar
 
         if self._grammar_vocab is None:
-            self._grammar_vocab = open_gguf(self.path / GRAMMAR_VOCAB_FILE, vocab_only=True)
+            self._grammar_vocab = load_llama(self.path / GRAMMAR_VOCAB_FILE, vocab_only=True, verbose=False)
         return OutputGrammar(llama_cpp.llama_model_get_vocab(self._grammar_vocab.model), grammar)
 
     def memory_bytes(self) -> int:

@@ -25,6 +25,10 @@ SERVE_PACKAGES = ("click", "rich", "psutil", "numpy", "fastapi", "uvicorn", "htt
                   "tomli")
 ENGINE_PACKAGES = {"llamacpp": ("llama-cpp-python", "gguf"),  # gguf: the engine reads GGUF metadata
                    "onnxrt": ("onnxruntime", "transformers", "tokenizers")}
+# modules an engine imports only for a feature that, without them, is refused with what to install: the ONNX engine's
+# output grammars use llama.cpp's grammar sampler, and its wheelhouse leaves llama-cpp-python out (it would compile on
+# the device), so an ONNX bundle installed offline serves without response_format until it is installed
+OPTIONAL_ENGINE_MODULES = {"onnxrt": ("llama_cpp",)}
 # scikit-build-core looks for these on the device and asks for them as build requirements when absent
 NATIVE_BUILD_TOOLS = ("cmake>=3.21", "ninja")
 MAX_MANYLINUX_MINOR = 35  # glibc of Ubuntu 22.04 (JetPack 6)

@@ -218,12 +218,12 @@ def tool_call_grammar(tools: Sequence[dict[str, Any]], tool_choice: Any, fmt: To
                       parallel: bool = True) -> str | None:
     """A llama.cpp grammar that makes the answer a call (one or more, with `parallel`) of the tools allowed, its
     arguments valid against the function's JSON Schema; None when the model may answer freely (`auto`, `none`)."""
+    if tool_choice in (None, "auto", "none"):
+        return None
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     from edgepack.serve.structured import narrow_json_strings
 
-    if tool_choice in (None, "auto", "none"):
-        return None
     names = [tool["function"]["name"] for tool in tools]
     if tool_choice == "required":
         chosen = list(tools)

@@ -241,3 +241,22 @@ def test_an_onnx_folder_without_its_grammar_vocabulary_refuses_grammars(tiny_onn
         assert runtime.complete("Answer:", GenerationOptions(max_tokens=4, ignore_eos=True)).completion_tokens == 4
     finally:
         runtime.close()
+
+
+def test_without_llama_cpp_python_the_onnx_engine_says_what_to_install_for_grammars(tiny_onnx, monkeypatch):
+    """An ONNX bundle installed from its offline wheelhouse has no llama-cpp-python: grammars are then refused with
+    what to install, and everything else works."""
+    import importlib.util
+
+    from edgepack.core.errors import EdgepackError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+    runtime = open_runtime(tiny_onnx, LoadOptions(context_length=64))
+    try:
+        assert not runtime.constrains_output
+        with pytest.raises(EdgepackError, match="install llama-cpp-python"):
+            runtime.complete("Answer:", GenerationOptions(max_tokens=8, grammar='root ::= "yes" | "no"'))
+        assert runtime.complete("Answer:", GenerationOptions(max_tokens=4, ignore_eos=True)).completion_tokens == 4
+    finally:
+        runtime.close()
