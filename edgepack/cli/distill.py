@@ -52,6 +52,8 @@ from edgepack.cli.rendering import print_json, stdout_console
 @click.option("--max-answer-tokens", type=int, default=192, show_default=True)
 @click.option("--lora", "lora_rank", type=int, default=None, help="Train low-rank adapters of this rank (merged at "
               "the end) instead of every weight.")
+@click.option("--qlora", is_flag=True, help="Train the --lora adapters on a 4-bit (NF4) copy of the weights "
+              "(bitsandbytes: pip install 'edgepack[qlora]'); they are merged into the full-precision weights.")
 @click.option("--gradient-checkpointing", is_flag=True)
 @click.option("--precision", type=click.Choice(["auto", "no", "bf16", "fp16"]), default="auto", show_default=True,
               help="auto: bf16 on a CUDA GPU that has it, else float32; bf16 on a CPU with AMX is ~1.4x faster.")
@@ -66,7 +68,7 @@ from edgepack.cli.rendering import print_json, stdout_console
 def distill(teacher, teacher_url, teacher_model, teacher_key_env, student, from_teacher, keep_layers, data, prompts,
             mode, temperature, alpha, loss_kind, jsd_beta, top_k, max_steps, epochs, seq_len, lr, batch_size,
             grad_accum, eval_every, save_every, eval_text, eval_windows, behaviour, samples, sample_temperature,
-            max_answer_tokens, lora_rank, gradient_checkpointing, precision, device, threads, seed, out, resume,
+            max_answer_tokens, lora_rank, qlora, gradient_checkpointing, precision, device, threads, seed, out, resume,
             force, keep_checkpoints, as_json) -> None:
     """Distil a student from a teacher: logit (token-level) or sequence-level knowledge distillation.
 
@@ -93,7 +95,7 @@ def distill(teacher, teacher_url, teacher_model, teacher_key_env, student, from_
         lr=lr, batch_size=batch_size, grad_accum=grad_accum, eval_every=eval_every, save_every=save_every,
         eval_text=eval_text, eval_windows=eval_windows, behaviour=behaviour, samples=samples,
         sample_temperature=sample_temperature, max_answer_tokens=max_answer_tokens, lora_rank=lora_rank,
-        gradient_checkpointing=gradient_checkpointing, precision=precision, device=device, threads=threads,
+        qlora=qlora, gradient_checkpointing=gradient_checkpointing, precision=precision, device=device, threads=threads,
         seed=seed, resume=resume, force=force, keep_checkpoints=keep_checkpoints, show_progress=not as_json))
     if not result.main_process:
         return  # under `accelerate launch`, the main process reports

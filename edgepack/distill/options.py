@@ -40,6 +40,7 @@ class DistillOptions:
     sample_temperature: float = 0.0
     max_answer_tokens: int = 192
     lora_rank: int | None = None
+    qlora: bool = False  # the adapters train on a 4-bit (NF4) copy of the weights (edgepack/distill/qlora.py)
     gradient_checkpointing: bool = False
     precision: str = "auto"  # auto: bf16 on a CUDA device that has it, else float32
     device: str = "auto"  # auto: cuda when torch sees one, else cpu

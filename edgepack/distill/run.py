@@ -188,20 +188,32 @@ def distill(options: DistillOptions) -> DistillResult:
         teacher.model.to("cpu")  # the targets are on disk: free the GPU for training
     before = asdict(measure_student(model.to(accelerator.device), held_out, accelerator.device)) \
         if held_out is not None else {}
+    if options.qlora:  # measured before in full precision; trained on a 4-bit copy
+        from edgepack.distill.qlora import four_bit_linears, load_4bit_student
+
+        del model
+        model = load_4bit_student(start_dir, device, precision)
+        base_weights = f"NF4 (bitsandbytes), {four_bit_linears(model)} linear layers"
+    else:
+        base_weights = "float32"
     steps = total_steps(len(sequences), options.batch_size, accelerator.num_processes, options.grad_accum,
                         options.max_steps, options.epochs)
     train_settings = TrainSettings(max_steps=steps, batch_size=options.batch_size, grad_accum=options.grad_accum,
                                    lr=options.lr, eval_every=options.eval_every, save_every=options.save_every,
                                    seed=options.seed, mixed_precision=precision,
                                    gradient_checkpointing=options.gradient_checkpointing,
-                                   lora_rank=options.lora_rank)
+                                   lora_rank=options.lora_rank, qlora=options.qlora)
     pad_id = student_tokenizer.pad_token_id if student_tokenizer.pad_token_id is not None else \
         (student_tokenizer.eos_token_id or 0)
     say(f"training {parameters:,} parameters for {steps} steps on {len(sequences)} sequences "
         f"({sum(s.scored_count for s in sequences):,} scored tokens), {device}, precision {precision}")
     model, state, full_state = train(model, sequences, targets, options.loss, train_settings, work, pad_id,
                                      accelerator, options.resume, evaluate, options.show_progress)
-    if options.lora_rank:
+    if options.qlora:
+        from edgepack.distill.qlora import merge_into_full_precision
+
+        model, full_state = merge_into_full_precision(model, start_dir).to(accelerator.device), None
+    elif options.lora_rank:
         model, full_state = model.merge_and_unload(), None
     after = asdict(measure_student(model, held_out, accelerator.device)) if held_out is not None else {}
     record = {
@@ -223,7 +235,9 @@ def distill(options: DistillOptions) -> DistillResult:
                      "alpha": options.loss.alpha, "jsd_beta": options.loss.jsd_beta, "top_k": options.top_k,
                      "seq_len": options.seq_len, "lr": options.lr, "batch_size": options.batch_size,
                      "grad_accum": options.grad_accum, "processes": accelerator.num_processes,
-                     "lora_rank": options.lora_rank, "precision": precision, "seed": options.seed,
+                     "lora_rank": options.lora_rank, "qlora": options.qlora, "base_weights": base_weights,
+                     "precision": precision,
+                     "seed": options.seed,
                      "samples": options.samples, "sample_temperature": options.sample_temperature},
         "device": device,
         "steps": state.step, "train_seconds": round(state.seconds, 1), "tokens_trained": state.tokens,
@@ -277,6 +291,8 @@ def _check_options(options: DistillOptions) -> None:
         raise EdgepackError("give --max-steps or --epochs, not both")
     if options.lora_rank is not None and options.lora_rank < 1:
         raise EdgepackError(f"--lora must be a rank of at least 1, got {options.lora_rank}")
+    if options.qlora and not options.lora_rank:
+        raise EdgepackError("--qlora trains low-rank adapters on a 4-bit base: give their rank with --lora R too")
 
 
 def _require_extras(options: DistillOptions) -> None:
@@ -289,6 +305,8 @@ def _require_extras(options: DistillOptions) -> None:
     if missing:
         raise EdgepackError(f"edgepack distill needs {', '.join(missing)} for this run: "
                             "pip install 'edgepack[distill]'")
+    if options.qlora and importlib.util.find_spec("bitsandbytes") is None:
+        raise EdgepackError("--qlora needs bitsandbytes (its 4-bit weights): pip install 'edgepack[qlora]'")
 
 
 def _device(asked: str) -> str:

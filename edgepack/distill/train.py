@@ -47,6 +47,7 @@ class TrainSettings:
     mixed_precision: str = "no"  # "no", "bf16" or "fp16" (accelerate's names)
     gradient_checkpointing: bool = False
     lora_rank: int | None = None
+    qlora: bool = False  # the model is a 4-bit base (edgepack/distill/qlora.py)
 
 
 @dataclass
@@ -117,6 +118,10 @@ def prepare_model(model, settings: TrainSettings):
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
+    if settings.qlora:  # gradients into the float32 layers' inputs, norms in float32 (peft's k-bit preparation)
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing)
     if settings.lora_rank:
         from peft import LoraConfig, get_peft_model
 
@@ -142,7 +147,9 @@ def train(model, sequences: list[TrainingSequence], targets: list[SparseTargets]
     state = TrainState()
     checkpoint = latest_checkpoint(work_dir) if resume else None
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
+        # a 4-bit base is quantized again from the student's folder, the same each time: what a QLoRA checkpoint
+        # must bring back is the adapters (bitsandbytes' saved quantization states have no place in a fresh model)
+        accelerator.load_state(str(checkpoint), **({"strict": False} if settings.qlora else {}))
         state = read_state(checkpoint)
         state.resumed_from.append(state.step)
         if state.step > settings.max_steps:

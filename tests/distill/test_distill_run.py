@@ -202,3 +202,38 @@ def test_a_distilled_student_goes_through_build_and_its_bundle_says_how_it_was_m
     report = (bundle / "report.md").read_text()
     assert f"- Distilled by edgepack from {teacher.name} (logits mode, 2 steps" in report
     assert f"{record['after']['kld_mean']:.4f} after" in report
+
+
+def test_qlora_trains_adapters_on_a_4bit_base_and_merges_them_into_the_full_precision_weights(teacher, files, tmp_path):
+    """--qlora: the adapters learn against NF4 weights, and the student written is the float32 start plus the merged
+    adapters: every linear weight moved by a matrix of rank at most --lora (linear algebra, not our code, says so),
+    nothing else moved, and the student is closer to the teacher than where it started."""
+    pytest.importorskip("bitsandbytes")
+    import torch
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "EDGEPACK_CACHE": str(tmp_path / "cache")}
+    done = run_edgepack(distill_args(teacher, files, tmp_path / "q", "--max-steps", "12", "--eval-every", "12",
+                                     "--alpha", "1", "--lr", "5e-3", "--lora", "2", "--qlora", "--keep-checkpoints",
+                                     "--json"), env, check=True)
+    record = json.loads(done.stdout)
+    assert record["settings"]["qlora"] is True and record["settings"]["lora_rank"] == 2
+    # 2 kept layers x 7 projections (q, k, v, o, gate, up, down) in 4 bits; the output head stays float32
+    assert record["settings"]["base_weights"] == "NF4 (bitsandbytes), 14 linear layers"
+    assert record["after"]["kld_mean"] < record["before"]["kld_mean"]
+    # the pruned start the adapters were trained from (its weights as the student began)
+    start = load_file(str(tmp_path / "q" / ".work" / "initial-student" / "model.safetensors"))
+    merged = load_file(str(tmp_path / "q" / "model.safetensors"))
+    assert set(merged) == set(start)
+    moved = {name for name in merged if not torch.equal(merged[name], start[name])}
+    assert moved and all(name.endswith("proj.weight") for name in moved), sorted(moved)
+    for name in moved:
+        delta = (merged[name].double() - start[name].double())
+        assert torch.linalg.matrix_rank(delta, rtol=1e-6).item() <= 2, name
+
+
+def test_qlora_needs_a_lora_rank(teacher, files, tmp_path):
+    done = run_edgepack(distill_args(teacher, files, tmp_path / "q", "--max-steps", "2", "--qlora"),
+                        {**os.environ, "EDGEPACK_CACHE": str(tmp_path / "cache")})
+    assert done.returncode != 0 and "--qlora trains low-rank adapters on a 4-bit base" in done.stderr
+    assert not (tmp_path / "q").exists()
