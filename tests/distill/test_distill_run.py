@@ -233,7 +233,12 @@ def test_qlora_trains_adapters_on_a_4bit_base_and_merges_them_into_the_full_prec
 
 
 def test_qlora_needs_a_lora_rank(teacher, files, tmp_path):
-    done = run_edgepack(distill_args(teacher, files, tmp_path / "q", "--max-steps", "2", "--qlora"),
-                        {**os.environ, "EDGEPACK_CACHE": str(tmp_path / "cache")})
-    assert done.returncode != 0 and "--qlora trains low-rank adapters on a 4-bit base" in done.stderr
+    from edgepack.core.errors import EdgepackError
+    from edgepack.distill.options import DistillOptions
+    from edgepack.distill.run import distill
+
+    options = DistillOptions(out=tmp_path / "q", teacher=teacher, keep_layers="2", data=(files["train"],),
+                             max_steps=2, qlora=True)
+    with pytest.raises(EdgepackError, match="--qlora trains low-rank adapters on a 4-bit base"):
+        distill(options)
     assert not (tmp_path / "q").exists()
