@@ -213,7 +213,7 @@ def test_qlora_trains_adapters_on_a_4bit_base_and_merges_them_into_the_full_prec
     from safetensors.torch import load_file
 
     env = {**os.environ, "EDGEPACK_CACHE": str(tmp_path / "cache")}
-    done = run_edgepack(distill_args(teacher, files, tmp_path / "q", "--max-steps", "12", "--eval-every", "12",
+    done = run_edgepack(distill_args(teacher, files, tmp_path / "q", "--max-steps", "8", "--eval-every", "8",
                                      "--alpha", "1", "--lr", "5e-3", "--lora", "2", "--qlora", "--keep-checkpoints",
                                      "--json"), env, check=True)
     record = json.loads(done.stdout)
