@@ -17,11 +17,8 @@ from edgepack.core.errors import EdgepackError
 
 
 def load_4bit_student(start_dir: Path, device: str, precision: str):
-    """The student with its linear layers in NF4 (embeddings, norms and the output head stay in float32)."""
-    import importlib.util
-
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise EdgepackError("--qlora needs bitsandbytes: pip install 'edgepack[qlora]'")
+    """The student with its linear layers in NF4 (embeddings, norms and the output head stay in float32); that
+    bitsandbytes is installed was checked with the run's other extras (run._require_extras)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
