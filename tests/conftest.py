@@ -36,6 +36,18 @@ def stories_dir() -> Path:
     return STORIES_DIR
 
 
+@pytest.fixture(scope="session")
+def stories_variants(stories_dir, tmp_path_factory):
+    """stories260K converted once per test session, {kind: Variant}, with the logit check on: the GGUF kinds and
+    the ONNX ones (optimum-onnx's export: its head size of 8 is not our graph's). Tests read these files and
+    write nothing beside them."""
+    from converters.registry import ConvertOptions
+    from edgepack.convert.stage import convert
+
+    kinds = ["gguf-f32", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m", "onnx-fp32", "onnx-int8"]
+    made = convert(stories_dir, kinds, tmp_path_factory.mktemp("stories"),
+                   ConvertOptions(check_logits=True, show_progress=False))
+    return {variant.kind: variant for variant in made}
 
 
 @pytest.fixture(scope="session")

@@ -116,10 +116,9 @@ def test_demo_student_converts_to_the_three_variants(demo_conversion):
     assert "<|im_end|>" not in report["text"]
 
 
-def test_run_on_gguf_and_onnx(stories_dir, tmp_path):
-    result = edgepack("convert", str(stories_dir), "--to", "gguf-q8_0,onnx-int8", "--out", str(tmp_path))
-    assert result.returncode == 0, result.stderr
-    for variant, engine in ((tmp_path / "gguf-q8_0.gguf", "llamacpp"), (tmp_path / "onnx-int8", "onnxrt")):
+def test_run_on_gguf_and_onnx(stories_variants):
+    for variant, engine in ((stories_variants["gguf-q8_0"].path, "llamacpp"),
+                            (stories_variants["onnx-int8"].path, "onnxrt")):
         run = edgepack("run", str(variant), "Once upon a time", "--max-tokens", "30", "--json")
         assert run.returncode == 0, run.stderr
         report = json.loads(run.stdout)

@@ -10,15 +10,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from converters.registry import ConvertOptions
-from edgepack.convert.stage import convert
 from edgepack.core.errors import EdgepackError
 from edgepack.quality import reference as reference_module
 from edgepack.quality.evaluate import EvalOptions, evaluate
 from edgepack.quality.gate import Gate
 from edgepack.quality.tasks import builtin_tasks, is_correct, load_tasks
 
-QUIET = ConvertOptions(show_progress=False)
 SHORT_TEXT = ("The lighthouse keeper counted the ships every evening. On Tuesday there were 12 fishing boats, "
               "3 ferries and one old sailing yacht. Shopping list: bread, flour, eggs and honey. ") * 6
 
@@ -97,8 +94,8 @@ def test_tasks_file_parsing_and_matching(tmp_path):
             load_tasks(bad)
 
 
-def test_task_accuracy_on_stories(stories_dir, tmp_path):
-    (f32,) = convert(stories_dir, ["gguf-f32"], tmp_path, QUIET)
+def test_task_accuracy_on_stories(stories_dir, stories_variants, tmp_path):
+    f32 = stories_variants["gguf-f32"]
     tasks_file = tmp_path / "tasks.jsonl"
     tasks_file.write_text("\n".join([
         json.dumps({"prompt": "Once upon a time, there was a little girl named", "expected": "Lily",
@@ -112,8 +109,8 @@ def test_task_accuracy_on_stories(stories_dir, tmp_path):
     assert report.variants[0].task_accuracy == 0.5 and report.variants[0].passed
 
 
-def test_stories_full_precision_kld_is_zero(stories_dir, tmp_path):
-    made = convert(stories_dir, ["gguf-f32", "onnx-fp32", "onnx-int8"], tmp_path, QUIET)
+def test_stories_full_precision_kld_is_zero(stories_dir, stories_variants):
+    made = [stories_variants[kind] for kind in ("gguf-f32", "onnx-fp32", "onnx-int8")]
     report = evaluate(stories_dir, [v.path for v in made], EvalOptions(window=256, show_progress=False))
     by_name = {v.name: v for v in report.variants}
     assert by_name["gguf-f32"].kld_mean <= 1e-4 and by_name["onnx-fp32"].kld_mean <= 1e-4
@@ -122,14 +119,13 @@ def test_stories_full_precision_kld_is_zero(stories_dir, tmp_path):
     assert by_name["onnx-int8"].kld_mean > by_name["onnx-fp32"].kld_mean
 
 
-def test_eval_cli_json_and_exit_codes(stories_dir, tmp_path):
-    convert(stories_dir, ["gguf-f32"], tmp_path, QUIET)
+def test_eval_cli_json_and_exit_codes(stories_dir, stories_variants, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text(SHORT_TEXT)
 
     def run(*extra):
         return subprocess.run([sys.executable, "-m", "edgepack", "eval", str(stories_dir),
-                               str(tmp_path / "gguf-f32.gguf"), "--eval-text", str(text), "--context", "128",
+                               str(stories_variants["gguf-f32"].path), "--eval-text", str(text), "--context", "128",
                                *extra], capture_output=True, text=True, timeout=600)
 
     ok = run("--json")

@@ -176,11 +176,9 @@ def test_unsupported_device_is_refused(variants):
 
 
 @pytest.fixture(scope="module")
-def stories_runtimes(stories_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("stories-runtimes")
-    convert(stories_dir, ["gguf-f32", "onnx-fp32", "onnx-int8"], out, QUIET)
-    paths = {"torch": stories_dir, "onnxrt": out / "onnx-fp32", "llamacpp": out / "gguf-f32.gguf",
-             "onnx-int8": out / "onnx-int8"}
+def stories_runtimes(stories_dir, stories_variants):
+    paths = {"torch": stories_dir, "onnxrt": stories_variants["onnx-fp32"].path,
+             "llamacpp": stories_variants["gguf-f32"].path, "onnx-int8": stories_variants["onnx-int8"].path}
     opened = {name: open_runtime(path, LoadOptions(context_length=512)) for name, path in paths.items()}
     yield opened
     for runtime in opened.values():
