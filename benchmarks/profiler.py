@@ -3,12 +3,14 @@
     python -m benchmarks.profiler [--model DIR] [--engine llamacpp|onnxrt] [--runs 2] [--rounds 3] [--agreement]
                                   [--json]
 
-Fitted on: every GGUF and ONNX variant at 2 threads and a 1024-token context, plus per engine its largest and
-smallest variants (gguf-f16 and gguf-q4_k_m, onnx-fp32 and onnx-int4) at 1 thread (the share of the read bandwidth
-decode reaches, and how compute scales with threads) and the largest at a 256-token context (the compute buffers'
-growth with the context). Held out: every variant at 1 and 2 threads and contexts 512 and 4096, each measured in its
-own process and predicted from its fitted measurement alone (gguf-q8_0 and onnx-int8 at 1 thread are also held out
-in their thread count). Every configuration is measured once per round, in three rounds, and its median taken.
+Fitted as `edgepack build` fits for a target it is not on (edgepack/measure/on_target.py's fit_engines): every GGUF
+and ONNX variant at 2 threads and a 1024-token context, each in its own process (the measurement a prediction starts
+from); per engine its largest and smallest variants (gguf-f16 and gguf-q4_k_m, onnx-fp32 and onnx-int4) at 2 and 1
+threads in one process, their runs alternated (how decode scales with threads: the share of the read bandwidth decode
+reaches, and how compute scales); and the largest at a 256-token context (the compute buffers' growth with the
+context). Held out: every variant at 1 and 2 threads and contexts 512 and 4096, each measured in its own process and
+predicted from its 2-thread measurement alone (gguf-q8_0 and onnx-int8 at 1 thread are also held out in their thread
+count). Every configuration is measured once per round, and its median over the rounds taken.
 The table gives each held-out figure's error; `edgepack build` states errors measured the same way beside its
 predictions.
 """
@@ -28,6 +30,7 @@ CALIBRATE_ON = {"llamacpp": "gguf-f16", "onnxrt": "onnx-fp32"}  # the largest of
 SMALLEST = {"llamacpp": "gguf-q4_k_m", "onnxrt": "onnx-int4"}
 ENGINE_PREFIX = {"llamacpp": "gguf-", "onnxrt": "onnx-"}
 FIT_THREADS, FIT_CONTEXT, SECOND_CONTEXT = 2, 1024, 256
+PAIRED = 0  # in a configuration: at FIT_THREADS and at 1 thread in one process, the runs alternated
 HELD_OUT = [(threads, context) for threads in (1, 2) for context in (512, 4096)]
 
 
@@ -96,8 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     from benchmarks.runtimes import ensure_variants, variant_path
     from edgepack.core.cache import cache_root
     from edgepack.measure.bandwidth import measure_bandwidth_gbps
-    from edgepack.measure.predict import fit_engine, model_shape, predict_decode_tps, predict_memory_bytes
-    from edgepack.measure.profiler import ProfileOptions, measure_variant
+    from edgepack.measure.on_target import FitRun, fit_engines
+    from edgepack.measure.predict import model_shape, predict_decode_tps, predict_memory_bytes
+    from edgepack.measure.profiler import ProfileOptions, measure_thread_pair, measure_variant
     from edgepack.student.demo import resolve_model
 
     console = Console(stderr=True, soft_wrap=True, width=160)
@@ -112,13 +116,14 @@ def main(argv: list[str] | None = None) -> None:
                           show_progress=False)
 
     fit_configs = [(kind, FIT_THREADS, FIT_CONTEXT) for kind in kinds]
-    fit_configs += [(kind, 1, FIT_CONTEXT) for engine in engines for kind in (CALIBRATE_ON[engine], SMALLEST[engine])]
-    fit_configs += [(CALIBRATE_ON[engine], FIT_THREADS, SECOND_CONTEXT) for engine in engines]
+    pair_configs = [(kind, PAIRED, FIT_CONTEXT) for engine in engines
+                    for kind in (CALIBRATE_ON[engine], SMALLEST[engine])]
+    context_configs = [(CALIBRATE_ON[engine], FIT_THREADS, SECOND_CONTEXT) for engine in engines]
     held_configs = [(kind, threads, context) for kind in kinds for threads, context in HELD_OUT]
     # every configuration once per round, in rounds: a drift of the machine's speed over the run (seen here: +20%
     # for the same configuration twenty minutes later) then hits the fitted and the held-out figures alike
-    results: dict[tuple[str, int, int], list] = {}
-    configs = [*fit_configs, *held_configs]
+    results: dict[tuple, list] = {}
+    configs = [*fit_configs, *pair_configs, *context_configs, *held_configs]
     bandwidth_rounds: dict[int, list[float]] = {1: [], 2: []}
     for round_index in range(args.rounds):
         for threads in bandwidth_rounds:  # the bandwidth too, once a round
@@ -126,12 +131,17 @@ def main(argv: list[str] | None = None) -> None:
         console.print(f"round {round_index + 1}: read bandwidth {bandwidth_rounds[1][-1]:.1f} GB/s at 1 thread, "
                       f"{bandwidth_rounds[2][-1]:.1f} at 2")
         for number, (kind, threads, context) in enumerate(configs, 1):
-            console.print(f"round {round_index + 1}/{args.rounds}, {number}/{len(configs)}: {kind} at {threads} "
-                          f"threads, context {context}")
-            m = measure_variant(paths[kind], replace(base, threads=threads, context=context))
-            results.setdefault((kind, threads, context), []).append(replace(m, name=kind))
+            how = f"{FIT_THREADS} and 1 threads alternated" if threads == PAIRED else f"{threads} threads"
+            console.print(f"round {round_index + 1}/{args.rounds}, {number}/{len(configs)}: {kind} at {how}, "
+                          f"context {context}")
+            options = replace(base, threads=FIT_THREADS if threads == PAIRED else threads, context=context)
+            made = measure_thread_pair(paths[kind], options, 1) if threads == PAIRED \
+                else (measure_variant(paths[kind], options),)
+            for m in made:
+                key = (kind, f"paired at {m.threads}" if threads == PAIRED else threads, context)
+                results.setdefault(key, []).append(replace(m, name=kind))
 
-    def median_of(config: tuple[str, int, int]):
+    def median_of(config: tuple):
         """The round whose decode is the median, with the median model RSS."""
         runs = sorted(results[config], key=lambda m: m.decode_tps)
         middle = runs[(len(runs) - 1) // 2]
@@ -139,8 +149,11 @@ def main(argv: list[str] | None = None) -> None:
 
     bandwidth = {threads: statistics.median(values) for threads, values in bandwidth_rounds.items()}
     fitted = {kind: median_of((kind, FIT_THREADS, FIT_CONTEXT)) for kind in kinds}
-    extra = [median_of(config) for config in fit_configs[len(kinds):]]
-    fits = {engine: fit_engine(engine, [*fitted.values(), *extra], shapes, bandwidth) for engine in engines}
+    extra = [(FitRun(kind, threads, context, "pair"), median_of((kind, f"paired at {threads}", context)))
+             for kind, _, context in pair_configs for threads in (FIT_THREADS, 1)]
+    extra += [(FitRun(kind, threads, context, "fit"), median_of((kind, threads, context)))
+              for kind, threads, context in context_configs]
+    fits = fit_engines(list(fitted.values()), extra, shapes, bandwidth)
     rows = []
     for kind in kinds:
         m = fitted[kind]
@@ -178,7 +191,8 @@ def main(argv: list[str] | None = None) -> None:
     worst_memory = max(abs(r["memory_error"]) for r in rows)
     console.print(f"largest held-out error: decode {worst_decode:.1%}, memory {worst_memory:.1%}")
     result = {"bandwidth_gbps": bandwidth, "fits": {e: f.basis for e, f in fits.items()},
-              "fit_measurements": [dataclass_dict(m) for m in [*fitted.values(), *extra]], "held_out": rows,
+              "fit_measurements": [dataclass_dict(m) for m in [*fitted.values(), *(m for _, m in extra)]],
+              "held_out": rows,
               "worst_decode_error": worst_decode, "worst_memory_error": worst_memory}
     if args.agreement and "llamacpp" in engines:
         result["agreement"] = agreement(paths, replace(base, threads=FIT_THREADS), args, console)

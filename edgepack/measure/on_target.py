@@ -30,13 +30,16 @@ class FitRun:
     kind: str
     threads: int
     context: int
-    purpose: str  # "fit" or "check"
+    # "fit": measured on its own; "pair": measured in one process with the variant at the build's thread count, the
+    # runs alternated (profiler.measure_thread_pair), both figures then fitted; "check": held out
+    purpose: str
 
 
 def fit_runs(variants: list[Variant], engines: dict[str, str], threads: int, context: int) -> list[FitRun]:
-    """Per engine: its largest and smallest variants at one thread (to fit the bandwidth share and how compute
-    scales with threads), the largest at a quarter of the context (the compute buffers), and a variant between
-    them at both (held out: the check of the fitted model). With two variants, the smallest is the check."""
+    """Per engine: its largest and smallest variants at one thread, each paired with the build's thread count (how
+    decode scales with threads tells the bandwidth share from compute), the largest at a quarter of the context (the
+    compute buffers), and a variant between them at both (held out: the check of the fitted model). With two
+    variants, the smallest is the check."""
     runs = []
     other_threads = 1 if threads > 1 else None
     other_context = max(MIN_SECOND_CONTEXT, context // 4) if context > MIN_SECOND_CONTEXT else None
@@ -46,7 +49,7 @@ def fit_runs(variants: list[Variant], engines: dict[str, str], threads: int, con
         fitted = [largest, mine[0]] if len(mine) >= 3 else [largest]
         check = mine[len(mine) // 2] if len(mine) >= 3 else mine[0] if len(mine) == 2 else None
         if other_threads:
-            runs += [FitRun(v.kind, other_threads, context, "fit") for v in fitted]
+            runs += [FitRun(v.kind, other_threads, context, "pair") for v in fitted]
         if other_context:
             runs.append(FitRun(largest.kind, threads, other_context, "fit"))
         if check is not None:
@@ -56,13 +59,20 @@ def fit_runs(variants: list[Variant], engines: dict[str, str], threads: int, con
 
 def fit_engines(main: list[Measurement], extra: list[tuple[FitRun, Measurement]], shapes: dict[str, ModelShape],
                 bandwidth_gbps: dict[int, float]) -> dict[str, EngineFit]:
-    """Each engine's fit, with its held-out error from the check runs."""
-    fit_points = [*main, *(m for run, m in extra if run.purpose == "fit")]
+    """Each engine's fit, with its held-out error from the check runs. `extra` holds both measurements of each pair
+    (one at the build's thread count, one at the other); a paired variant is fitted on those two, not on its main
+    measurement, which came from another process, at another moment of the machine's speed."""
+    paired = {run.kind for run, _ in extra if run.purpose == "pair"}
+    decode_points = [*(m for m in main if m.name not in paired),
+                     *(m for run, m in extra
+                       if run.purpose == "pair" or (run.purpose == "fit" and run.kind not in paired))]
+    # memory from processes that held one runtime each, as every main measurement does
+    memory_points = [*main, *(m for run, m in extra if run.purpose == "fit")]
     fits = {}
     by_name = {m.name: m for m in main}
     threads_main = main[0].threads if main else 1
     for engine in sorted({m.engine for m in main}):
-        fit = fit_engine(engine, fit_points, shapes, bandwidth_gbps)
+        fit = fit_engine(engine, decode_points, shapes, bandwidth_gbps, memory_points=memory_points)
         decode_errors, memory_errors = [], []
         for run, held in extra:
             if run.purpose != "check" or held.engine != engine:

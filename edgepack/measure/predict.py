@@ -201,19 +201,24 @@ SHARE_GRID = [step / 200 for step in range(200, 9, -1)]  # 1.00, 0.995, ... 0.05
 PARALLEL_GRID = [step / 100 for step in range(100, -1, -1)]  # 1.00 ... 0.00
 
 
+def _by_variant(points: list[Measurement], engine: str) -> dict[str, list[Measurement]]:
+    by_variant: dict[str, list[Measurement]] = {}
+    for m in points:
+        if m.engine == engine:
+            by_variant.setdefault(m.name, []).append(m)
+    return by_variant
+
+
 def fit_engine(engine: str, fit_points: list[Measurement], shapes: dict[str, ModelShape],
-               bandwidth_gbps: dict[int, float]) -> EngineFit:
+               bandwidth_gbps: dict[int, float], memory_points: list[Measurement] | None = None) -> EngineFit:
     """Decode: the share of the read bandwidth and compute's parallel share, the pair that best reproduces the fit
     points (least squares of relative errors, each variant with its own compute): two variants at two thread counts
     determine both; with one variant the compute is taken as parallel (share 1 of it). Memory: the compute buffers'
-    growth from one variant at two contexts. `shapes` by variant name; `bandwidth_gbps` by thread count."""
-    points = [m for m in fit_points if m.engine == engine]
-    by_variant: dict[str, list[Measurement]] = {}
-    for m in points:
-        by_variant.setdefault(m.name, []).append(m)
-    share, parallel, how = _fit_decode(by_variant, shapes, bandwidth_gbps)
+    growth from one variant at two contexts, among `memory_points` (default: the fit points). `shapes` by variant
+    name; `bandwidth_gbps` by thread count."""
+    share, parallel, how = _fit_decode(_by_variant(fit_points, engine), shapes, bandwidth_gbps)
     slope, slope_how = 0.0, "compute buffers taken as fixed (no two contexts measured)"
-    context_pair = _context_pair(by_variant)
+    context_pair = _context_pair(_by_variant(fit_points if memory_points is None else memory_points, engine))
     if not BUFFERS_GROW_WITH_CONTEXT.get(engine, True):
         slope_how = "working memory independent of the context (it follows the tokens of each forward pass)"
     elif context_pair is not None:

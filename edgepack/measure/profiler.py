@@ -87,69 +87,110 @@ def _import_engine_libraries(path: Path) -> None:
         importlib.import_module(name)
 
 
+class _Timer:
+    """One loaded runtime and its timed generations from the profiling prompt."""
+
+    def __init__(self, path: Path, threads: int, prompt_tokens: int, new_tokens: int, context: int | None,
+                 device: str, meter) -> None:
+        import psutil
+
+        from runtimes.base import GenerationOptions, LoadOptions
+        from runtimes.registry import open_runtime
+
+        self.threads, self.prompt_tokens, self.new_tokens, self.meter = threads, prompt_tokens, new_tokens, meter
+        self.rss_before = psutil.Process().memory_info().rss
+        started = time.perf_counter()
+        self.runtime = open_runtime(path, LoadOptions(threads=threads, device=device,
+                                                      context_length=context or prompt_tokens + new_tokens + 8))
+        self.load_s = time.perf_counter() - started
+        self.prompt = self.runtime.tokenize(PROMPT_TEXT)[:prompt_tokens]
+        if len(self.prompt) < prompt_tokens:
+            raise EdgepackError(f"the profiling prompt gives only {len(self.prompt)} tokens; ask for fewer")
+        self.options = GenerationOptions(max_tokens=new_tokens, ignore_eos=True)
+        self.run_count = 0
+        self.results: list[tuple[float, float]] = []  # (time to first token, decode t/s) of the measured runs
+        self.decode_joules: list[float] = []
+
+    def run(self, measured: bool = True) -> None:
+        # each run's prompt starts elsewhere in the text, so no engine reads it from a cache of the previous
+        # run's (llama.cpp's slots keep the longest shared prefix, and prefill would read ~zero tokens)
+        shift = self.run_count % len(self.prompt)
+        self.run_count += 1
+        rotated = self.prompt[shift:] + self.prompt[:shift]
+        start = time.perf_counter()
+        first, joules_at_first = None, 0.0
+        for chunk in self.runtime.generate(rotated, self.options):
+            if first is None and chunk.token_id is not None:
+                first = time.perf_counter()
+                joules_at_first = self.meter.read_joules() if self.meter else 0.0
+        end = time.perf_counter()
+        if measured:
+            self.results.append((first - start, (self.new_tokens - 1) / (end - first)))
+            if self.meter:
+                self.decode_joules.append((self.meter.read_joules() - joules_at_first) / (self.new_tokens - 1))
+
+    def measurement(self, path: Path, device: str, peak_rss: int, model_rss: int) -> Measurement:
+        ttft = statistics.median(r[0] for r in self.results)
+        decode = [r[1] for r in self.results]
+        return Measurement(
+            name=path.stem if path.is_file() else path.name, path=path, engine=self.runtime.name,
+            threads=self.threads, context=self.runtime.context_length, prompt_tokens=self.prompt_tokens,
+            new_tokens=self.new_tokens, runs=len(self.results), load_s=self.load_s, peak_rss_mib=peak_rss / 2**20,
+            model_rss_mib=model_rss / 2**20, engine_memory_mib=self.runtime.memory_bytes() / 2**20, ttft_s=ttft,
+            prefill_tps=self.prompt_tokens / ttft, decode_tps=statistics.median(decode),
+            decode_tps_min=min(decode), decode_tps_max=max(decode), device=device,
+            joules_per_token=statistics.median(self.decode_joules) if self.decode_joules else None,
+            power_source=self.meter.source if self.meter else None)
+
+
 def measure_in_this_process(path: Path, threads: int, prompt_tokens: int, new_tokens: int, runs: int,
                             context: int | None, device: str = "cpu") -> Measurement:
     """The child's side: load, warm up, run; a Measurement of one variant."""
+    from edgepack.measure.power import open_meter
+
+    _import_engine_libraries(path)
+    meter = open_meter(device)
+    try:
+        timer = _Timer(path, threads, prompt_tokens, new_tokens, context, device, meter)
+        timer.run(measured=False)
+        for _ in range(runs):
+            timer.run()
+    finally:
+        if meter:
+            meter.close()
+    peak = peak_rss_bytes()
+    return timer.measurement(path, device, peak, peak - timer.rss_before)
+
+
+def measure_pair_in_this_process(path: Path, threads: tuple[int, int], prompt_tokens: int, new_tokens: int,
+                                 runs: int, context: int | None, device: str = "cpu") -> tuple[Measurement, ...]:
+    """The child's side of a thread pair: the variant loaded once per thread count, and the runs alternated between
+    them, so that a drift of the machine's speed (seen here: 20% between minutes) hits both alike and their ratio,
+    which is what says how decode scales with threads, holds. Memory: the first runtime's model RSS is the peak
+    before the second was loaded (as measure_in_this_process counts it; the runs after its warm-up read the same
+    positions again); the second's is what loading and warming it up left resident, not a peak."""
     import psutil
 
     from edgepack.measure.power import open_meter
 
     _import_engine_libraries(path)
-
-    from runtimes.base import GenerationOptions, LoadOptions
-    from runtimes.registry import open_runtime
-
-    before = psutil.Process().memory_info().rss
-    started = time.perf_counter()
-    runtime = open_runtime(path, LoadOptions(threads=threads, context_length=context or prompt_tokens + new_tokens + 8,
-                                             device=device))
-    load_s = time.perf_counter() - started
-    prompt = runtime.tokenize(PROMPT_TEXT)[:prompt_tokens]
-    if len(prompt) < prompt_tokens:
-        raise EdgepackError(f"the profiling prompt gives only {len(prompt)} tokens; ask for fewer")
-    options = GenerationOptions(max_tokens=new_tokens, ignore_eos=True)
-
     meter = open_meter(device)
-    decode_joules = []
-
-    run_count = 0
-
-    def one_run() -> tuple[float, float]:
-        # each run's prompt starts elsewhere in the text, so no engine reads it from a cache of the previous
-        # run's (llama.cpp's slots keep the longest shared prefix, and prefill would read ~zero tokens)
-        nonlocal run_count
-        shift = run_count % len(prompt)
-        run_count += 1
-        rotated = prompt[shift:] + prompt[:shift]
-        start = time.perf_counter()
-        first, joules_at_first = None, 0.0
-        for chunk in runtime.generate(rotated, options):
-            if first is None and chunk.token_id is not None:
-                first = time.perf_counter()
-                joules_at_first = meter.read_joules() if meter else 0.0
-        end = time.perf_counter()
-        if meter:
-            decode_joules.append((meter.read_joules() - joules_at_first) / (new_tokens - 1))
-        return first - start, (new_tokens - 1) / (end - first)
-
-    one_run()
-    decode_joules.clear()
+    timers, memory = [], []
     try:
-        results = [one_run() for _ in range(runs)]
+        for count in threads:
+            timer = _Timer(path, count, prompt_tokens, new_tokens, context, device, meter)
+            timer.run(measured=False)
+            memory.append(peak_rss_bytes() - timer.rss_before if not timers
+                          else psutil.Process().memory_info().rss - timer.rss_before)
+            timers.append(timer)
+        for _ in range(runs):
+            for timer in timers:
+                timer.run()
     finally:
         if meter:
             meter.close()
-    ttft = statistics.median(r[0] for r in results)
-    decode = [r[1] for r in results]
     peak = peak_rss_bytes()
-    return Measurement(
-        name=path.stem if path.is_file() else path.name, path=path, engine=runtime.name, threads=threads,
-        context=runtime.context_length, prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=runs,
-        load_s=load_s, peak_rss_mib=peak / 2**20, model_rss_mib=(peak - before) / 2**20,
-        engine_memory_mib=runtime.memory_bytes() / 2**20, ttft_s=ttft, prefill_tps=prompt_tokens / ttft,
-        decode_tps=statistics.median(decode), decode_tps_min=min(decode), decode_tps_max=max(decode), device=device,
-        joules_per_token=statistics.median(decode_joules) if decode_joules else None,
-        power_source=meter.source if meter else None)
+    return tuple(timer.measurement(path, device, peak, own) for timer, own in zip(timers, memory, strict=True))
 
 
 @dataclass(frozen=True)
@@ -171,9 +212,21 @@ class ProfileOptions:
 
 def measure_variant(path: Path, options: ProfileOptions | None = None) -> Measurement:
     """Measure one variant in a fresh child process."""
-    o = options or ProfileOptions()
+    (measurement,) = _measure_in_a_child(path, options or ProfileOptions())
+    return measurement
+
+
+def measure_thread_pair(path: Path, options: ProfileOptions, other_threads: int) -> tuple[Measurement, Measurement]:
+    """One variant at `options.threads` and at `other_threads` in one fresh child process, their runs alternated
+    (measure_pair_in_this_process): what a fit of how decode scales with threads reads."""
+    first, second = _measure_in_a_child(path, options, other_threads)
+    return first, second
+
+
+def _measure_in_a_child(path: Path, o: ProfileOptions, other_threads: int = 0) -> list[Measurement]:
     command = [sys.executable, "-m", "edgepack.measure.profiler", str(path), str(o.thread_count),
-               str(o.prompt_tokens), str(o.new_tokens), str(o.runs), str(o.context or 0), o.device]
+               str(o.prompt_tokens), str(o.new_tokens), str(o.runs), str(o.context or 0), o.device,
+               str(other_threads)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode < 0:  # a signal: the engine crashed
         cause, hint = describe_exit(done.returncode)
@@ -181,9 +234,11 @@ def measure_variant(path: Path, options: ProfileOptions | None = None) -> Measur
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise EdgepackError(f"profiling {path} failed: {last}")
-    data = json.loads(done.stdout.strip().splitlines()[-1])
-    data["path"] = Path(data["path"])
-    return Measurement(**data)
+    measurements = []
+    for data in json.loads(done.stdout.strip().splitlines()[-1]):
+        data["path"] = Path(data["path"])
+        measurements.append(Measurement(**data))
+    return measurements
 
 
 def profile(paths: list[Path], options: ProfileOptions | None = None) -> DeviceMeasurements:
@@ -226,11 +281,16 @@ def crashed_variant(path: Path, stage: str, error: EngineCrashedError) -> Crashe
                           cause=error.cause, detail=str(error))
 
 
-if __name__ == "__main__":  # the child process of measure_variant
+if __name__ == "__main__":  # the child process of measure_variant and measure_thread_pair
     import dataclasses
 
     path_arg, threads_arg, prompt_arg, new_arg, runs_arg, context_arg = sys.argv[1:7]
     device_arg = sys.argv[7] if len(sys.argv) > 7 else "cpu"
-    result = measure_in_this_process(Path(path_arg), int(threads_arg), int(prompt_arg), int(new_arg), int(runs_arg),
-                                     int(context_arg) or None, device_arg)
-    print(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(result).items()}))
+    other_threads_arg = int(sys.argv[8]) if len(sys.argv) > 8 else 0
+    sizes = (int(prompt_arg), int(new_arg), int(runs_arg), int(context_arg) or None, device_arg)
+    if other_threads_arg:
+        results = measure_pair_in_this_process(Path(path_arg), (int(threads_arg), other_threads_arg), *sizes)
+    else:
+        results = (measure_in_this_process(Path(path_arg), int(threads_arg), *sizes),)
+    print(json.dumps([{k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(result).items()}
+                      for result in results]))

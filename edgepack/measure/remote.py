@@ -284,6 +284,8 @@ def _measure_there(side: DeviceSide, v: Variant, remote_path: str, threads: int,
         raise DeviceStepError(side.session.device.url, step, _failure(done))
     try:
         data = json.loads(done.stdout.strip().splitlines()[-1])
+        if isinstance(data, list):  # [one measurement]; an older edgepack on the device prints it bare
+            (data,) = data
         Measurement(**{**data, "path": Path(data["path"])})
     except (ValueError, TypeError, IndexError) as exc:
         raise DeviceStepError(side.session.device.url, step,

@@ -26,6 +26,7 @@ from edgepack.measure.profiler import (
     Measurement,
     ProfileOptions,
     crashed_variant,
+    measure_thread_pair,
     measure_variant,
     power_notes,
 )
@@ -189,7 +190,7 @@ def measure_stage(stage: StageInput, variants: list[Variant], options: ProfileOp
     with its shape (layers, KV heads, weight bytes); the read bandwidth once per host and thread count.
     `predicting`: the target is elsewhere, so the extra runs the prediction model is fitted and checked on are made
     too (edgepack/measure/on_target.py's fit_runs)."""
-    from edgepack.measure.on_target import fit_engines, fit_runs
+    from edgepack.measure.on_target import FitRun, fit_engines, fit_runs
 
     threads = options.thread_count
     options = replace(options, threads=threads)
@@ -202,32 +203,36 @@ def measure_stage(stage: StageInput, variants: list[Variant], options: ProfileOp
     for v in variants:
         variant_options = _on_a_usable_device(v, options, notes)
         try:
-            m, shape = _measure_cached(stage, v, variant_options, counts)
+            (m,), shape = _measure_cached(stage, v, variant_options, counts)
         except EngineCrashedError as exc:  # not cached: a retry may pass
             crashed.append(replace(crashed_variant(v.path, "measure", exc), name=v.kind))
             continue
         measured.append(m)
         shapes[v.kind] = shape
     extra = []
-    if predicting and measured:
-        usable = [v for v in variants if v.kind in shapes]
-        engines = {m.name: m.engine for m in measured}
-        for run in fit_runs(usable, engines, threads, options.context or 0):
-            variant = next(v for v in usable if v.kind == run.kind)
-            if run.threads not in bandwidth:
-                bandwidth[run.threads] = _bandwidth(stage, run.threads)
-            try:
-                m, _ = _measure_cached(stage, variant, replace(options, threads=run.threads, context=run.context),
+    runs = fit_runs([v for v in variants if v.kind in shapes], {m.name: m.engine for m in measured}, threads,
+                    options.context or 0) if predicting and measured else []
+    for run in runs:
+        variant = next(v for v in variants if v.kind == run.kind)
+        if run.threads not in bandwidth:
+            bandwidth[run.threads] = _bandwidth(stage, run.threads)
+        try:
+            if run.purpose == "pair":
+                pair, _ = _measure_cached(stage, variant, replace(options, context=run.context), counts,
+                                       paired_threads=run.threads)
+                extra += [(FitRun(run.kind, threads, run.context, "pair"), pair[0]), (run, pair[1])]
+            else:
+                (m,), _ = _measure_cached(stage, variant, replace(options, threads=run.threads, context=run.context),
                                        counts)
-            except EngineCrashedError:
-                continue  # the variant itself was measured: the fit goes without this run
-            extra.append((run, m))
+                extra.append((run, m))
+        except EngineCrashedError:
+            continue  # the variant itself was measured: the fit goes without this run
     fits = fit_engines(measured, extra, shapes, bandwidth) if predicting and measured else {}
     result = DeviceMeasurements(memory_bandwidth_gbps=bandwidth[threads], variants=tuple(measured),
                                 notes=tuple(notes) + power_notes(measured), crashed=tuple(crashed))
     ran = counts["ran"]
     return MeasureResult(result, shapes, fits), StageRun("measure", time.perf_counter() - started, ran,
-                                                         max(0, len(variants) + len(extra) - ran))
+                                                         max(0, len(variants) + len(runs) - ran))
 
 
 def _on_a_usable_device(v: Variant, options: ProfileOptions, notes: list[str]) -> ProfileOptions:
@@ -258,22 +263,25 @@ def _bandwidth(stage: StageInput, threads: int) -> float:
     return record["gbps"]
 
 
-def _measure_cached(stage: StageInput, v: Variant, options: ProfileOptions, counts: dict[str, int]
-                    ) -> tuple[Measurement, ModelShape]:
-    key = digest_of({"stage": "measure", "record": 4, "host": host_identity(), "variant": v.sha256,
-                     "threads": options.threads, "context": options.context, "device": options.device,
-                     "prompt": options.prompt_tokens,
+def _measure_cached(stage: StageInput, v: Variant, options: ProfileOptions, counts: dict[str, int],
+                    paired_threads: int = 0) -> tuple[tuple[Measurement, ...], ModelShape]:
+    """The variant measured in a child process (cached per variant and host): one Measurement, or with
+    `paired_threads` two, at options.threads and at paired_threads, their runs alternated in one process."""
+    key = digest_of({"stage": "measure", "record": 5, "host": host_identity(), "variant": v.sha256,
+                     "threads": options.threads, "paired_threads": paired_threads, "context": options.context,
+                     "device": options.device, "prompt": options.prompt_tokens,
                      "new": options.new_tokens, "runs": options.runs,
                      "versions": library_versions(MEASURE_LIBRARIES)})
     record = None if stage.force else stage.cache.load("measure", key)
     if record is None:
-        say(f"measuring {v.kind} on this machine ({options.device}, {options.threads} threads, context "
-            f"{options.context}, "
-            f"{options.prompt_tokens}-token prompt, {options.new_tokens} new tokens, {options.runs} runs)")
-        m = measure_variant(v.path, options)
-        fresh = {"measurement": asdict(m), "shape": asdict(model_shape(v.path))}
+        pair = f" and {paired_threads}, alternated" if paired_threads else ""
+        say(f"measuring {v.kind} on this machine ({options.device}, {options.threads}{pair} threads, context "
+            f"{options.context}, {options.prompt_tokens}-token prompt, {options.new_tokens} new tokens, "
+            f"{options.runs} runs)")
+        made = measure_thread_pair(v.path, options, paired_threads) if paired_threads \
+            else (measure_variant(v.path, options),)
+        fresh = {"measurements": [asdict(m) for m in made], "shape": asdict(model_shape(v.path))}
         record, _ = stage.cache.store("measure", key, lambda _directory, r=fresh: r, replace_existing=stage.force)
         counts["ran"] += 1
-    data = dict(record["measurement"])
-    data["path"], data["name"] = v.path, v.kind
-    return Measurement(**data), ModelShape(**record["shape"])
+    measurements = tuple(Measurement(**{**data, "path": v.path, "name": v.kind}) for data in record["measurements"])
+    return measurements, ModelShape(**record["shape"])

@@ -92,6 +92,42 @@ def test_two_variants_at_two_thread_counts_tell_the_share_from_how_compute_scale
         1 / (0.02 + 2e8 / 6e9))
 
 
+def test_a_paired_variant_is_fitted_on_its_pair_and_its_memory_on_processes_of_its_own():
+    # the same made-up machine as above (share 0.6, compute 40% parallel); "big" and "small" were measured at 2 and 1
+    # threads in one process each (the pair, exact), and on their own at 2 threads in a moment when the machine ran
+    # 25% slower (their main measurements): the fit must read the pairs, and so recover 0.6 and 0.4 exactly
+    from edgepack.measure.on_target import FitRun, fit_engines
+
+    def seconds(compute: float, weight_bytes: float, threads: int) -> float:
+        return compute * (0.6 + 0.4 / threads) + weight_bytes / (0.6 * BANDWIDTH[threads] * 1e9)
+
+    small = replace(NO_KV, weight_bytes=5 * 10**8)
+    shapes = {"big": NO_KV, "small": small}
+    computes = {"big": 0.05, "small": 0.08}
+    main = [_measurement(name, 2, 0.8 / seconds(computes[name], shapes[name].weight_bytes, 2), rss_mib=300)
+            for name in shapes]
+    extra = [(FitRun(name, threads, 256, "pair"), _measurement(name, threads, 1 / seconds(
+              computes[name], shapes[name].weight_bytes, threads), rss_mib=200))
+             for name in shapes for threads in (2, 1)]
+    # the largest at another context, in a process of its own: 8 MiB more at 4 x the context, no KV cache, so 8 MiB
+    # of compute buffers over 768 more cells
+    extra.append((FitRun("big", 2, 1024, "fit"), _measurement("big", 2, 1.0, context=1024, rss_mib=308)))
+    fit = fit_engines(main, extra, shapes, BANDWIDTH)["llamacpp"]
+    assert (fit.bandwidth_share, fit.parallel_share) == (pytest.approx(0.6), pytest.approx(0.4))
+    assert fit.memory_per_context_token == pytest.approx(8 * 2**20 / 768)
+
+
+def test_a_thread_pair_is_measured_in_one_process(tiny_variants):
+    from edgepack.measure.profiler import measure_thread_pair
+
+    options = ProfileOptions(threads=2, prompt_tokens=32, new_tokens=8, runs=2, show_progress=False)
+    first, second = measure_thread_pair(tiny_variants["onnx-fp32"], options, 1)
+    assert (first.threads, second.threads) == (2, 1) and first.runs == second.runs == 2
+    assert first.peak_rss_mib == second.peak_rss_mib  # one process, both runtimes in it
+    for m in (first, second):
+        assert m.engine == "onnxrt" and m.decode_tps > 0 and 0 < m.model_rss_mib < m.peak_rss_mib
+
+
 def test_the_share_never_exceeds_the_read_bandwidth():
     # faster than the kernel's bandwidth allows at both thread counts (weights in cache): bounded at 1
     points = [_measurement("v", 1, 20.0), _measurement("v", 2, 40.0)]

@@ -54,7 +54,7 @@ def test_a_variant_is_measured_on_the_device_and_the_figures_are_its_own(ssh_tes
     result = measure_on_device(side, [tiny_gguf], PROFILE)
     assert result.measured_on == ssh_test_device.url and not result.crashed
     (measurement,) = result.variants
-    printed = json.loads(log.read_text().strip().splitlines()[-1])  # what the device's profiler printed
+    (printed,) = json.loads(log.read_text().strip().splitlines()[-1])  # what the device's profiler printed
     assert measurement.decode_tps == printed["decode_tps"] and measurement.model_rss_mib == printed["model_rss_mib"]
     # the variant went to the device account's home, and that account ran the profiler
     remote_file = Path(printed["path"])

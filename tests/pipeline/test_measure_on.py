@@ -37,7 +37,8 @@ def test_a_build_measured_on_the_device_reports_the_devices_own_numbers(ssh_test
     device = report["device_measurements"]
     assert device["measured_on"] == ssh_test_device.url
     assert report["target"]["source"] == ssh_test_device.url and report["target"]["name"] == "device-127.0.0.1"
-    printed = {Path(line["path"]).name: line for line in map(json.loads, log.read_text().splitlines())}
+    # each line the device's profiler printed: [its measurement]
+    printed = {Path(m["path"]).name: m for (m,) in map(json.loads, log.read_text().splitlines())}
     for p in report["performance"]:
         assert not p["is_prediction"]
         assert p["decode_tps"] == printed[f"{p['variant']}.gguf"]["decode_tps"]  # the device's own run
