@@ -4,6 +4,7 @@ onnxruntime-genai's `Generator` on its own builder's int4 model and on our onnx-
 
     python -m benchmarks.runtimes [--model DIR] [--prompt-tokens 128] [--new-tokens 64] [--runs 5] [--rounds 3]
                                   [--genai-python PYTHON] [--genai-model DIR] [--json]
+    python -m benchmarks.runtimes --paired onnx-int4,gguf-q4_k_m [--runs 5] [--rounds 3] [--json]
 
 Variants of the model (default: the demo student) are made once under the cache (bench/<model>/) with
 `edgepack convert`; optimum's export goes to bench/<model>/optimum-fp32. Each (variant, engine) is measured in its
@@ -11,6 +12,10 @@ own process with the same thread count: one warm-up, then the median (and min/ma
 prompt tokens / time to the first new token; decode t/s = (new tokens - 1) / the time after it. Optimum's decode
 time is t(N new tokens) - t(1 new token). Memory is the peak resident memory less the process's before loading
 (onnxruntime-genai's row: its whole peak, less nothing, so it reads high).
+
+`--paired A,B` measures two of our variants in one process per round, loaded side by side and their runs
+alternated, and gives the ratio of their decode speeds round by round: this VM's speed drifts by up to 20% between
+processes minutes apart, which the table's separate processes feel and a ratio within one process does not.
 
 onnxruntime-genai's rows need a Python with onnxruntime-genai (its builder needs transformers 5, which edgepack's
 own environment cannot have): `--genai-python` (default: ~/.cache/edgepack/tools/genai-venv/bin/python when it
@@ -153,6 +158,40 @@ def summarize(results: list[tuple[float, float]]) -> dict:
             "decode_min": min(decode), "decode_max": max(decode)}
 
 
+def paired_child(args: argparse.Namespace) -> None:
+    from edgepack.measure.profiler import measure_alternated_in_this_process
+
+    first, second = measure_alternated_in_this_process(
+        [(Path(path), args.threads) for path in args.one_paired], args.prompt_tokens, args.new_tokens, args.runs,
+        args.prompt_tokens + args.new_tokens + 8)
+    print(json.dumps([{"decode_tps": m.decode_tps, "prefill_tps": m.prefill_tps} for m in (first, second)]))
+
+
+def paired(args: argparse.Namespace, model: Path, root: Path, console) -> None:
+    kinds = args.paired.split(",")
+    ours = {kind for kind, engine in VARIANTS if engine != "torch"}
+    if len(kinds) != 2 or not set(kinds) <= ours:
+        raise SystemExit(f"--paired takes two of {', '.join(sorted(ours))}, comma-separated; got {args.paired!r}")
+    paths = [variant_path(root, model, kind) for kind in kinds]
+    rounds = []
+    for round_index in range(args.rounds):
+        console.print(f"round {round_index + 1}/{args.rounds}: {kinds[0]} and {kinds[1]} alternated in one process")
+        out = subprocess.run([sys.executable, "-m", "benchmarks.runtimes", "--one-paired", *map(str, paths),
+                              "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
+                              "--runs", str(args.runs), "--threads", str(args.threads)],
+                             capture_output=True, text=True, check=True)
+        rounds.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    ratios = [a["decode_tps"] / b["decode_tps"] for a, b in rounds]
+    for index, ((a, b), ratio) in enumerate(zip(rounds, ratios, strict=True), 1):
+        console.print(f"round {index}: {kinds[0]} {a['decode_tps']:.1f} t/s, {kinds[1]} {b['decode_tps']:.1f} t/s, "
+                      f"decode ratio {ratio:.3f}; prefill {a['prefill_tps']:.0f} against {b['prefill_tps']:.0f}")
+    console.print(f"{kinds[0]} / {kinds[1]} decode, median of {args.rounds} rounds ({args.runs} alternated runs "
+                  f"each, {args.threads} threads): {statistics.median(ratios):.3f}x")
+    if args.json:
+        print(json.dumps({"model": str(model), "threads": args.threads, "variants": kinds, "rounds": rounds,
+                          "decode_ratio_by_round": ratios, "decode_ratio": statistics.median(ratios)}, indent=2))
+
+
 def child(args: argparse.Namespace) -> None:
     path, engine = Path(args.one[0]), args.one[1]
     if engine == "optimum":
@@ -178,7 +217,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--genai-model", type=Path, help="onnxruntime-genai's builder's int4 folder")
     parser.add_argument("--only", help="measure only these rows, e.g. onnx-int4/onnxrt,onnx-int4/genai")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--paired", metavar="A,B", help="two of our variants alternated in one process per round: "
+                        "the ratio of their decode speeds")
     parser.add_argument("--one", nargs=2, metavar=("PATH", "ENGINE"), help=argparse.SUPPRESS)
+    parser.add_argument("--one-paired", nargs=2, metavar=("PATH_A", "PATH_B"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads is None:
         from runtimes.base import physical_cores
@@ -186,6 +228,9 @@ def main(argv: list[str] | None = None) -> None:
         args.threads = physical_cores()
     if args.one:
         child(args)
+        return
+    if args.one_paired:
+        paired_child(args)
         return
 
     from rich.console import Console
@@ -198,6 +243,9 @@ def main(argv: list[str] | None = None) -> None:
     model = Path(args.model) if args.model else resolve_model(None)
     root = cache_root() / "bench" / model.name
     ensure_variants(model, root)
+    if args.paired:
+        paired(args, model, root, console)
+        return
     paths = {kind: variant_path(root, model, kind) for kind, _ in VARIANTS}
     paths["optimum-fp32"] = ensure_optimum_export(model, root)
     plan = [*VARIANTS, ("optimum-fp32", "optimum")]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal, get_args
@@ -256,17 +256,25 @@ class Runtime(ABC):
                                 logprobs=tuple(logprobs) if options.logprobs else None, finish_reason=reason,
                                 prompt_tokens=len(prompt_ids), completion_tokens=len(tokens))
 
-    def complete_all(self, prompts: Sequence[Sequence[int]],
-                     options: Sequence[GenerationOptions]) -> list[GenerationResult]:
+    def complete_all(self, prompts: Sequence[Sequence[int]], options: Sequence[GenerationOptions],
+                     on_done: Callable[[], None] | None = None) -> list[GenerationResult]:
         """Each prompt completed with its options, in order: `parallel` at a time on an engine that batches them
-        (each generation as it would be served beside others), one after another on the others."""
+        (each generation as it would be served beside others), one after another on the others. `on_done` is
+        called as each one finishes (from the worker threads, where the engine batches)."""
+        def one(prompt: Sequence[int], option: GenerationOptions) -> GenerationResult:
+            result = self.complete(list(prompt), option)
+            if on_done is not None:
+                on_done()
+            return result
+
         if not self.generates_concurrently or self.parallel < 2 or len(prompts) < 2:
-            return [self.complete(list(prompt), option) for prompt, option in zip(prompts, options, strict=True)]
+            return [one(prompt, option) for prompt, option in zip(prompts, options, strict=True)]
         from concurrent.futures import ThreadPoolExecutor
 
+        if len(prompts) != len(options):
+            raise ValueError(f"{len(prompts)} prompts but {len(options)} options")
         with ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="edgepack-complete") as pool:
-            return list(pool.map(lambda pair: self.complete(list(pair[0]), pair[1]), zip(prompts, options,
-                                                                                          strict=True)))
+            return list(pool.map(one, prompts, options))
 
 
 class TokenPicker:

@@ -4,8 +4,8 @@ on this machine at another thread count or context.
 Decode: time per token = compute x ((1 - p) + p / threads) + bytes read per token / (share x read bandwidth). Bytes
 read are the weights and the KV cache of the positions so far; the read bandwidth is what `bandwidth.py`'s kernel
 measures (on a target: its data-sheet figure x ACHIEVABLE_SHARE_OF_SPEC); the share (at most 1) and compute's parallel
-share p are fitted per engine on this machine from two variants at two thread counts, and each variant's compute
-from its own measurement.
+share p are fitted per engine on this machine from two variants at two thread counts (each pair of counts measured in
+one process, on_target.fit_engines), and each variant's compute from its own measurement.
 Memory: the variant's measured RSS, moved to another context by the KV cache (per layer, with llama.cpp's
 window-sized cache for sliding-window layers) and the engine's compute buffers, whose growth per token of context
 is fitted from two contexts.

@@ -166,18 +166,28 @@ def measure_pair_in_this_process(path: Path, threads: tuple[int, int], prompt_to
                                  runs: int, context: int | None, device: str = "cpu") -> tuple[Measurement, ...]:
     """The child's side of a thread pair: the variant loaded once per thread count, and the runs alternated between
     them, so that a drift of the machine's speed (seen here: 20% between minutes) hits both alike and their ratio,
-    which is what says how decode scales with threads, holds. Memory: the first runtime's model RSS is the peak
-    before the second was loaded (as measure_in_this_process counts it; the runs after its warm-up read the same
-    positions again); the second's is what loading and warming it up left resident, not a peak."""
+    which is what says how decode scales with threads, holds."""
+    return measure_alternated_in_this_process([(path, count) for count in threads], prompt_tokens, new_tokens, runs,
+                                              context, device)
+
+
+def measure_alternated_in_this_process(variants: list[tuple[Path, int]], prompt_tokens: int, new_tokens: int,
+                                       runs: int, context: int | None, device: str = "cpu"
+                                       ) -> tuple[Measurement, ...]:
+    """Several (variant, threads) loaded in one process and their runs alternated, for figures whose ratio matters
+    more than their level. Memory: the first's model RSS is the peak before the second was loaded (as
+    measure_in_this_process counts it; its later runs read the same positions again); each later one's is what
+    loading and warming it up left resident, not a peak; the peak RSS is the process's, all of them in."""
     import psutil
 
     from edgepack.measure.power import open_meter
 
-    _import_engine_libraries(path)
+    for path, _ in variants:
+        _import_engine_libraries(path)
     meter = open_meter(device)
     timers, memory = [], []
     try:
-        for count in threads:
+        for path, count in variants:
             timer = _Timer(path, count, prompt_tokens, new_tokens, context, device, meter)
             timer.run(measured=False)
             memory.append(peak_rss_bytes() - timer.rss_before if not timers
@@ -190,7 +200,8 @@ def measure_pair_in_this_process(path: Path, threads: tuple[int, int], prompt_to
         if meter:
             meter.close()
     peak = peak_rss_bytes()
-    return tuple(timer.measurement(path, device, peak, own) for timer, own in zip(timers, memory, strict=True))
+    return tuple(timer.measurement(path, device, peak, own)
+                 for (path, _), timer, own in zip(variants, timers, memory, strict=True))
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from edgepack.core.artifacts import AnswerDifference, BehaviourQuality
 from edgepack.core.cache import cache_root
 from edgepack.core.errors import EdgepackError
 from edgepack.core.fileio import atomic_output_file
+from edgepack.core.progress import progress_bar
 from edgepack.quality.metrics import ReferencePositions, reference_positions, score_positions
 from edgepack.quality.tasks import Task, is_correct, tasks_digest
 from runtimes.base import GenerationOptions, IncrementalDecoder
@@ -159,22 +161,27 @@ def _load(path: Path, tasks: Sequence[Task]) -> ReferenceAnswers:
 
 
 def score_answers(runtime, answers: Sequence[ReferenceAnswer],
-                  on_prompt: Callable[[], None] | None = None) -> list[AnswerScore]:
+                  progress: Callable[[str, int], AbstractContextManager[Callable[[int], None]]] | None = None
+                  ) -> list[AnswerScore]:
     """Each reference answer teacher-forced through `runtime`; then the diverging prompts answered by it anew, as
-    many at once as the engine batches."""
+    many at once as the engine batches. `progress(label, total)`: a bar for each of the two steps (core.progress's
+    progress_bar, with the variant's name and whether to show it bound)."""
+    bar = progress or (lambda _label, _total: progress_bar("", 0, enabled=False))
     forced = []
-    for answer in answers:
-        logits = answer_logits(runtime, answer.prompt_ids, answer.answer_ids)
-        forced.append((score_positions(answer.positions, logits),
-                       first_divergence(logits.argmax(axis=1), answer.answer_ids, runtime.eos_token_ids)))
-        if on_prompt is not None:
-            on_prompt()
+    with bar("answers", len(answers)) as advance:
+        for answer in answers:
+            logits = answer_logits(runtime, answer.prompt_ids, answer.answer_ids)
+            forced.append((score_positions(answer.positions, logits),
+                           first_divergence(logits.argmax(axis=1), answer.answer_ids, runtime.eos_token_ids)))
+            advance(1)
     # generated from the prompt, as a user would get it (prefilling the agreed part of the answer in one batch
     # instead of token by token can flip a near-tie); a prompt with nothing to check only needs to be known to differ
     regenerate = [n for n, (answer, (_, first)) in enumerate(zip(answers, forced, strict=True))
                   if first is not None and answer.task.checkable]
-    generated = runtime.complete_all([list(answers[n].prompt_ids) for n in regenerate],
-                                     [GenerationOptions(max_tokens=answers[n].task.max_tokens) for n in regenerate])
+    with bar("answers that diverge, generated anew", len(regenerate)) as advance:
+        generated = runtime.complete_all([list(answers[n].prompt_ids) for n in regenerate],
+                                         [GenerationOptions(max_tokens=answers[n].task.max_tokens)
+                                          for n in regenerate], on_done=lambda: advance(1))
     texts = {n: result.text for n, result in zip(regenerate, generated, strict=True)}
     scores = []
     for n, (answer, (positions, first)) in enumerate(zip(answers, forced, strict=True)):

@@ -164,8 +164,8 @@ def score_variant(path: Path, windows: EvalWindows, ref_positions: list[Referenc
     intervals = bootstrap_intervals(_reference_logprobs(read), scores)
     behaviour, accuracy = None, None
     if answers.answers:
-        with progress_bar(f"{variant_name(path)} answers", len(answers.answers), show_progress) as advance:
-            answer_scores = score_answers(runtime, answers.answers, on_prompt=lambda: advance(1))
+        answer_scores = score_answers(runtime, answers.answers, lambda label, total: progress_bar(
+            f"{variant_name(path)} {label}", total, show_progress))
         accuracy = task_accuracy(answers.answers, [s.correct for s in answer_scores])
         behaviour = summarise_behaviour(answers.answers, answer_scores)
     runtime.close()
