@@ -36,10 +36,24 @@ def run_edgepack(args: list[str], env: dict[str, str], check: bool = True) -> su
 
 
 @pytest.fixture(scope="module")
-def host_build(stories_dir: Path, build_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
+def build_args(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """What every build of this module's cache is made with: the three GGUF kinds, scored on the first quarter of the
+    built-in evaluation text (the whole text is 104 windows of stories260K's context, 8 s for the reference alone;
+    the stage reads it all the same way). The builds share the quality stage's cache only with the same text."""
+    from edgepack.quality.reference import DEFAULT_EVAL_TEXT
+
+    text = DEFAULT_EVAL_TEXT.read_text()
+    short = tmp_path_factory.mktemp("eval-text") / "eval.txt"
+    short.write_text(text[:len(text) // 4])
+    return ["--formats", BUILD_FORMATS, "--eval-text", str(short)]
+
+
+@pytest.fixture(scope="module")
+def host_build(stories_dir: Path, build_env: dict[str, str], build_args: list[str],
+               tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("dist")
-    done = run_edgepack(["build", str(stories_dir), "--target", "host", "--formats", BUILD_FORMATS, "--out", str(out),
-                         "--json"], build_env)
+    done = run_edgepack(["build", str(stories_dir), "--target", "host", *build_args, "--out", str(out), "--json"],
+                        build_env)
     return out, json.loads(done.stdout)
 
 
@@ -79,10 +93,10 @@ def test_build_writes_a_bundle_that_verifies(host_build):
     assert "- Reference weights: imported from x.Q4_1.gguf" in render_markdown(report)
 
 
-def test_cached_rebuild_reuses_every_stage_and_the_bundle(host_build, stories_dir, build_env):
+def test_cached_rebuild_reuses_every_stage_and_the_bundle(host_build, stories_dir, build_env, build_args):
     out, first = host_build
     manifest_before = (out / "stories260K-hf-host" / "edgepack.json").read_text()
-    done = run_edgepack(["build", str(stories_dir), "--target", "host", "--formats", BUILD_FORMATS, "--out",
+    done = run_edgepack(["build", str(stories_dir), "--target", "host", *build_args, "--out",
                          str(out), "--json"], build_env)
     again = json.loads(done.stdout)
     assert again["chosen"] == first["chosen"]
@@ -191,8 +205,9 @@ def test_a_damaged_archive_fails_verify(host_build, tmp_path: Path):
         verify_bundle(damaged)
 
 
-def test_a_build_for_another_target_predicts_and_explains(host_build, stories_dir, build_env, tmp_path: Path):
-    done = run_edgepack(["build", str(stories_dir), "--target", "raspberry-pi-5-8gb", "--formats", BUILD_FORMATS,
+def test_a_build_for_another_target_predicts_and_explains(host_build, stories_dir, build_env, build_args,
+                                                          tmp_path: Path):
+    done = run_edgepack(["build", str(stories_dir), "--target", "raspberry-pi-5-8gb", *build_args,
                          "--out", str(tmp_path), "--json"], build_env)
     result = json.loads(done.stdout)
     bundle = Path(result["bundle"])
@@ -212,7 +227,7 @@ def test_a_build_for_another_target_predicts_and_explains(host_build, stories_di
     assert all(p["decode_error"] is not None and p["memory_error"] is not None for p in manifest["performance"])
     assert "python:3.11-slim" in (bundle / "deploy" / "Dockerfile").read_text()
     assert manifest["server"]["device"] == "cpu"  # a Raspberry Pi has no GPU for LLMs
-    jetson = run_edgepack(["build", str(stories_dir), "--target", "jetson-orin-nano-8gb", "--formats", BUILD_FORMATS,
+    jetson = run_edgepack(["build", str(stories_dir), "--target", "jetson-orin-nano-8gb", *build_args,
                            "--out", str(tmp_path), "--json"], build_env)
     jetson_manifest = json.loads((Path(json.loads(jetson.stdout)["bundle"]) / "edgepack.json").read_text())
     assert jetson_manifest["server"]["device"] == "cuda"
@@ -222,13 +237,13 @@ def test_a_build_for_another_target_predicts_and_explains(host_build, stories_di
     assert "no decode figure for this target" in jetson_manifest["decision"]["why"]
 
 
-def test_nothing_fits_exits_6_and_writes_no_bundle(host_build, stories_dir, build_env, tmp_path: Path):
+def test_nothing_fits_exits_6_and_writes_no_bundle(host_build, stories_dir, build_env, build_args, tmp_path: Path):
     profile = tmp_path / "tiny.toml"
     profile.write_text((Path(__file__).resolve().parents[2] / "profiles" / "raspberry-pi-5-8gb.toml").read_text()
                        .replace('name = "raspberry-pi-5-8gb"', 'name = "tiny-device"')
                        .replace("memory_budget_gib = 6.5", "memory_budget_gib = 0.001"))
     out = tmp_path / "dist"
-    done = run_edgepack(["build", str(stories_dir), "--profile", str(profile), "--formats", BUILD_FORMATS, "--out",
+    done = run_edgepack(["build", str(stories_dir), "--profile", str(profile), *build_args, "--out",
                          str(out)], build_env, check=False)
     assert done.returncode == 6, done.stderr
     assert "no variant fits" in done.stderr and "budget is 1 MiB" in done.stderr
