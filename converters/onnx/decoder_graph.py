@@ -211,14 +211,15 @@ class DecoderGraphBuilder:
         return self._sums[key]
 
     def _grouped_linears(self, x: str, weights: dict[str, tuple[np.ndarray, str]], roles: tuple[str, ...],
-                         name: str) -> list[str]:
+                         name: str, split: bool = True) -> list[str]:
         """The projections of `roles` from the same input: one MatMul over their stacked rows where they share a
-        precision (then split), or one each."""
+        precision (then split, unless `split` is False and the stacked output is what the caller takes), or one
+        each."""
         precisions = {self.plan.for_role(role) for role in roles}
         if len(precisions) == 1:
             stacked = np.concatenate([weights[role][0] for role in roles], axis=0)
             fused = self._linear(x, stacked, precisions.pop(), f"{name}.{'_'.join(roles)}", weights[roles[0]][1])
-            if len(roles) == 1:
+            if len(roles) == 1 or not split:
                 return [fused]
             sizes = [weights[role][0].shape[0] for role in roles]
             return self.graph.op("Split", [fused, self.graph.ints(f"{name}.split_sizes", sizes)],
@@ -313,7 +314,7 @@ class DecoderGraphBuilder:
                 k = self._head_norm(k, f"{attn}.k_norm.weight", spec.kv_heads, f"{name}.k_norm")
             qkv_inputs = [q, k, v]
         else:
-            parts = self._grouped_linears(x, weights, ("q", "k", "v"), name)
+            parts = self._grouped_linears(x, weights, ("q", "k", "v"), name, split=False)
             if len(parts) == 1:  # packed: GroupQueryAttention splits it itself
                 qkv_inputs = [parts[0], "", ""]
             else:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from converters.onnx.decoder_graph import PrecisionPlan, WeightPrecision
 
-RECIPE_VERSION = 3  # raise when a kind's plan or a folder's files change, so cached variants are rebuilt
+RECIPE_VERSION = 4  # raise when a kind's plan or a folder's files change, so cached variants are rebuilt
 
 
 def precision_plan(kind: str, int4_block_size: int = 32, imatrix: bool = True) -> PrecisionPlan:
