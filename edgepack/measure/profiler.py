@@ -162,15 +162,6 @@ def measure_in_this_process(path: Path, threads: int, prompt_tokens: int, new_to
     return timer.measurement(path, device, peak, peak - timer.rss_before)
 
 
-def measure_pair_in_this_process(path: Path, threads: tuple[int, int], prompt_tokens: int, new_tokens: int,
-                                 runs: int, context: int | None, device: str = "cpu") -> tuple[Measurement, ...]:
-    """The child's side of a thread pair: the variant loaded once per thread count, and the runs alternated between
-    them, so that a drift of the machine's speed (seen here: 20% between minutes) hits both alike and their ratio,
-    which is what says how decode scales with threads, holds."""
-    return measure_alternated_in_this_process([(path, count) for count in threads], prompt_tokens, new_tokens, runs,
-                                              context, device)
-
-
 def measure_alternated_in_this_process(variants: list[tuple[Path, int]], prompt_tokens: int, new_tokens: int,
                                        runs: int, context: int | None, device: str = "cpu"
                                        ) -> tuple[Measurement, ...]:
@@ -229,7 +220,8 @@ def measure_variant(path: Path, options: ProfileOptions | None = None) -> Measur
 
 def measure_thread_pair(path: Path, options: ProfileOptions, other_threads: int) -> tuple[Measurement, Measurement]:
     """One variant at `options.threads` and at `other_threads` in one fresh child process, their runs alternated
-    (measure_pair_in_this_process): what a fit of how decode scales with threads reads."""
+    (measure_alternated_in_this_process), so that a drift of the machine's speed (seen here: 20% between processes
+    minutes apart) hits both alike and their ratio, which says how decode scales with threads, holds."""
     first, second = _measure_in_a_child(path, options, other_threads)
     return first, second
 
@@ -300,7 +292,8 @@ if __name__ == "__main__":  # the child process of measure_variant and measure_t
     other_threads_arg = int(sys.argv[8]) if len(sys.argv) > 8 else 0
     sizes = (int(prompt_arg), int(new_arg), int(runs_arg), int(context_arg) or None, device_arg)
     if other_threads_arg:
-        results = measure_pair_in_this_process(Path(path_arg), (int(threads_arg), other_threads_arg), *sizes)
+        results = measure_alternated_in_this_process([(Path(path_arg), int(threads_arg)),
+                                                      (Path(path_arg), other_threads_arg)], *sizes)
     else:
         results = (measure_in_this_process(Path(path_arg), int(threads_arg), *sizes),)
     print(json.dumps([{k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(result).items()}
