@@ -290,17 +290,9 @@ def prefix_cache(server: Server, repeats: int = 3) -> dict:
                                               {"role": "user", "content": "And why is that?"}]
         cold.append(stream_completion(server.url, {"model": server.model_id, "messages": unseen, "max_tokens": 8,
                                                    "temperature": 0}, chat=True).ttft_s)
-    reused = _metric(server, "edgepack_prompt_tokens_reused_total")
     return {"conversation_tokens": statistics.median(prompt_tokens), "warm_ttft_ms": statistics.median(warm) * 1000,
             "cold_ttft_ms": statistics.median(cold) * 1000,
-            "ratio": statistics.median(warm) / statistics.median(cold), "reused_tokens_total": reused}
-
-
-def _metric(server: Server, name: str) -> float | None:
-    for line in httpx.get(f"{server.url}/metrics", timeout=10).text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return None
+            "ratio": statistics.median(warm) / statistics.median(cold)}
 
 
 def load_run(url: str, model_id: str, clients: int, requests: int) -> dict:
@@ -482,7 +474,7 @@ def print_tables(result: dict, args: argparse.Namespace) -> None:
     cache = result["prefix_cache"]
     print(f"\nFollow-up turn over a {cache['conversation_tokens']:.0f}-token conversation: TTFT "
           f"{cache['warm_ttft_ms']:.0f} ms with the prefix cached, {cache['cold_ttft_ms']:.0f} ms cold "
-          f"({cache['ratio']:.2f}x); prompt tokens reused in all: {cache['reused_tokens_total']:.0f}")
+          f"({cache['ratio']:.2f}x)")
     structured = result["structured"]
     print(f"\nStructured output: {structured['requests']} requests over {structured['schemas']} JSON schemas: "
           f"{json.dumps(structured['verdicts'])}, {structured['tokens_per_s']:.1f} t/s over 4 clients")

@@ -8,7 +8,6 @@ sampling, which llama.cpp replaces with its batch scheduler and its own sampler 
 
 from __future__ import annotations
 
-import functools
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -20,6 +19,7 @@ import numpy as np
 
 from edgepack.core.errors import EdgepackError
 from runtimes.chat_prompt import chat_prompt_pieces
+from runtimes.prompt_tokens import pieces_of_text, special_pattern, tokenize_in_runs
 from runtimes.sampling import Sampler, token_logprobs
 
 Device = Literal["cpu", "cuda", "metal"]
@@ -171,30 +171,50 @@ class Runtime(ABC):
 
     # -- shared behaviour ------------------------------------------------------------------------
 
-    def chat_prompt_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        """The template writes its own special tokens (BOS included where the model wants it); the messages' text
-        never becomes a special token (see runtimes.chat_prompt).
-
-        The whole prompt is tokenized as one text when the special tokens in it are exactly the template's own, so
-        an ordinary prompt gets the tokenizer's own treatment of marker boundaries (Phi-3's markers swallow the
-        newline after them); otherwise a message holds special-token text, and its text is tokenized apart."""
+    def chat_prompt_ids(self, messages: list[dict], tools: list[dict] | None = None, limit: int | None = None,
+                        cancel: threading.Event | None = None) -> list[int]:
+        """The template writes its own special tokens (BOS included where the model wants it); no client string
+        (a message's text, a tool call's name or arguments, a tool's description) ever becomes a special token
+        (runtimes.chat_prompt). Tokenized a run at a time (runtimes.prompt_tokens): PromptTooLong past `limit`
+        tokens, PromptCancelled once `cancel` is set."""
         specials = self.special_tokens()
         try:
-            render = functools.partial(self.apply_chat_template, tools=tools) if tools else self.apply_chat_template
-            pieces = chat_prompt_pieces(render, messages, specials.values())
+            pieces = chat_prompt_pieces(self._render_chat, messages, specials.values(), tools)
         except EdgepackError:
             raise
         except Exception as exc:  # the template's own raise_exception(...), or an error inside the template
             raise EdgepackError(f"the model's chat template refused these messages: {exc}") from exc
-        whole = self.tokenize("".join(piece.text for piece in pieces), add_special=False)
-        id_of = {text: token for token, text in specials.items()}
-        if [token for token in whole if token in specials] == [id_of[p.text] for p in pieces if p.special]:
-            return whole
-        ids: list[int] = []
-        for piece in pieces:
-            ids += [id_of[piece.text]] if piece.special else self.tokenize(piece.text, add_special=False,
-                                                                           parse_special=False)
-        return ids
+        return tokenize_in_runs(self.tokenize, pieces, self._special_ids(), self._special_pattern(),
+                                add_special=False, limit=limit, cancel=cancel)
+
+    def _render_chat(self, messages: list[dict], tools: list[dict] | None) -> str:
+        return self.apply_chat_template(messages, tools=tools) if tools else self.apply_chat_template(messages)
+
+    def prompt_ids(self, text: str, limit: int | None = None, cancel: threading.Event | None = None) -> list[int]:
+        """A raw prompt's tokens (special-token text in it parsed, BOS first where the model wants it), tokenized a
+        run at a time like a chat prompt."""
+        pieces = pieces_of_text(text, self._special_pattern())
+        return tokenize_in_runs(self.tokenize, pieces, self._special_ids(), None, add_special=True, limit=limit,
+                                cancel=cancel)
+
+    def _special_ids(self) -> dict[str, int]:
+        if getattr(self, "_special_ids_cache", None) is None:
+            self._special_ids_cache = {text: token for token, text in self.special_tokens().items()}
+        return self._special_ids_cache
+
+    def _special_pattern(self):
+        if not hasattr(self, "_special_pattern_cache"):
+            self._special_pattern_cache = special_pattern(list(self.special_tokens().values()))
+        return self._special_pattern_cache
+
+    def longest_token_chars(self) -> int:
+        """The most characters one token stands for (a prompt longer than this many per context position cannot
+        fit); read once from the vocabulary."""
+        if getattr(self, "_longest_token_cache", None) is None:
+            size = self.vocab_size()
+            self._longest_token_cache = max(
+                (len(self.token_bytes(token)) for token in range(size)), default=0) if size else 0
+        return self._longest_token_cache or 64
 
     def check_prompt_fits(self, prompt_ids: Sequence[int], max_tokens: int = 0) -> None:
         """Refuse an empty prompt, or one that with `max_tokens` more would not fit the context."""

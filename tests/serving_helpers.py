@@ -46,9 +46,9 @@ class GatedModel(LocalModel):
         self.finished: list[tuple[str | None, int]] = []
         self.tokenized = 0  # prompts tokenized
 
-    def prompt_ids(self, prompt=None, messages=None, tools=None):
+    def prompt_ids(self, prompt=None, messages=None, tools=None, **bounds):
         self.tokenized += 1
-        return super().prompt_ids(prompt, messages, tools)
+        return super().prompt_ids(prompt, messages, tools, **bounds)
 
     def submit(self, *_):
         return False  # the server streams through stream_ids below

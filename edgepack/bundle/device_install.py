@@ -13,7 +13,7 @@ from edgepack.bundle.wheels import download_wheels
 from edgepack.core.progress import say
 from edgepack.core.versions import EDGEPACK_VERSION
 from edgepack.measure.hardware import DeviceInfo
-from edgepack.measure.remote import DeviceStepError, SshDevice, SshSession
+from edgepack.measure.remote import DeviceStepError, SshDevice, SshSession, reported
 from edgepack.measure.targets import host_profile
 
 
@@ -25,7 +25,9 @@ def install_on_device(session: SshSession, device: SshDevice, root: str, engines
         "f'{sys.version_info.major}.{sys.version_info.minor}')")).split()
     if len(facts) != 3:
         raise DeviceStepError(device.url, step, f"{device.python} did not say its platform: {' '.join(facts)!r}")
-    system, machine, python_version = facts
+    system = reported(device.url, step, "its system", "system", facts[0])
+    machine = reported(device.url, step, "its machine", "machine", facts[1])
+    python_version = reported(device.url, step, "its Python version", "python version", facts[2])
     target = replace(host_profile(DeviceInfo(os=system, machine=machine, cpu_model=None, physical_cores=1,
                                              logical_cores=1, isa_features=(), ram_total_bytes=0,
                                              ram_available_bytes=0)),

@@ -47,10 +47,51 @@ def _check_fields(data: Any, table: dict[str, Any], where: str) -> None:
 
 
 def safe_relative_path(text: str, where: str) -> PurePosixPath:
+    """`text` as a normalised relative POSIX path (no '..', '.', '//', trailing '/', backslash, drive letter or
+    control character), or BundleInvalidError naming `where`."""
     path = PurePosixPath(text)
-    if path.is_absolute() or ".." in path.parts or not path.parts or "\\" in text:
+    normalised = bool(path.parts) and path.as_posix() == text and "." not in path.parts
+    drive_letter = len(text) > 1 and text[1] == ":"
+    if (not normalised or path.is_absolute() or ".." in path.parts or "\\" in text or drive_letter
+            or any(ord(c) < 32 or ord(c) == 127 for c in text)):
         raise BundleInvalidError(f"manifest: {where} {text!r} is not a relative path inside the bundle")
     return path
+
+
+def _check_listed_path(text: Any, where: str, names: set[str], folder_allowed: bool) -> None:
+    """A path the manifest names for the server or the variant must be one of its listed files (or, where
+    `folder_allowed`, a folder holding some of them): never a file the manifest does not vouch for."""
+    if not isinstance(text, str):
+        raise BundleInvalidError(f"manifest: {where} has the wrong type ({type(text).__name__})")
+    safe_relative_path(text, where)
+    in_folder = folder_allowed and any(name.startswith(text + "/") for name in names)
+    if text not in names and not in_folder:
+        raise BundleInvalidError(f"manifest: {where} {text!r} is not among the bundle's files")
+
+
+def _check_named_paths(data: dict[str, Any], names: set[str]) -> None:
+    """Every path the manifest names besides files[]: the variant, the server's model and chat template, the
+    wheels."""
+    _check_listed_path(data["variant"]["path"], "variant.path", names, folder_allowed=True)
+    _check_listed_path(data["server"]["model_path"], "server.model_path", names, folder_allowed=True)
+    if data["server"].get("chat_template") is not None:
+        _check_listed_path(data["server"]["chat_template"], "server.chat_template", names, folder_allowed=False)
+    wheels = data["wheels"]
+    if wheels is None:
+        return
+    if not isinstance(wheels.get("files"), list) or not isinstance(wheels.get("sources", []), list):
+        raise BundleInvalidError("manifest: wheels.files and wheels.sources must be lists")
+    for index, name in enumerate(wheels["files"]):
+        _check_wheel_file(name, f"wheels.files[{index}]", names)
+    for index, source in enumerate(wheels.get("sources", [])):
+        _check_wheel_file(source.get("file") if isinstance(source, dict) else None,
+                          f"wheels.sources[{index}].file", names)
+
+
+def _check_wheel_file(name: Any, where: str, names: set[str]) -> None:
+    if not isinstance(name, str):
+        raise BundleInvalidError(f"manifest: {where} has the wrong type ({type(name).__name__})")
+    _check_listed_path(f"wheels/{name}", where, names, folder_allowed=False)
 
 
 def check_manifest_schema(data: Any) -> list[BundleFile]:
@@ -74,10 +115,5 @@ def check_manifest_schema(data: Any) -> list[BundleFile]:
     names = [f.path for f in files]
     if len(set(names)) != len(names):
         raise BundleInvalidError("manifest: a file is listed twice")
-    for where in ("variant", "server"):
-        key = "path" if where == "variant" else "model_path"
-        target = data[where][key]
-        safe_relative_path(target, f"{where}.{key}")
-        if target not in names and not any(name.startswith(target.rstrip("/") + "/") for name in names):
-            raise BundleInvalidError(f"manifest: {where}.{key} {target!r} is not among the bundle's files")
+    _check_named_paths(data, set(names))
     return files

@@ -36,15 +36,29 @@ def read_manifest(bundle_dir: Path) -> dict[str, Any]:
 
 
 def verify_directory(bundle_dir: Path) -> VerifyReport:
+    return _verify_directory(bundle_dir)[0]
+
+
+def verified_manifest(bundle_dir: Path) -> dict[str, Any]:
+    """The manifest of a bundle directory, as verification read and accepted it: every path it names is one of the
+    bundle's own files, checked byte for byte (what the server reads from a bundle comes from here)."""
+    return _verify_directory(bundle_dir)[1]
+
+
+def _verify_directory(bundle_dir: Path) -> tuple[VerifyReport, dict[str, Any]]:
     if not bundle_dir.is_dir():
         raise BundleInvalidError(f"{bundle_dir} is not a directory")
     manifest = read_manifest(bundle_dir)
     files = check_manifest_schema(manifest)
     listed = {f.path for f in files}
+    root = bundle_dir.resolve()
     for f in files:
         path = bundle_dir / f.path
         if path.is_symlink() or not path.is_file():
             raise BundleInvalidError(f"{f.path} is listed in the manifest but missing from the bundle")
+        if path.resolve() != root.joinpath(*f.path.split("/")):
+            raise BundleInvalidError(f"{f.path} is reached through a symbolic link: a bundle holds only its own "
+                                     "files and folders")
         size = path.stat().st_size
         if size != f.bytes:
             raise BundleInvalidError(f"{f.path}: {size} bytes, the manifest says {f.bytes}")
@@ -57,8 +71,9 @@ def verify_directory(bundle_dir: Path) -> VerifyReport:
         name = relative.as_posix()
         if name != MANIFEST_NAME and name not in listed:
             raise BundleInvalidError(f"{name} is in the bundle but not in its manifest (an added or renamed file)")
-    return VerifyReport(bundle=bundle_dir, files_checked=len(files), bytes_checked=sum(f.bytes for f in files),
-                        chosen_variant=manifest["variant"]["kind"], target=manifest["target"].get("name", "?"))
+    report = VerifyReport(bundle=bundle_dir, files_checked=len(files), bytes_checked=sum(f.bytes for f in files),
+                          chosen_variant=manifest["variant"]["kind"], target=manifest["target"].get("name", "?"))
+    return report, manifest
 
 
 def verify_bundle(path: Path) -> VerifyReport:

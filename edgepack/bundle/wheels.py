@@ -18,6 +18,7 @@ from pathlib import Path
 
 from edgepack.core.errors import EdgepackError
 from edgepack.core.progress import say
+from edgepack.measure.device_values import value_problem
 from edgepack.measure.targets import TargetProfile
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -205,6 +206,10 @@ echo "installed into $HERE/.venv; start the server with $HERE/run.sh"
 
 
 def install_script(wheels: WheelSet) -> str:
+    problem = value_problem("python version", wheels.python_version)
+    if problem:  # it goes into install.sh
+        raise EdgepackError(f"the target's python_version {wheels.python_version!r} {problem}; refusing to write it "
+                            "into install.sh")
     env = ""
     for source in wheels.sources:
         if source.build_command.startswith("CMAKE_ARGS="):

@@ -16,15 +16,18 @@ from runtimes.base import DEVICES
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--host", default=None, help="Address to listen on (default: the bundle's, else 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Port (default: the bundle's, else 8080).")
-@click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on every /v1 route.")
+@click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on /v1, /api and /metrics.")
 @click.option("--api-key-file", type=click.Path(path_type=Path), default=None, help="Read the API key from a file.")
 @click.option("--max-queue", type=int, default=16, show_default=True,
               help="Requests that may wait for the engine; past this the answer is 503 with Retry-After.")
 @click.option("--max-upstream", type=int, default=16, show_default=True,
               help="Requests routed upstream at once; past this the answer is 503 with Retry-After.")
 @click.option("--allowed-host", "allowed_hosts", multiple=True,
-              help="Also answer requests whose Host header is NAME (repeatable); on 127.0.0.1 only this machine's "
-                   "names are answered otherwise (no DNS rebinding).")
+              help="Also answer requests whose Host header is NAME (repeatable); on any address only loopback names "
+                   "and IP addresses are answered otherwise (no DNS rebinding).")
+@click.option("--allowed-origin", "allowed_origins", multiple=True,
+              help="A web origin (https://app.example, http://localhost:3000) whose pages may send requests "
+                   "(repeatable; * for any). Other pages' requests are refused, as Ollama's OLLAMA_ORIGINS does.")
 @click.option("--max-body-mb", type=float, default=4.0, show_default=True,
               help="Largest request body accepted; a larger one gets 413 before it is parsed.")
 @click.option("--model-alias", "model_aliases", multiple=True,
@@ -50,6 +53,10 @@ from runtimes.base import DEVICES
               help="Accept a plain http:// upstream on another machine (prompts and key travel unencrypted).")
 @click.option("--upstream-timeout", type=float, default=None,
               help="Seconds an upstream call may take in all, streams included (30); past it upstream counts as down.")
+@click.option("--upstream-max-tokens", type=int, default=None,
+              help="max_tokens sent upstream at most (2048); a request asking more is capped.")
+@click.option("--upstream-max-choices", type=int, default=None,
+              help="n sent upstream at most (1); a request asking more is refused.")
 @click.option("--min-mean-logprob", type=float, default=None, help="auto: below this mean logprob, go upstream.")
 @click.option("--min-token-logprob", type=float, default=None, help="auto: a token below this, go upstream.")
 @click.option("--route-pattern", "patterns", multiple=True,
@@ -57,11 +64,13 @@ from runtimes.base import DEVICES
 @click.option("--router-config", type=click.Path(path_type=Path), default=None,
               help="Router settings file (from `edgepack route calibrate`); options above override it.")
 def serve(path: Path, host: str | None, port: int | None, api_key: str | None, api_key_file: Path | None,
-          max_queue: int, max_upstream: int, allowed_hosts: tuple[str, ...], max_body_mb: float,
+          max_queue: int, max_upstream: int, allowed_hosts: tuple[str, ...], allowed_origins: tuple[str, ...],
+          max_body_mb: float,
           model_aliases: tuple[str, ...], parallel: int | None, chat_template: str | None, threads: int | None,
           context: int | None, device: str | None, policy: str | None, upstream_url: str | None,
           upstream_model: str | None, upstream_key_env: str | None, allow_insecure_upstream: bool | None,
-          upstream_timeout: float | None, min_mean_logprob: float | None, min_token_logprob: float | None,
+          upstream_timeout: float | None, upstream_max_tokens: int | None, upstream_max_choices: int | None,
+          min_mean_logprob: float | None, min_token_logprob: float | None,
           patterns: tuple[str, ...], router_config: Path | None) -> None:
     """Serve a bundle (verified first; one that fails is refused) or a variant over the OpenAI API, optionally
     routing hard requests to an upstream model."""
@@ -75,12 +84,15 @@ def serve(path: Path, host: str | None, port: int | None, api_key: str | None, a
                                        upstream_model=upstream_model, key_env=upstream_key_env,
                                        timeout_s=upstream_timeout, min_mean_logprob=min_mean_logprob,
                                        min_token_logprob=min_token_logprob, patterns=patterns,
-                                       allow_insecure_upstream=allow_insecure_upstream)
+                                       allow_insecure_upstream=allow_insecure_upstream,
+                                       upstream_max_tokens=upstream_max_tokens,
+                                       upstream_max_choices=upstream_max_choices)
     key = read_api_key(api_key, api_key_file)
     defaults = defaults_for(path)
     config = ServerConfig(host=host or defaults.host, port=port if port is not None else defaults.port,
                           api_key=key, max_queue=max_queue, max_upstream=max_upstream, router=router,
                           max_body_bytes=int(max_body_mb * 2**20), allowed_hosts=allowed_hosts,
+                          allowed_origins=allowed_origins,
                           model_aliases=model_aliases)
     note(f"serving {defaults.model_id} on http://{config.host}:{config.port}/v1 (loading the model; "
          "GET /health answers 200 once it is ready)")

@@ -71,6 +71,11 @@ class EngineCrashedError(EdgepackError):
         return (type(self), (str(self), self.cause))
 
 
+class OutputConstraintError(EdgepackError):
+    """A constrained generation reached a point where its grammar allows no token the model has (a schema whose
+    pattern no tokens can spell, say): the generation ends with this instead of going on outside the grammar."""
+
+
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
     """OpenAI's error shape."""

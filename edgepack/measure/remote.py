@@ -14,6 +14,7 @@ Measurements are cached per device (its detected description) and variant, like 
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import signal
 import subprocess
@@ -30,6 +31,7 @@ from edgepack.core.isolation import describe_exit
 from edgepack.core.progress import say
 from edgepack.core.versions import EDGEPACK_VERSION
 from edgepack.measure.device_report import describe, device_from_dict
+from edgepack.measure.device_values import bandwidth_problem, device_info_problem, value_problem
 from edgepack.measure.hardware import DeviceInfo
 from edgepack.measure.predict import ACHIEVABLE_SHARE_OF_SPEC
 from edgepack.measure.profiler import DeviceMeasurements, Measurement, ProfileOptions, power_notes
@@ -37,6 +39,10 @@ from edgepack.measure.targets import TargetProfile
 
 REMOTE_ROOT = ".cache/edgepack/measure-on"  # under the device account's home
 CONNECT_TIMEOUT_S = 15
+# what ssh may take as a user or a host name: never a leading '-', which ssh would read as an option
+# (ssh://-oProxyCommand=...@host runs a command here)
+SSH_USER = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_.-]{0,63}")
+SSH_HOST = re.compile(r"[A-Za-z0-9_:][A-Za-z0-9_.:%-]{0,252}")
 # a shell on the device reports a child killed by signal N as exit status 128 + N, and ssh passes that on
 SIGNAL_EXIT_BASE = 128
 
@@ -74,6 +80,10 @@ def parse_ssh_url(text: str, config_file: Path | None = None, python: str = "pyt
             or parts.query or parts.fragment:
         raise EdgepackError(f"--measure-on {text!r} is not an SSH address (a password never goes on the command "
                             f"line: use a key); {accepted}")
+    for what, value, pattern in (("user", parts.username, SSH_USER), ("host", parts.hostname, SSH_HOST)):
+        if value is not None and not pattern.fullmatch(value):
+            raise EdgepackError(f"--measure-on {text!r}: the {what} {value!r} is not a plain name (letters, digits "
+                                f"and . _ -, not starting with '-'); {accepted}")
     if config_file is not None and not Path(config_file).is_file():
         raise EdgepackError(f"--ssh-config {config_file}: no such file")
     return SshDevice(host=parts.hostname, user=parts.username, port=port, config_file=config_file, python=python)
@@ -98,21 +108,24 @@ class SshSession:
     def _destination(self) -> str:
         return f"{self.device.user}@{self.device.host}" if self.device.user else self.device.host
 
+    def _ssh_argv(self, command: str) -> list[str]:
+        # "--" ends ssh's options: nothing after it is read as one, whatever the destination looks like
+        return ["ssh", *self._options("-p"), "--", self._destination, command]
+
     def run(self, step: str, command: str, timeout_s: float = 600) -> str:
         """The remote command's stdout; DeviceStepError when ssh or the command fails."""
-        done = self._call(step, ["ssh", *self._options("-p"), self._destination, command], timeout_s)
+        done = self._call(step, self._ssh_argv(command), timeout_s)
         return done.stdout
 
     def run_allowing_failure(self, step: str, command: str, timeout_s: float = 600) -> subprocess.CompletedProcess:
         try:
-            return subprocess.run(["ssh", *self._options("-p"), self._destination, command], capture_output=True,
-                                  text=True, timeout=timeout_s)
+            return subprocess.run(self._ssh_argv(command), capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired:
             raise DeviceStepError(self.device.url, step, f"no answer within {timeout_s:.0f} s") from None
 
     def put(self, step: str, local: Path, remote: str, timeout_s: float = 3600) -> None:
         """Copy a file or a directory (recursively) to `remote`, an absolute path on the device."""
-        self._call(step, ["scp", "-q", "-r", *self._options("-P"), str(local), f"{self._destination}:{remote}"],
+        self._call(step, ["scp", "-q", "-r", *self._options("-P"), "--", str(local), f"{self._destination}:{remote}"],
                    timeout_s)
 
     def _call(self, step: str, argv: list[str], timeout_s: float) -> subprocess.CompletedProcess:
@@ -171,8 +184,7 @@ def connect(device: SshDevice, engines: set[str], threads: int | None, install: 
     session = SshSession(device)
     say(f"connecting to {device.url}")
     root = session.run("connect", f"mkdir -p {REMOTE_ROOT} && cd {REMOTE_ROOT} && pwd").strip()
-    if not root.startswith("/"):
-        raise DeviceStepError(device.url, "connect", f"the device's shell answered {root[:80]!r}, not a path")
+    reported(device.url, "connect", "its working folder", "path", root)
     python = device.python
     probe = session.run_allowing_failure("find edgepack", f"{shlex.quote(python)} -c "
                                          + shlex.quote("import edgepack; print(edgepack.__version__)"))
@@ -190,13 +202,45 @@ def connect(device: SshDevice, engines: set[str], threads: int | None, install: 
     try:
         data = json.loads(report.strip().splitlines()[-1])
         info = device_from_dict(data["device"])
-    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        engine_devices = {name: tuple(devices) for name, devices in data.get("engines", {}).items()}
+        bandwidth = {int(t): v for t, v in data["bandwidth_gbps"].items()}
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
         raise DeviceStepError(device.url, "describe the device",
                               f"unreadable answer ({exc}): {report[-200:]!r}") from None
+    check_description(device.url, data, info)
     return DeviceSide(session=session, python=python, root=root, info=info, edgepack_version=data["edgepack"],
-                      python_version=data["python"],
-                      engine_devices={name: tuple(devices) for name, devices in data.get("engines", {}).items()},
-                      bandwidth_gbps={int(t): float(v) for t, v in data["bandwidth_gbps"].items()})
+                      python_version=data["python"], engine_devices=engine_devices,
+                      bandwidth_gbps={t: checked_bandwidth(device.url, t, value) for t, value in bandwidth.items()})
+
+
+def reported(url: str, step: str, what: str, kind: str, value: object) -> str:
+    """`value`, a `kind` of device_values the device reported as `what`; DeviceStepError naming both where it does
+    not match its pattern, before it reaches a command or a generated file."""
+    problem = value_problem(kind, value)
+    if problem:
+        raise DeviceStepError(url, step, f"the device reported {what} {value!r}, which {problem}; refusing to use "
+                                         "it (it would reach commands and the bundle's generated files)")
+    return str(value)
+
+
+def check_description(url: str, data: dict, info: DeviceInfo) -> None:
+    """The device_report's versions and device description, each checked against its pattern."""
+    step = "describe the device"
+    reported(url, step, "its Python version", "python version", data.get("python"))
+    reported(url, step, "its edgepack version", "package version", data.get("edgepack"))
+    bad = device_info_problem(info)
+    if bad is not None:
+        field, value, why = bad
+        raise DeviceStepError(url, step, f"the device reported {field} {value!r}, which {why}; refusing to use it "
+                                         "(it would reach the bundle's generated files)")
+
+
+def checked_bandwidth(url: str, threads: int, value: object) -> float:
+    problem = bandwidth_problem(value)
+    if problem:
+        raise DeviceStepError(url, "describe the device", f"the device reported a bandwidth at {threads} threads "
+                                                          f"of {value!r}, which {problem}")
+    return float(value)  # type: ignore[arg-type]
 
 
 def measure_on_device(side: DeviceSide, variants: list[Variant], options: ProfileOptions, cache=None,
@@ -206,9 +250,7 @@ def measure_on_device(side: DeviceSide, variants: list[Variant], options: Profil
     threads = options.threads or side.info.physical_cores or 1
     bandwidth = side.bandwidth_gbps.get(threads)
     if bandwidth is None:
-        bandwidth = json.loads(side.session.run("describe the device", f"{shlex.quote(side.python)} -m "
-                                                f"edgepack.measure.device_report {threads}").strip().splitlines()[-1]
-                               )["bandwidth_gbps"][str(threads)]
+        bandwidth = _bandwidth_at(side, threads)
     identity = {"device": side.description, "machine": side.info.machine, "edgepack": side.edgepack_version,
                 "python": side.python_version}
     measured: list[Measurement] = []
@@ -247,6 +289,17 @@ def measure_on_device(side: DeviceSide, variants: list[Variant], options: Profil
                               notes=notes + power_notes(measured), crashed=tuple(crashed),
                               measured_on=side.session.device.url,
                               device_description=side.description)
+
+
+def _bandwidth_at(side: DeviceSide, threads: int) -> float:
+    url = side.session.device.url
+    answer = side.session.run("describe the device", f"{shlex.quote(side.python)} -m "
+                              f"edgepack.measure.device_report {threads}")
+    try:
+        value = json.loads(answer.strip().splitlines()[-1])["bandwidth_gbps"][str(threads)]
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        raise DeviceStepError(url, "describe the device", f"unreadable answer ({exc}): {answer[-200:]!r}") from None
+    return checked_bandwidth(url, threads, value)
 
 
 def _upload(side: DeviceSide, v: Variant) -> str:

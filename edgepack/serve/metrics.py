@@ -66,9 +66,10 @@ class Metrics:
         if decode_seconds and completion > 1:
             self.decode_tps.set((completion - 1) / decode_seconds)
 
-    def watch_batching(self, read: Callable[[], tuple[int, int]]) -> None:
-        """Report the batching engine's own counts: (prompt tokens read from the prefix cache, decode steps)."""
-        self.registry.register(_BatchingCollector(read))
+    def watch_batching(self, read_steps: Callable[[], int]) -> None:
+        """Report the batching engine's decode steps. (Not the prompt tokens it reused from its prefix cache: that
+        count, read before and after one's own request, tells how much of it another user's prompt shared.)"""
+        self.registry.register(_BatchingCollector(read_steps))
 
     def render(self, in_flight: int, queued: int) -> str:
         self.in_flight.set(in_flight)
@@ -77,12 +78,9 @@ class Metrics:
 
 
 class _BatchingCollector(Collector):
-    def __init__(self, read: Callable[[], tuple[int, int]]) -> None:
-        self.read = read
+    def __init__(self, read_steps: Callable[[], int]) -> None:
+        self.read_steps = read_steps
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        reused, steps = self.read()
-        yield CounterMetricFamily("edgepack_prompt_tokens_reused", "Prompt tokens taken from the prefix cache "
-                                  "instead of computed.", value=reused)
         yield CounterMetricFamily("edgepack_batch_steps", "Decode steps of the batching engine (each may carry "
-                                  "several requests' tokens).", value=steps)
+                                  "several requests' tokens).", value=self.read_steps())

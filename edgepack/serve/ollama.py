@@ -1,10 +1,12 @@
 """Ollama's API on the same server, for the desktop apps and tools that speak it: `POST /api/chat`,
 `POST /api/generate`, `GET /api/tags`, `POST /api/show`, `GET /api/ps`, `GET /api/version`.
 
-Requests are translated into the server's own OpenAI request models and answered through `local_generation`
-(the same engine, queue bound, cancellation and grammars as /v1). Streams are newline-delimited JSON, Ollama's
+Requests (edgepack.serve.ollama_protocol) are translated into the server's own OpenAI request models and answered
+through edgepack.serve.planning's `local_generation` (the same engine, queue bound, limits, cancellation and
+grammars as /v1). Streams are newline-delimited JSON, Ollama's
 default; the last object has `done: true`, `done_reason` and the counts and durations (nanoseconds) Ollama reports.
-Errors are `{"error": "..."}`. Like Ollama, any model name is answered, by the one model served, and echoed back.
+Errors are `{"error": "..."}` (edgepack.serve.http_errors answers every error under /api/ in that shape). Like
+Ollama, any model name is answered, by the one model served, and echoed back.
 """
 
 from __future__ import annotations
@@ -14,19 +16,30 @@ import functools
 import hashlib
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from edgepack.core.errors import ApiError
+from edgepack.serve.engine_stream import SlotStreamingResponse, stream_failure_message, until_disconnect
+from edgepack.serve.http_errors import log, request_id
+from edgepack.serve.ollama_protocol import (
+    OllamaChat,
+    OllamaGenerate,
+    OllamaOptions,
+    OllamaRequest,
+    OllamaShow,
+    parse_ollama,
+)
+from edgepack.serve.planning import local_generation
 from edgepack.serve.protocol import ChatRequest, CompletionRequest
 from edgepack.serve.responses import GenerationPlan, visible
+from edgepack.serve.state import ServerState
 from runtimes.base import GenerationChunk
 
 # The Ollama server version these answers follow (what /api/version reports; clients check it), not edgepack's
@@ -37,81 +50,27 @@ OLLAMA_DEFAULT_TOP_K = 40
 NDJSON = "application/x-ndjson"
 
 
-class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="allow")  # Ollama ignores what it does not use; so do we
-
-
-class OllamaOptions(_Lenient):
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    seed: int | None = None
-    num_predict: int | None = None  # -1: no limit, -2: until the context is full
-    stop: str | list[str] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-
-
-class OllamaMessage(_Lenient):
-    role: Literal["system", "user", "assistant", "tool"]
-    content: str = ""
-    images: list[Any] | None = None
-
-
-class _OllamaRequest(_Lenient):
-    model: str = Field(min_length=1)
-    stream: bool = True
-    format: Literal["", "json"] | dict[str, Any] | None = None
-    options: OllamaOptions | None = None
-    images: list[Any] | None = None
-
-
-class OllamaChat(_OllamaRequest):
-    messages: list[OllamaMessage] = Field(default_factory=list)
-
-
-class OllamaGenerate(_OllamaRequest):
-    prompt: str = ""
-    system: str | None = None
-    raw: bool = False
-
-
-class OllamaShow(_Lenient):
-    model: str | None = None
-    name: str | None = None  # older clients send the name here
-
-
-@dataclass(frozen=True)
-class LocalAnswers:
-    """What the server lends these routes to answer with (edgepack.serve.app's own, passed in so that this module
-    does not import the app that registers it)."""
-
-    generation: Callable[..., Awaitable[tuple[GenerationPlan, AsyncIterator[GenerationChunk]]]]
-    until_disconnect: Callable[..., Awaitable[Any]]
-    streaming_response: Callable[..., Any]  # (content, slot, media_type=...) -> a response that closes its content
-
-
-def add_ollama_routes(app: FastAPI, state, answers: LocalAnswers) -> None:
-    """Register Ollama's routes on the server's app; `state` is its ServerState."""
+def add_ollama_routes(app: FastAPI, state: ServerState) -> None:
+    """Register Ollama's routes on the server's app."""
 
     @app.post("/api/chat")
     async def chat(request: Request):
-        body = await _parse(request, OllamaChat)
+        body = await parse_ollama(request, OllamaChat)
         if any(message.images for message in body.messages):
-            raise _refusal("this model takes text only: images are not accepted")
+            raise ApiError(400, "this model takes text only: images are not accepted")
         _loaded_model(state)
         if not body.messages:  # Ollama's way to load a model (`ollama run` sends this first): done at once
             return JSONResponse({"model": body.model, "created_at": _now(),
                                  "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "load"})
         messages = [{"role": m.role, "content": m.content} for m in body.messages]
         openai_body = _openai_request(ChatRequest, body, messages=messages)
-        return await _answer(state, answers, request, body, openai_body, "chat")
+        return await _answer(state, request, body, openai_body, "chat")
 
     @app.post("/api/generate")
     async def generate(request: Request):
-        body = await _parse(request, OllamaGenerate)
+        body = await parse_ollama(request, OllamaGenerate)
         if body.images:
-            raise _refusal("this model takes text only: images are not accepted")
+            raise ApiError(400, "this model takes text only: images are not accepted")
         model = _loaded_model(state)
         if not body.prompt:  # Ollama answers an empty prompt by loading the model: done at once
             return JSONResponse({"model": body.model, "created_at": _now(), "response": "", "done": True,
@@ -123,7 +82,7 @@ def add_ollama_routes(app: FastAPI, state, answers: LocalAnswers) -> None:
             messages = ([{"role": "system", "content": body.system}] if body.system else []) + [
                 {"role": "user", "content": body.prompt}]
             openai_body = _openai_request(ChatRequest, body, messages=messages)
-        return await _answer(state, answers, request, body, openai_body, "generate")
+        return await _answer(state, request, body, openai_body, "generate")
 
     @app.get("/api/tags")
     async def tags() -> dict[str, Any]:
@@ -136,7 +95,7 @@ def add_ollama_routes(app: FastAPI, state, answers: LocalAnswers) -> None:
 
     @app.post("/api/show")
     async def show(request: Request) -> dict[str, Any]:
-        await _parse(request, OllamaShow)
+        await parse_ollama(request, OllamaShow)
         model = _loaded_model(state)
         entry = await _model_entry(state)
         template = model.chat_template_text() or ""
@@ -148,45 +107,13 @@ def add_ollama_routes(app: FastAPI, state, answers: LocalAnswers) -> None:
     async def version() -> dict[str, str]:
         return {"version": OLLAMA_API_VERSION}
 
-    @app.exception_handler(_OllamaError)
-    async def ollama_error(request: Request, exc: _OllamaError) -> JSONResponse:
-        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+
+def _loaded_model(state: ServerState):
+    """The served model; while it loads (or if it failed to), the server's 503."""
+    return state.require_model()
 
 
-class _OllamaError(Exception):
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers or {}
-
-
-def _refusal(message: str) -> _OllamaError:
-    return _OllamaError(400, message)
-
-
-def _in_ollama_shape(exc: ApiError) -> _OllamaError:
-    return _OllamaError(exc.status, exc.body["error"]["message"], exc.headers)
-
-
-def _loaded_model(state):
-    """The served model; while it loads (or if it failed to), the server's 503 in Ollama's shape."""
-    try:
-        return state.require_model()
-    except ApiError as exc:
-        raise _in_ollama_shape(exc) from exc
-
-
-async def _parse(request: Request, kind: type[BaseModel]) -> Any:
-    raw = await request.body()
-    try:
-        return kind.model_validate_json(raw or b"{}")
-    except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        where = ".".join(str(part) for part in first.get("loc", ()))
-        raise _refusal(f"{where or 'body'}: {first.get('msg')}" if first.get("type") != "json_invalid"
-                       else f"the request body is not valid JSON: {first.get('msg')}") from None
-
-
-def _openai_request(kind: type[ChatRequest] | type[CompletionRequest], body: _OllamaRequest, **content: Any):
+def _openai_request(kind: type[ChatRequest] | type[CompletionRequest], body: OllamaRequest, **content: Any):
     """The server's own request for an Ollama one (Ollama's default sampling where it names none)."""
     options = body.options or OllamaOptions()
     fields: dict[str, Any] = {
@@ -208,21 +135,18 @@ def _openai_request(kind: type[ChatRequest] | type[CompletionRequest], body: _Ol
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         where = ".".join(str(part) for part in first.get("loc", ()))
-        raise _refusal(f"{where}: {first.get('msg')}") from None
+        raise ApiError(400, f"{where}: {first.get('msg')}") from None
 
 
-async def _answer(state, answers: LocalAnswers, request: Request, body: _OllamaRequest, openai_body, kind: str):
+async def _answer(state: ServerState, request: Request, body: OllamaRequest, openai_body, kind: str):
     started = time.perf_counter_ns()
-    try:
-        plan, chunks = await answers.generation(state, openai_body)
-    except ApiError as exc:
-        raise _in_ollama_shape(exc) from exc
+    plan, chunks = await local_generation(state, request, openai_body)
     model = _loaded_model(state)
     shape = _Shape(body.model, kind, plan, started)
     if body.stream:
-        return answers.streaming_response(_ndjson(model, shape, chunks), None, media_type=NDJSON)
+        return SlotStreamingResponse(_ndjson(model, shape, chunks, request_id(request)), None, media_type=NDJSON)
     try:
-        collected = await answers.until_disconnect(request, _collect(chunks))
+        collected = await until_disconnect(request, _collect(chunks))
     finally:
         await chunks.aclose()
     text = "".join(chunk.text for chunk in collected)
@@ -254,16 +178,11 @@ class _Shape:
 
 
 async def _collect(chunks: AsyncIterator[GenerationChunk]) -> list[GenerationChunk]:
-    """The whole answer; an engine that fails midway is a 500 in Ollama's shape."""
-    try:
-        return [chunk async for chunk in chunks]
-    except ApiError as exc:
-        raise _in_ollama_shape(exc) from exc
-    except Exception as exc:
-        raise _OllamaError(500, f"generation failed midway: {exc}") from exc
+    return [chunk async for chunk in chunks]
 
 
-async def _ndjson(model, shape: _Shape, chunks: AsyncIterator[GenerationChunk]) -> AsyncIterator[bytes]:
+async def _ndjson(model, shape: _Shape, chunks: AsyncIterator[GenerationChunk], request_ident: str
+                  ) -> AsyncIterator[bytes]:
     made, finish = 0, "length"
     try:
         async for chunk in chunks:
@@ -275,7 +194,9 @@ async def _ndjson(model, shape: _Shape, chunks: AsyncIterator[GenerationChunk]) 
                 yield _line(shape.piece(chunk.text))
         yield _line({**shape.piece(""), **shape.final(finish, made, shape.first_at or time.perf_counter_ns())})
     except Exception as exc:  # the status line is sent: the stream ends with an error object, as Ollama's does
-        yield _line({"error": f"generation failed midway: {exc}"})
+        if not isinstance(exc, ApiError):
+            log.error("request %s: the generation failed midway", request_ident, exc_info=exc)
+        yield _line({"error": stream_failure_message(exc, request_ident)[0]})
     finally:
         await chunks.aclose()
 

@@ -7,10 +7,13 @@ something other than what it asked for.
 
 from __future__ import annotations
 
+import asyncio
 import json
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
 class _Strict(BaseModel):
@@ -22,13 +25,17 @@ class TextPart(_Strict):
     text: str
 
 
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for a function's name
+MAX_ID_CHARS = 128
+
+
 class FunctionCall(_Strict):
-    name: str
+    name: str = Field(pattern=FUNCTION_NAME)
     arguments: str  # a JSON object, as text
 
 
 class ToolCallMessagePart(_Strict):
-    id: str
+    id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
     type: Literal["function"] = "function"
     function: FunctionCall
 
@@ -36,9 +43,9 @@ class ToolCallMessagePart(_Strict):
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None  # None only on an assistant message that made tool calls
-    name: str | None = None
+    name: str | None = Field(default=None, max_length=MAX_ID_CHARS)
     tool_calls: list[ToolCallMessagePart] | None = None  # what an assistant called
-    tool_call_id: str | None = None  # on a tool message: the call it answers
+    tool_call_id: str | None = Field(default=None, max_length=MAX_ID_CHARS)  # on a tool message: the call it answers
 
     def text(self) -> str:
         if self.content is None:
@@ -68,7 +75,7 @@ def _arguments_object(arguments: str) -> Any:
 
 
 class FunctionSpec(_Strict):
-    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    name: str = Field(pattern=FUNCTION_NAME)
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
@@ -208,3 +215,20 @@ class CompletionRequest(_Sampling):
         if self.echo:
             return "echo: not supported"
         return super().unsupported()
+
+
+INLINE_PARSE_BYTES = 64 * 1024  # larger bodies are parsed on a worker thread, so /health stays quick
+Body = TypeVar("Body", bound=BaseModel)
+
+
+async def parse_body(request: Request, kind: type[Body]) -> Body:
+    """The body as `kind`; a large one is parsed on a worker thread. Mistakes become 400s (RequestValidationError)."""
+    raw = await request.body()
+
+    def parse() -> Body:
+        try:
+            return kind.model_validate_json(raw)
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors(include_url=False, include_input=False)) from None
+
+    return await asyncio.to_thread(parse) if len(raw) > INLINE_PARSE_BYTES else parse()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from edgepack.core.errors import ApiError, EdgepackError
+from edgepack.serve.prompt_prep import prompt_ids_for
 from edgepack.serve.protocol import ChatRequest, CompletionRequest
 from edgepack.serve.session import ModelSession
 from edgepack.serve.structured import response_format_grammar
@@ -44,19 +46,20 @@ class GenerationPlan:
                 for i in range(self.choices)]
 
 
-def plan_request(model: ModelSession, request: ChatRequest | CompletionRequest) -> GenerationPlan:
-    """Check a request against what this server and model can do; the prompt's tokens and generation options."""
+def plan_request(model: ModelSession, request: ChatRequest | CompletionRequest,
+                 cancel: threading.Event | None = None) -> GenerationPlan:
+    """Check a request against what this server and model can do; the prompt's tokens and generation options.
+    Runs on a worker thread; `cancel` (a client that went away) stops it while it tokenizes (PromptCancelled)."""
     problem = request.unsupported()
     if problem is not None:
         raise ApiError(400, f"unsupported value: {problem}", param=problem.split(":")[0])
     tools = request.tools_offered() if isinstance(request, ChatRequest) else None
     fmt, grammar = _output_shape(model, request, tools)
     logit_bias = _logit_bias(model, request)
-    if isinstance(request, ChatRequest):
-        messages = [m.for_template() for m in request.messages]
-        prompt_ids, kind, logprobs = model.prompt_ids(messages=messages, tools=tools), "chat", request.logprobs
-    else:
-        prompt_ids, kind, logprobs = model.prompt_ids(prompt=request.text()), "completion", request.logprobs is not None
+    prompt_ids = prompt_ids_for(model, request, tools, cancel)
+    chat = isinstance(request, ChatRequest)
+    kind: PlanKind = "chat" if chat else "completion"
+    logprobs = request.logprobs if chat else request.logprobs is not None
     if not prompt_ids:
         raise ApiError(400, "the prompt is empty after tokenization; give at least one token",
                        param="messages" if kind == "chat" else "prompt")
@@ -202,6 +205,7 @@ class StreamEvents:
         self.created = int(time.time())
         self.tool_calls = ToolCallStream(plan.tool_format) if plan.tool_format is not None else None
         self.calls_made = 0
+        self.text_offset = 0  # completions: where the next token starts in the answer's text
 
     def _event(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
         return sse({"id": self.ident, "object": self.object, "created": self.created, "model": self.model.model_id,
@@ -210,7 +214,7 @@ class StreamEvents:
     def _choice(self, text: str | None, finish: str | None, logprob: dict[str, Any] | None = None,
                 role: bool = False) -> dict[str, Any]:
         if not self.chat:
-            return {"index": self.index, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return {"index": self.index, "text": text or "", "logprobs": logprob, "finish_reason": finish}
         delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
         return {"index": self.index, "delta": delta, "logprobs": {"content": [logprob]} if logprob else None,
                 "finish_reason": finish}
@@ -221,8 +225,9 @@ class StreamEvents:
     def piece(self, chunk: GenerationChunk) -> bytes | None:
         """The events for one generated chunk, or None when it adds nothing the client sees."""
         shown = visible(self.model, chunk)
-        logprob = logprob_entry(self.model, chunk) \
-            if shown and chunk.logprob is not None and self.chat and self.plan.options.logprobs else None
+        logprob = None
+        if shown and chunk.logprob is not None and self.plan.options.logprobs:
+            logprob = logprob_entry(self.model, chunk) if self.chat else self._completion_logprobs(chunk)
         if self.tool_calls is not None:
             events = self._tool_events(self.tool_calls.feed(chunk.text))
             if logprob is not None:
@@ -231,6 +236,16 @@ class StreamEvents:
         if not chunk.text and logprob is None:
             return None
         return self._event([self._choice(chunk.text, None, logprob)])
+
+    def _completion_logprobs(self, chunk: GenerationChunk) -> dict[str, Any]:
+        """The completions API's logprobs for one token, as the whole answer's are (one entry a list)."""
+        token = self.model.runtime.detokenize([chunk.token_id])
+        top = [{self.model.runtime.detokenize([t]): lp for t, lp in chunk.top_logprobs}] \
+            if self.plan.options.top_logprobs else None
+        entry = {"tokens": [token], "token_logprobs": [chunk.logprob], "top_logprobs": top,
+                 "text_offset": [self.text_offset]}
+        self.text_offset += len(token)
+        return entry
 
     def _tool_events(self, events: list[StreamEvent]) -> bytes:
         """Content deltas, and each tool call as one delta with its id, name and whole arguments."""

@@ -25,8 +25,9 @@ from urllib.parse import urlsplit
 
 import httpx
 import regex
+from pydantic import BaseModel
 
-from edgepack.core.errors import EdgepackError, UpstreamError, error_body
+from edgepack.core.errors import ApiError, EdgepackError, UpstreamError, error_body
 
 Policy = Literal["local", "remote", "auto"]
 POLICIES: tuple[str, ...] = get_args(Policy)
@@ -60,6 +61,8 @@ class RouterConfig:
     min_token_logprob: float | None = None  # auto: a token below this, ask upstream
     patterns: tuple[str, ...] = ()  # auto: a prompt matching any of these (regex) goes upstream
     allow_insecure_upstream: bool = False  # plain http:// to a host other than this machine
+    upstream_max_tokens: int = 2048  # what one request may ask the upstream model (paid per token) to write
+    upstream_max_choices: int = 1  # n sent upstream; a request asking more is refused
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -71,6 +74,8 @@ class RouterConfig:
                 raise EdgepackError(f"routing pattern {pattern!r} is not a valid regular expression: {exc}") from exc
         if self.timeout_s <= 0:
             raise EdgepackError("the upstream timeout must be positive")
+        if self.upstream_max_tokens < 1 or self.upstream_max_choices < 1:
+            raise EdgepackError("the upstream caps (--upstream-max-tokens, --upstream-max-choices) must be 1 or more")
 
     def check_ready(self) -> None:
         """A server can route with this config (a calibration file alone may not name the upstream yet)."""
@@ -156,6 +161,22 @@ def pattern_matches(pattern: str, text: str) -> bool:
         log.warning("routing pattern %r gave up after %g s on a %d-character prompt; counted as not matching",
                     pattern, PATTERN_TIMEOUT_S, len(text))
         return False
+
+
+def upstream_body(body: BaseModel, config: RouterConfig) -> dict[str, Any]:
+    """The request as the upstream model gets it: only the fields the client set (OpenAI's API refuses arguments it
+    does not know, and our defaults are not the client's), never `top_k` (not OpenAI's), with max_tokens capped
+    at upstream_max_tokens (set to it when the client gave none); more choices than upstream_max_choices is a
+    400, since each one is paid for."""
+    forwarded = body.model_dump(exclude_unset=True, exclude_none=True, by_alias=True)
+    forwarded.pop("top_k", None)
+    choices = forwarded.get("n", 1)
+    if choices > config.upstream_max_choices:
+        raise ApiError(400, f"n: requests answered by the upstream model take at most {config.upstream_max_choices} "
+                            "choice(s) (--upstream-max-choices)", param="n")
+    limit_key = "max_completion_tokens" if "max_completion_tokens" in forwarded else "max_tokens"
+    forwarded[limit_key] = min(forwarded.get(limit_key, config.upstream_max_tokens), config.upstream_max_tokens)
+    return forwarded
 
 
 def low_confidence(config: RouterConfig, confidence: Confidence | None) -> str | None:

@@ -45,10 +45,11 @@ def defaults_for(path: Path) -> ServeDefaults:
         raise EdgepackError(f"{path} does not exist; expected a bundle directory or a variant (.gguf file, ONNX "
                             "directory)")
     if path.is_dir() and is_bundle(path):
-        from edgepack.bundle.verify import read_manifest, verify_directory
+        from edgepack.bundle.verify import verified_manifest
 
-        verify_directory(path)  # raises BundleInvalidError (exit 7) with what is wrong
-        server = read_manifest(path)["server"]
+        # raises BundleInvalidError (exit 7) with what is wrong; the paths read below are the ones it checked, each
+        # one of the bundle's own listed files
+        server = verified_manifest(path)["server"]
         return ServeDefaults(model_id=server["model_id"], model_path=path / server["model_path"],
                              engine=server["engine"], context=server["context"], threads=server["threads"],
                              device=server["device"], host=server["host"], port=server["port"],
@@ -89,10 +90,13 @@ class ModelSession:
         return self.runtime.parallel if self.runtime.generates_concurrently else 1
 
     def prompt_ids(self, prompt: str | None = None, messages: list[dict] | None = None,
-                   tools: list[dict] | None = None) -> list[int]:
+                   tools: list[dict] | None = None, limit: int | None = None,
+                   cancel: threading.Event | None = None) -> list[int]:
+        """A chat's or a raw prompt's tokens; past `limit` tokens PromptTooLong, once `cancel` is set
+        PromptCancelled (runtimes.prompt_tokens)."""
         if messages is not None:
-            return self.runtime.chat_prompt_ids(messages, tools)
-        return self.runtime.tokenize(prompt or "")
+            return self.runtime.chat_prompt_ids(messages, tools, limit=limit, cancel=cancel)
+        return self.runtime.prompt_ids(prompt or "", limit=limit, cancel=cancel)
 
     def stream_ids(self, prompt_ids: list[int], options: GenerationOptions,
                    cancel: threading.Event | None = None) -> Iterator[GenerationChunk]:

@@ -118,8 +118,10 @@ def test_bad_requests_are_400s_the_client_raises(client, server):
     assert info.value.status_code == 400 and "text only" in str(info.value)
     answer = httpx.post(f"{server.url}/api/chat", json={"model": MODEL_ID, "messages": "hello"})
     assert answer.status_code == 400 and "messages" in answer.json()["error"]
-    answer = httpx.post(f"{server.url}/api/chat", content=b"{not json")
+    answer = httpx.post(f"{server.url}/api/chat", content=b"{not json", headers={"Content-Type": "application/json"})
     assert answer.status_code == 400 and "JSON" in answer.json()["error"]
+    answer = httpx.post(f"{server.url}/api/chat", content=b"{}")  # no Content-Type: a form a web page can send
+    assert answer.status_code == 415 and "application/json" in answer.json()["error"]
     with pytest.raises(ollama.ResponseError) as info:
         client.chat(model=MODEL_ID, messages=[{"role": "user", "content": "sea " * 400}])
     assert info.value.status_code == 400 and "context length" in str(info.value)
