@@ -16,6 +16,9 @@ from edgepack.cli.rendering import print_json, stdout_console
 @click.option("--teacher-model", default=None, help="The model name the endpoint serves.")
 @click.option("--teacher-key-env", default="EDGEPACK_TEACHER_API_KEY", show_default=True,
               help="Environment variable holding the endpoint's API key (the key never goes on the command line).")
+@click.option("--allow-insecure-teacher", is_flag=True,
+              help="Accept a plain http:// --teacher-url on another machine (the prompts and the API key then cross "
+                   "the network unencrypted); http:// to localhost is always accepted.")
 @click.option("--student", type=click.Path(path_type=Path), default=None, help="An existing student model folder.")
 @click.option("--from-teacher", is_flag=True, help="Make the student from the teacher by dropping layers.")
 @click.option("--keep-layers", default=None, help="With --from-teacher: layers kept, a count (12) or a share (0.5).")
@@ -65,11 +68,11 @@ from edgepack.cli.rendering import print_json, stdout_console
 @click.option("--force", is_flag=True, help="Replace a finished student in --out.")
 @click.option("--keep-checkpoints", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="Print distill.json on stdout.")
-def distill(teacher, teacher_url, teacher_model, teacher_key_env, student, from_teacher, keep_layers, data, prompts,
-            mode, temperature, alpha, loss_kind, jsd_beta, top_k, max_steps, epochs, seq_len, lr, batch_size,
-            grad_accum, eval_every, save_every, eval_text, eval_windows, behaviour, samples, sample_temperature,
-            max_answer_tokens, lora_rank, qlora, gradient_checkpointing, precision, device, threads, seed, out, resume,
-            force, keep_checkpoints, as_json) -> None:
+def distill(teacher, teacher_url, teacher_model, teacher_key_env, allow_insecure_teacher, student, from_teacher,
+            keep_layers, data, prompts, mode, temperature, alpha, loss_kind, jsd_beta, top_k, max_steps, epochs,
+            seq_len, lr, batch_size, grad_accum, eval_every, save_every, eval_text, eval_windows, behaviour, samples,
+            sample_temperature, max_answer_tokens, lora_rank, qlora, gradient_checkpointing, precision, device,
+            threads, seed, out, resume, force, keep_checkpoints, as_json) -> None:
     """Distil a student from a teacher: logit (token-level) or sequence-level knowledge distillation.
 
     Example: edgepack distill --from-teacher --keep-layers 0.5 --data notes.txt --max-steps 200 --out student/"""
@@ -90,7 +93,8 @@ def distill(teacher, teacher_url, teacher_model, teacher_key_env, student, from_
         raise EdgepackError(str(exc)) from exc
     result = run_distill(DistillOptions(
         out=out, teacher=teacher, teacher_url=teacher_url, teacher_model=teacher_model,
-        teacher_key_env=teacher_key_env, student=student, keep_layers=keep_layers, data=tuple(data),
+        teacher_key_env=teacher_key_env, allow_insecure_teacher=allow_insecure_teacher, student=student,
+        keep_layers=keep_layers, data=tuple(data),
         prompts=prompts, mode=mode, loss=loss, top_k=top_k, max_steps=max_steps, epochs=epochs, seq_len=seq_len,
         lr=lr, batch_size=batch_size, grad_accum=grad_accum, eval_every=eval_every, save_every=save_every,
         eval_text=eval_text, eval_windows=eval_windows, behaviour=behaviour, samples=samples,

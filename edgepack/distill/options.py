@@ -18,6 +18,7 @@ class DistillOptions:
     teacher_url: str | None = None  # or an OpenAI-compatible endpoint (sequence mode)
     teacher_model: str | None = None
     teacher_key_env: str = "EDGEPACK_TEACHER_API_KEY"
+    allow_insecure_teacher: bool = False  # plain http:// to a teacher on another machine
     student: Path | None = None  # an existing Hugging Face student
     keep_layers: str | None = None  # or the teacher with layers dropped: a count ("15") or a share ("0.5")
     data: tuple[Path, ...] = ()

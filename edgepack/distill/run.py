@@ -39,12 +39,12 @@ from edgepack.distill.student_init import (
 )
 from edgepack.distill.teacher_answers import (
     AnswerSettings,
-    Endpoint,
     answers_cache_path,
     cached_answers,
     endpoint_answers,
     hf_answers,
 )
+from edgepack.distill.teacher_endpoint import Endpoint, check_teacher_url
 from edgepack.distill.teacher_targets import (
     SparseTargets,
     cache_dir,
@@ -144,7 +144,7 @@ def distill(options: DistillOptions) -> DistillResult:
     soft_answers = 0
     if prompts:
         settings = AnswerSettings(options.samples, options.sample_temperature, options.max_answer_tokens, options.seed)
-        identity = teacher_fingerprint if teacher is not None else f"{endpoint.url}|{endpoint.model}"
+        identity = teacher_fingerprint if teacher is not None else f"{endpoint.shown_url}|{endpoint.model}"
         with progress_bar("teacher answers", len(prompts), options.show_progress and accelerator.is_main_process) \
                 as advance, accelerator.main_process_first():
             answers, answers_hit = cached_answers(
@@ -219,7 +219,7 @@ def distill(options: DistillOptions) -> DistillResult:
     record = {
         "edgepack_version": EDGEPACK_VERSION,
         "teacher": {"kind": "huggingface" if teacher is not None else "endpoint",
-                    "name": teacher_path.name if teacher_path else f"{endpoint.model} at {endpoint.url}",
+                    "name": teacher_path.name if teacher_path else f"{endpoint.model} at {endpoint.shown_url}",
                     "fingerprint": teacher_fingerprint},
         "student": {"initialisation": initialisation, "parameters": parameters,
                     "kept_layers": kept if kept is not None else None},
@@ -264,6 +264,7 @@ def _check_options(options: DistillOptions) -> None:
         raise EdgepackError("give the teacher as --teacher FOLDER or as --teacher-url URL --teacher-model NAME "
                             "(one of the two)")
     if options.teacher_url is not None:
+        check_teacher_url(options.teacher_url, options.allow_insecure_teacher)
         if not options.teacher_model:
             raise EdgepackError("--teacher-url needs --teacher-model (the model name the endpoint serves)")
         if options.mode != "sequence":
@@ -298,8 +299,7 @@ def _require_extras(options: DistillOptions) -> None:
     """The optional packages this run needs (pip install 'edgepack[distill]'), checked before any work."""
     import importlib.util
 
-    needed = ["datasets" if options.data else None, "peft" if options.lora_rank else None,
-              "openai" if options.teacher_url else None]
+    needed = ["datasets" if options.data else None, "peft" if options.lora_rank else None]
     missing = [name for name in needed if name and importlib.util.find_spec(name) is None]
     if missing:
         raise EdgepackError(f"edgepack distill needs {', '.join(missing)} for this run: "

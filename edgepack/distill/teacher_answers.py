@@ -1,7 +1,8 @@
 """Sequence-level distillation's data: the teacher's answers to prompts, cached.
 
 The teacher is a Hugging Face model (transformers' generate) or an OpenAI-compatible endpoint (a cloud model, or
-`edgepack serve` of a bigger local model; the key, if any, from an environment variable, never the command line).
+`edgepack serve` of a bigger local model; the key, if any, from an environment variable, never the command line;
+asked through teacher_endpoint.py).
 Each prompt is answered `samples` times, greedily at temperature 0, else sampled with a seed. From an endpoint that
 returns log-probabilities, each answer token's log-probability (and the alternatives', with `top_logprobs`) comes
 back too; when those tokens map one to one onto the student's vocabulary they become sparse soft targets.
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,10 +19,10 @@ from pathlib import Path
 from edgepack.core.cache import cache_root
 from edgepack.core.errors import EdgepackError
 from edgepack.core.fileio import atomic_output_file
+from edgepack.distill.teacher_endpoint import Endpoint, TeacherStatusError
 
 CACHE_FORMAT = 1
 ENDPOINT_TOP_LOGPROBS = 20  # the most OpenAI's API returns per token
-DEFAULT_KEY_ENV = "EDGEPACK_TEACHER_API_KEY"
 
 
 @dataclass(frozen=True)
@@ -100,74 +100,29 @@ def hf_answers(runtime, prompts: list[tuple[dict, ...]], settings: AnswerSetting
     return answers
 
 
-@dataclass(frozen=True)
-class Endpoint:
-    url: str  # the API base, e.g. http://127.0.0.1:8080/v1
-    model: str
-    key_env: str = DEFAULT_KEY_ENV
-
-    def client(self):
-        from openai import OpenAI
-
-        return OpenAI(base_url=self.url, api_key=os.environ.get(self.key_env) or "not-needed", timeout=300.0,
-                      max_retries=1)
-
-    def check_reachable(self) -> None:
-        """Before any training: the endpoint answers and serves `model` (a clear error otherwise)."""
-        import openai
-
-        try:
-            served = [m.id for m in self.client().models.list().data]
-        except openai.APIConnectionError as exc:
-            raise EdgepackError(f"the teacher endpoint {self.url} cannot be reached ({exc.__cause__ or exc}); start "
-                                "it (e.g. `edgepack serve BUNDLE`) or check --teacher-url") from exc
-        except openai.APIStatusError as exc:
-            raise EdgepackError(f"the teacher endpoint {self.url} answered {exc.status_code} to GET /models: "
-                                f"{exc.message}") from exc
-        if served and self.model not in served:
-            raise EdgepackError(f"the teacher endpoint {self.url} does not serve {self.model!r}; it serves: "
-                                f"{', '.join(served)}")
-
-
 def endpoint_answers(endpoint: Endpoint, prompts: list[tuple[dict, ...]], settings: AnswerSettings,
                      on_prompt: Callable[[], None] | None = None) -> list[TeacherAnswer]:
-    import openai
-
-    client = endpoint.client()
     answers = []
-    for index, messages in enumerate(prompts):
-        for sample in range(settings.samples):
-            try:
-                response = _ask(client, endpoint.model, list(messages), settings, sample + settings.seed,
-                                top_logprobs=ENDPOINT_TOP_LOGPROBS)
-            except openai.BadRequestError:  # an endpoint that gives no alternatives still gives the chosen tokens'
-                response = _ask(client, endpoint.model, list(messages), settings, sample + settings.seed,
-                                top_logprobs=None)
-            except openai.APIError as exc:
-                raise EdgepackError(f"the teacher endpoint {endpoint.url} failed on prompt {index + 1}: {exc}") \
-                    from exc
-            choice = response.choices[0]
-            answers.append(TeacherAnswer(index, sample, choice.message.content or "", _token_logprobs(choice)))
-        if on_prompt is not None:
-            on_prompt()
+    with endpoint.client() as client:
+        for index, messages in enumerate(prompts):
+            for sample in range(settings.samples):
+                try:
+                    text, token_logprobs = _ask(endpoint, client, list(messages), settings, sample + settings.seed)
+                except EdgepackError as exc:
+                    raise EdgepackError(f"{exc} (prompt {index + 1})") from None
+                answers.append(TeacherAnswer(index, sample, text, token_logprobs))
+            if on_prompt is not None:
+                on_prompt()
     return answers
 
 
-def _ask(client, model: str, messages: list[dict], settings: AnswerSettings, seed: int, top_logprobs: int | None):
-    extra = {"top_logprobs": top_logprobs} if top_logprobs else {}
-    return client.chat.completions.create(model=model, messages=messages, max_tokens=settings.max_tokens,
-                                          temperature=settings.temperature, seed=seed, logprobs=True, **extra)
-
-
-def _token_logprobs(choice) -> list[tuple[str, list[tuple[str, float]]]] | None:
-    content = getattr(choice.logprobs, "content", None) if choice.logprobs is not None else None
-    if not content:
-        return None
-    tokens = []
-    for entry in content:
-        alternatives = [(a.token, float(a.logprob)) for a in (entry.top_logprobs or [])]
-        if entry.token not in {text for text, _ in alternatives}:
-            alternatives.insert(0, (entry.token, float(entry.logprob)))
-        alternatives.sort(key=lambda pair: -pair[1])
-        tokens.append((entry.token, alternatives))
-    return tokens
+def _ask(endpoint: Endpoint, client, messages: list[dict], settings: AnswerSettings, seed: int):
+    payload = {"model": endpoint.model, "messages": messages, "max_tokens": settings.max_tokens,
+               "temperature": settings.temperature, "seed": seed, "logprobs": True}
+    try:
+        return endpoint.chat(client, {**payload, "top_logprobs": ENDPOINT_TOP_LOGPROBS})
+    except TeacherStatusError as exc:
+        if exc.status != 400:
+            raise
+    # an endpoint that gives no alternatives still gives the chosen tokens'
+    return endpoint.chat(client, payload)
