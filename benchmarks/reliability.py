@@ -1,7 +1,7 @@
 """Load and faults, measured: a server under many clients, and builds killed with SIGKILL at random moments.
 
-    python -m benchmarks.reliability [--part load|kills|all] [--model DIR] [--clients 32] [--requests 500]
-                                     [--kills 10] [--seed 7] [--json]
+    python -m benchmarks.reliability [--part load|kills|hostile|all] [--model DIR] [--clients 32]
+                                     [--requests 500] [--kills 10] [--schemas 200] [--prompts 50] [--seed 7] [--json]
 
 Default model: stories260K from ../shared (a 260K-parameter Llama), so the run measures the server and the build,
 not the model.
@@ -17,6 +17,8 @@ moment between its start and its end (the end measured by one unkilled build fir
 folder, when present, verifies (the old bundle or the new, never a mix); every leftover partial folder or file fails
 to verify; the archive, when present, matches its .sha256. Then the build is run again on the same cache, and its
 bundle and archive must verify.
+(3) hostile: generated hostile JSON schemas and oversized prompts against one server (benchmarks.hostile_inputs):
+no crash, no 5xx, RSS growth and /health's p99 within bounds.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from pathlib import Path
 import httpx
 import psutil
 
+from benchmarks.hostile_inputs import hostile_part, print_hostile
 from benchmarks.server import start_server
 
 SHARED_STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K-hf"
@@ -278,11 +281,13 @@ def print_kills(result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("load", "kills", "all"), default="all")
+    parser.add_argument("--part", choices=("load", "kills", "hostile", "all"), default="all")
     parser.add_argument("--model", type=Path, default=SHARED_STORIES)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--requests", type=int, default=500, help="per client")
     parser.add_argument("--kills", type=int, default=10)
+    parser.add_argument("--schemas", type=int, default=200, help="hostile: generated schemas")
+    parser.add_argument("--prompts", type=int, default=50, help="hostile: oversized prompts")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", action="store_true")
@@ -301,6 +306,11 @@ def main(argv: list[str] | None = None) -> None:
             result["load"] = load_part(variant.path, args.clients, args.requests, args.threads or physical_cores())
     if args.part in ("kills", "all"):
         result["kills"] = kills_part(args.model, args.kills, args.seed)
+    if args.part in ("hostile", "all"):
+        with tempfile.TemporaryDirectory(prefix="edgepack-bench-hostile-") as scratch:
+            variant = convert(args.model, [KIND], Path(scratch), ConvertOptions(show_progress=False))[0]
+            result["hostile"] = hostile_part(variant.path, args.threads or physical_cores(), args.schemas,
+                                             args.prompts, args.seed)
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -308,6 +318,8 @@ def main(argv: list[str] | None = None) -> None:
         print_load(result["load"])
     if "kills" in result:
         print_kills(result["kills"])
+    if "hostile" in result:
+        print_hostile(result["hostile"])
 
 
 if __name__ == "__main__":

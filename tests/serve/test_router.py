@@ -20,13 +20,13 @@ import httpx
 import openai
 import pytest
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from serving_helpers import CONTEXT, MESSAGES, MODEL_ID, free_port, open_model
 
 from edgepack.core.errors import EdgepackError
 from edgepack.serve.app import ServerConfig, start_server_thread
-from edgepack.serve.router import RouterConfig
+from edgepack.serve.router import ROUTE_HEADER, RouterConfig
 
 CLOUD_ID = "cloud-model"
 SECRET = "sk-test-upstream-0123456789abcdef"
@@ -48,7 +48,14 @@ class BrokenCloud:
     url: str
     release: threading.Event
     arrived: threading.Event
+    received: list  # the bodies /strict/v1 was sent
 
+
+# the arguments OpenAI's chat completions API defines (its API reference), of those this server accepts
+OPENAI_CHAT_ARGUMENTS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed",
+                         "stop", "stream", "stream_options", "n", "user", "presence_penalty", "frequency_penalty",
+                         "logit_bias", "response_format", "logprobs", "top_logprobs", "tools", "tool_choice",
+                         "parallel_tool_calls"}
 
 CLOUD_STREAM = ('data: {"id":"c1","object":"chat.completion.chunk","created":0,"model":"cloud-model","choices":'
                 '[{"index":0,"delta":{"content":"Hi from the cloud"},"finish_reason":null}]}\n\ndata: [DONE]\n\n')
@@ -58,9 +65,23 @@ CLOUD_STREAM = ('data: {"id":"c1","object":"chat.completion.chunk","created":0,"
 def broken_cloud():
     """A real HTTP server whose /fail/v1 answers 500, /slow/v1 answers after 5 s, /drip/v1 sends a keep-alive
     comment every 0.2 s for 20 s (no read ever times out), /gzip/v1 streams gzip-compressed events and /hold/v1
-    answers once `release` is set (`arrived` is set when a request is there)."""
+    answers once `release` is set (`arrived` is set when a request is there); /strict/v1 keeps each body it is sent
+    and, as OpenAI's API does, answers 400 to an argument OpenAI does not define."""
     app = FastAPI()
     app.state.release, app.state.arrived = threading.Event(), threading.Event()
+    received: list = []
+
+    @app.post("/strict/v1/chat/completions")
+    async def strict(request: Request):
+        body = await request.json()
+        received.append(body)
+        unknown = sorted(set(body) - OPENAI_CHAT_ARGUMENTS)
+        if unknown:
+            return JSONResponse({"error": {"message": f"Unrecognized request argument supplied: {unknown[0]}"}},
+                                status_code=400)
+        return JSONResponse({"id": "c3", "object": "chat.completion", "created": 0, "model": CLOUD_ID,
+                             "choices": [{"index": 0, "message": {"role": "assistant", "content": "from the cloud"},
+                                          "finish_reason": "stop"}]})
 
     @app.post("/drip/v1/chat/completions")
     async def drip():
@@ -98,7 +119,7 @@ def broken_cloud():
     thread.start()
     while not server.started:
         time.sleep(0.02)
-    yield BrokenCloud(f"http://127.0.0.1:{port}", app.state.release, app.state.arrived)
+    yield BrokenCloud(f"http://127.0.0.1:{port}", app.state.release, app.state.arrived, received)
     app.state.release.set()
     server.should_exit = True
     thread.join(timeout=10)
@@ -335,3 +356,20 @@ def test_router_config_file_errors(tmp_path: Path):
         RouterConfig.from_file(bad)
     with pytest.raises(EdgepackError, match="does not exist"):
         RouterConfig.from_file(tmp_path / "missing.json")
+
+
+def test_the_upstream_gets_only_what_the_client_set_with_its_asks_capped(local_server, broken_cloud):
+    server = local_server(policy="remote", upstream_url=f"{broken_cloud.url}/strict/v1", upstream_max_tokens=64)
+    answer = httpx.post(f"{server.url}/v1/chat/completions", timeout=30,
+                        json={"model": MODEL_ID, "messages": MESSAGES, "temperature": 0.2, "top_k": 5,
+                              "max_tokens": 4000})
+    assert answer.status_code == 200 and answer.headers[ROUTE_HEADER] == "remote"
+    sent = broken_cloud.received[-1]
+    assert sent == {"model": CLOUD_ID, "messages": MESSAGES, "temperature": 0.2, "max_tokens": 64, "stream": False}
+    unbounded = httpx.post(f"{server.url}/v1/chat/completions", timeout=30,
+                           json={"model": MODEL_ID, "messages": MESSAGES})
+    assert unbounded.status_code == 200 and broken_cloud.received[-1]["max_tokens"] == 64
+    many = httpx.post(f"{server.url}/v1/chat/completions", timeout=30,
+                      json={"model": MODEL_ID, "messages": MESSAGES, "n": 8})
+    assert many.status_code == 400 and many.json()["error"]["param"] == "n"
+    assert len(broken_cloud.received) == 2
