@@ -77,10 +77,12 @@ PROMPTS = [
 ]
 
 
+@pytest.mark.parametrize("engine", ["tiny_gguf", "tiny_onnx"])
 @pytest.mark.parametrize("messages", PROMPTS)
-def test_a_prompt_tokenized_in_runs_has_the_tokens_of_the_whole_text(tiny_gguf, messages):
-    """The reference: llama.cpp tokenizing the template's whole text with special-token parsing on."""
-    model = open_model(tiny_gguf)
+def test_a_prompt_tokenized_in_runs_has_the_tokens_of_the_whole_text(request, engine, messages):
+    """The reference: the engine's tokenizer (llama.cpp's; Hugging Face's on ONNX) on the template's whole text
+    with special-token parsing on."""
+    model = open_model(request.getfixturevalue(engine))
     try:
         runtime = model.runtime
         whole = runtime.tokenize(runtime.apply_chat_template(messages), add_special=False, parse_special=True)
