@@ -2,8 +2,9 @@
 
 An engine supplies a few primitives (tokenize, detokenize, chat template, logits of a sequence, and a decode
 session: `_prefill(prompt_ids)` then `_step(token_id)`, each returning next-token logits). Stop strings, EOS, the
-length limit and UTF-8-safe streaming (TokenStream) are written once here; so is the generation loop with Python
-sampling, which llama.cpp replaces with its batch scheduler and its own sampler chains.
+length limit and UTF-8-safe streaming (runtimes.token_stream) are written once; so is the generation loop with Python
+sampling here, which llama.cpp replaces with its batch scheduler and its own sampler chains. The types that pass
+between callers and engines are in runtimes.generation_types.
 """
 
 from __future__ import annotations
@@ -11,67 +12,24 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Literal, get_args
+from typing import ClassVar
 
 import numpy as np
 
 from edgepack.core.errors import EdgepackError
 from runtimes.chat_prompt import chat_prompt_pieces
+from runtimes.generation_types import (  # noqa: F401 (the engines' callers take these from here)
+    DEVICES,
+    Device,
+    GenerationChunk,
+    GenerationOptions,
+    GenerationResult,
+    LoadOptions,
+)
 from runtimes.prompt_tokens import pieces_of_text, special_pattern, tokenize_in_runs
-from runtimes.sampling import Sampler, token_logprobs
-
-Device = Literal["cpu", "cuda", "metal"]
-DEVICES: tuple[str, ...] = get_args(Device)
-
-
-@dataclass(frozen=True)
-class LoadOptions:
-    threads: int | None = None  # None: one per physical core
-    context_length: int | None = None  # None: the model's own, capped at DEFAULT_CONTEXT_CAP
-    device: Device = "cpu"  # where the engine supports it
-    parallel: int = 1  # sequences generated at once, each with context_length tokens (llama.cpp batches them)
-
-
-@dataclass(frozen=True)
-class GenerationOptions:
-    max_tokens: int = 128
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0: no top-k cut
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    logprobs: bool = False
-    top_logprobs: int = 0  # with logprobs: this many most likely tokens at each step, with theirs
-    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
-    presence_penalty: float = 0.0  # OpenAI's: subtracted once from the logit of every token already generated
-    frequency_penalty: float = 0.0  # OpenAI's: subtracted per earlier occurrence
-    grammar: str | None = None  # GBNF (rule "root"): output constrained to it; engines without grammars refuse
-    ignore_eos: bool = False  # benchmarks generate a fixed number of tokens
-
-
-@dataclass(frozen=True)
-class GenerationChunk:
-    """One step of a stream: the token made, the text it completes (may be "" while a multi-byte character or a
-    possible stop string is held back) and, on the last chunk, why generation ended."""
-
-    token_id: int | None
-    text: str
-    logprob: float | None = None
-    finish_reason: str | None = None  # "stop" (EOS or stop string), "length", "cancelled"
-    top_logprobs: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first, when asked for
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    text: str
-    token_ids: tuple[int, ...]
-    logprobs: tuple[float, ...] | None
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int = field(default=0)
-
+from runtimes.sampling import token_logprobs
+from runtimes.token_stream import TokenPicker, TokenStream
 
 DEFAULT_CONTEXT_CAP = 4096
 
@@ -257,6 +215,14 @@ class Runtime(ABC):
         raise EdgepackError(f"the {self.name} engine cannot constrain output to a grammar (response_format, "
                             f"forced tool calls) here; {self.unconstrained_remedy}")
 
+    def check_output_grammar(self, grammar: str) -> None:
+        """Compile `grammar` once against this engine's vocabulary and free it, before a request is admitted: an
+        EdgepackError with a short reason where it cannot be used (llama.cpp refuses it, or the engine has no
+        grammars)."""
+        compiled = self.output_grammar(grammar)
+        if compiled is not None:
+            compiled.close()
+
     def complete(self, prompt: str | Sequence[int], options: GenerationOptions | None = None,
                  cancel: threading.Event | None = None) -> GenerationResult:
         """Generate to the end and collect the stream."""
@@ -295,149 +261,3 @@ class Runtime(ABC):
             raise ValueError(f"{len(prompts)} prompts but {len(options)} options")
         with ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="edgepack-complete") as pool:
             return list(pool.map(one, prompts, options))
-
-
-class TokenPicker:
-    """The Python sampler for engines that hand us logits, with a grammar when output is constrained: the token is
-    first picked freely, and only when the grammar refuses it are the logits masked and the pick made again (exactly
-    the constrained distribution, as runtimes.llamacpp_sampling.SamplerChain does it, at a fraction of the cost)."""
-
-    def __init__(self, options: GenerationOptions, grammar=None) -> None:
-        self.sampler = Sampler(options.temperature, options.top_p, options.top_k, options.seed, options.logit_bias,
-                               options.presence_penalty, options.frequency_penalty)
-        self.grammar = grammar
-
-    def pick(self, logits: np.ndarray) -> int:
-        token = self.sampler.pick(logits)
-        if self.grammar is not None:
-            if not self.grammar.allows(token, float(logits[token])):
-                token = self.sampler.pick(self.grammar.masked(logits))
-            self.grammar.accept(token)
-        self.sampler.accept(token)
-        return token
-
-    def close(self) -> None:
-        if self.grammar is not None:
-            self.grammar.close()
-            self.grammar = None
-
-
-class TokenStream:
-    """What a generation does with each token it picked: the length limit, end-of-generation tokens, stop strings
-    and UTF-8-safe text pieces, the same for every engine and for each sequence of a batch."""
-
-    def __init__(self, prompt_ids: Sequence[int], options: GenerationOptions, eos_token_ids: frozenset[int],
-                 detokenize, context_length: int) -> None:
-        self.options = options
-        self.eos_token_ids = eos_token_ids
-        self.max_tokens = min(options.max_tokens, context_length - len(prompt_ids))
-        self.decoder = IncrementalDecoder(detokenize, prompt_ids)
-        self.stops = StopMatcher(options.stop)
-        self.made = 0
-
-    def add(self, token: int, logprob: float | None = None,
-            top_logprobs: tuple[tuple[int, float], ...] = ()) -> GenerationChunk:
-        """The chunk for `token`; its finish_reason is set when the generation ends with it."""
-        if token in self.eos_token_ids and not self.options.ignore_eos:
-            return GenerationChunk(token, self._flush(), logprob, "stop", top_logprobs)
-        self.made += 1
-        text, stopped = self.stops.feed(self.decoder.add(token))
-        if stopped:
-            return GenerationChunk(token, text, logprob, "stop", top_logprobs)
-        if self.made >= self.max_tokens:
-            return GenerationChunk(token, text + self._flush(), logprob, "length", top_logprobs)
-        return GenerationChunk(token, text, logprob, None, top_logprobs)
-
-    def cancelled(self) -> GenerationChunk:
-        return GenerationChunk(None, self._flush(), finish_reason="cancelled")
-
-    def _flush(self) -> str:
-        return self.stops.flush(self.decoder.flush())
-
-
-class IncrementalDecoder:
-    """Turns a growing list of token ids into text pieces, never emitting half a UTF-8 character.
-
-    It decodes a short window that starts a few tokens back (inside the prompt at first), so a leading space
-    that a tokenizer drops at the start of a text is kept, and emits only what the newest token added."""
-
-    def __init__(self, detokenize, prompt_ids: Sequence[int], context_tokens: int = 4) -> None:
-        self.detokenize = detokenize
-        self.ids = list(prompt_ids[-context_tokens:])
-        self.prefix_offset = 0
-        self.read_offset = len(self.ids)
-
-    def add(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        return self._emit(final=False)
-
-    def flush(self) -> str:
-        return self._emit(final=True)
-
-    def _emit(self, final: bool) -> str:
-        prefix = self.detokenize(self.ids[self.prefix_offset:self.read_offset])
-        text = self.detokenize(self.ids[self.prefix_offset:])
-        if len(text) <= len(prefix) or (text.endswith("\ufffd") and not final):
-            return ""  # an incomplete character: wait for the next token
-        new = text[len(prefix):]
-        self.prefix_offset = self.read_offset
-        self.read_offset = len(self.ids)
-        return new
-
-
-class StopMatcher:
-    """Holds back text that could be the start of a stop string; reports when one appears.
-
-    Each stop string is followed with a KMP automaton (how much of it the text ends with), so the work per
-    character is constant however long the stop strings are; held back is only what could still become one."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = [stop for stop in stops if stop]
-        self.fallback = [_kmp_failure(stop) for stop in self.stops]
-        self.matched = [0] * len(self.stops)  # characters of each stop that the text so far ends with
-        self.pending = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        if not self.stops:
-            return text, False
-        self.pending += text
-        hit = False
-        for char in text:
-            for index, stop in enumerate(self.stops):
-                matched = self.matched[index]
-                while matched and stop[matched] != char:
-                    matched = self.fallback[index][matched - 1]
-                if stop[matched] == char:
-                    matched += 1
-                if matched == len(stop):
-                    hit, matched = True, 0
-                self.matched[index] = matched
-        if hit:  # the earliest start of any stop in what was held back and what came now
-            at = min(self.pending.find(stop) for stop in self.stops if stop in self.pending)
-            out, self.pending = self.pending[:at], ""
-            self.matched = [0] * len(self.stops)
-            return out, True
-        keep = max(self.matched)
-        out = self.pending[: len(self.pending) - keep]
-        self.pending = self.pending[len(self.pending) - keep:]
-        return out, False
-
-    def flush(self, text: str = "") -> str:
-        out, stopped = self.feed(text)
-        if stopped:
-            return out
-        out, self.pending = out + self.pending, ""
-        return out
-
-
-def _kmp_failure(pattern: str) -> list[int]:
-    """failure[i]: the length of the longest proper prefix of pattern[:i + 1] that is also its suffix."""
-    failure = [0] * len(pattern)
-    length = 0
-    for i in range(1, len(pattern)):
-        while length and pattern[i] != pattern[length]:
-            length = failure[length - 1]
-        if pattern[i] == pattern[length]:
-            length += 1
-        failure[i] = length
-    return failure

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgepack.core.errors import EdgepackError
-from runtimes.base import GenerationChunk, GenerationOptions, TokenStream
+from runtimes.base import GenerationChunk, GenerationOptions
+from runtimes.token_stream import TokenStream
 
 Emit = Callable[[GenerationChunk | BaseException], None]
 # While other sequences decode, a prompt is read at most this many tokens a step: on a 2-core CPU a step of 128
@@ -57,6 +58,31 @@ class Slot:
     @property
     def running(self) -> bool:
         return self.request is not None
+
+
+class SequenceSampler:
+    """A slot's sampler (the engine's), so that an exception while picking one sequence's token ends that sequence
+    only: the step goes on for the others, and `_deliver` ends this one with `error` (a grammar that allows no token
+    raises OutputConstraintError). The engine's state is fine: it is the sampler's state that went wrong."""
+
+    def __init__(self, sampler: Any) -> None:
+        self.sampler, self.error = sampler, None
+
+    def sample(self, *args: Any) -> int:  # llama.cpp's SamplerChain
+        return self._guarded(self.sampler.sample, args)
+
+    def pick(self, *args: Any) -> int:  # the Python TokenPicker
+        return self._guarded(self.sampler.pick, args)
+
+    def _guarded(self, pick: Callable[..., int], args: tuple) -> int:
+        try:
+            return pick(*args)
+        except Exception as exc:
+            self.error = exc
+            return 0  # stands in until `_deliver`, which ends the sequence instead
+
+    def close(self) -> None:
+        self.sampler.close()
 
 
 @dataclass
@@ -223,7 +249,7 @@ class SequenceScheduler(ABC):
         slot.cached = prompt[:reused]
         slot.pending = prompt[reused:]
         slot.next_token = None
-        slot.sampler = self._new_sampler(request)
+        slot.sampler = SequenceSampler(self._new_sampler(request))
         runtime = self.runtime
         slot.stream = TokenStream(prompt, request.options, runtime.eos_token_ids, runtime.detokenize,
                                   runtime.context_length)
@@ -234,7 +260,15 @@ class SequenceScheduler(ABC):
 
     def _deliver(self, slot: Slot, token: int, logprob: float | None = None,
                  top_logprobs: tuple[tuple[int, float], ...] = ()) -> None:
-        """`token` was picked for `slot`: hand its chunk over, and end the generation when it ends it."""
+        """`token` was picked for `slot`: hand its chunk over, and end the generation when it ends it, or with the
+        error its sampler met (`token` then only stands in)."""
+        error = slot.sampler.error
+        if error is not None:
+            request = slot.request
+            self._release(slot)
+            slot.last_used = time.monotonic()
+            request.emit(error)
+            return
         chunk = slot.stream.add(token, logprob, top_logprobs)
         if chunk.finish_reason is not None:
             self._finish(slot, chunk)

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import io
-import os
-import sys
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -22,21 +19,7 @@ from runtimes.base import (
     physical_cores,
 )
 from runtimes.llamacpp_amx import load_llama
-
-
-@contextlib.contextmanager
-def quiet_native_stderr() -> Iterator[None]:
-    """llama.cpp prints some load-time notes straight to file descriptor 2, past verbose=False; hide them."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(io.StringIO()):
-            os.dup2(devnull.fileno(), 2)  # C-level writes
-            yield  # Python-level writes (llama-cpp-python's log callback) go to the StringIO
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
+from runtimes.native_stderr import quiet_native_stderr
 
 
 def is_gguf(path: Path) -> bool:
@@ -191,6 +174,11 @@ class LlamaCppRuntime(Runtime):
 
     def vocab_size(self) -> int:
         return self._n_vocab
+
+    def output_grammar(self, grammar: str | None):
+        from runtimes.llamacpp_sampling import OutputGrammar
+
+        return None if grammar is None else OutputGrammar(self._vocab, grammar)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             tools: list[dict] | None = None) -> str:

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import ctypes
 import secrets
+import sys
 
 import numpy as np
 
-from edgepack.core.errors import EdgepackError
+from edgepack.core.errors import EdgepackError, OutputConstraintError
 from runtimes.base import GenerationOptions
+from runtimes.token_stream import NO_TOKEN_ALLOWED
 
 # llama.cpp's dist sampler takes a 32-bit seed, and 0xFFFFFFFF there means "a random one": seeds are taken modulo
 # this so that every seed given reproduces
 SEED_RANGE = 2**32 - 1
+_PARSE_ERROR = "error parsing grammar: "  # how llama.cpp's parser starts its message, before the whole grammar
 
 
 class OutputGrammar:
@@ -31,9 +34,7 @@ class OutputGrammar:
         import llama_cpp
 
         self._native = llama_cpp
-        self.sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
-        if not self.sampler:
-            raise EdgepackError("llama.cpp could not parse the output grammar (GBNF with a 'root' rule)")
+        self.sampler = compile_grammar(vocab, grammar)
 
     def allows(self, token: int, logit: float = 0.0) -> bool:
         native = self._native
@@ -58,6 +59,37 @@ class OutputGrammar:
         if self.sampler is not None:
             self._native.llama_sampler_free(self.sampler)
             self.sampler = None
+
+
+def compile_grammar(vocab, grammar: str):
+    """llama.cpp's grammar sampler for `grammar` (GBNF, rule "root") over `vocab`; an EdgepackError with llama.cpp's
+    reason when it refuses it. Its parser prints the whole grammar after an error, with a raw fprintf no log callback
+    sees: what it writes meanwhile is passed on to stderr without the grammar."""
+    import llama_cpp
+
+    from runtimes.native_stderr import captured_native_stderr
+
+    with captured_native_stderr() as captured:
+        sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
+    shown, reason = _without_grammar(captured[0], grammar)
+    if shown:
+        sys.stderr.write(shown)
+    if not sampler:
+        raise EdgepackError(f"llama.cpp refused the output grammar: {reason}")
+    return sampler
+
+
+def _without_grammar(text: str, grammar: str) -> tuple[str, str]:
+    """llama.cpp's stderr output with the grammar it printed left out, and its reason for refusing the grammar."""
+    at = text.find(_PARSE_ERROR)
+    if at < 0:
+        lines = [line.strip() for line in text.splitlines() if "grammar" in line]
+        return text, lines[-1][:160] if lines else "a rule can start with itself (left recursion)"
+    dump = text.find(grammar, at)  # printed after the reason, which may quote the rest of the grammar itself
+    end = dump + len(grammar) if dump >= 0 else len(text)
+    reason = text[at + len(_PARSE_ERROR):end].split("\n", 1)[0][:160]
+    shown = f"{text[:at]}{_PARSE_ERROR}{reason} [the grammar, {len(grammar)} characters, is not shown]\n"
+    return shown + text[end:].lstrip("\n"), reason
 
 
 def token_candidates(native, logits: np.ndarray):
@@ -136,11 +168,20 @@ class SamplerChain:
         return token
 
     def _pick(self, logits: np.ndarray, with_grammar: bool) -> int:
+        """With the grammar: an OutputConstraintError where it allows no token (llama.cpp aborts the process when a
+        grammar is made to accept a token it refuses, or an end of generation before it is complete)."""
         data, candidates = token_candidates(self._native, logits)
+        allowed = None
         if with_grammar:
             self.grammar.apply(candidates)
+            allowed = data["logit"] > -np.inf  # by token id: the chain below may reorder the candidates
+            if not allowed.any():
+                raise OutputConstraintError(NO_TOKEN_ALLOWED)
         self._native.llama_sampler_apply(self.chain, ctypes.byref(candidates))
-        return int(candidates.data[candidates.selected].id)
+        token = int(candidates.data[candidates.selected].id)
+        if allowed is not None and not allowed[token]:
+            raise OutputConstraintError(NO_TOKEN_ALLOWED)
+        return token
 
     def close(self) -> None:
         if self.chain is not None:

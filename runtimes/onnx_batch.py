@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtimes.base import TokenPicker
 from runtimes.batching import DEFAULT_PREFILL_CHUNK, Request, SequenceScheduler, Slot
 from runtimes.sampling import token_logprobs
+from runtimes.token_stream import TokenPicker
 
 
 class OnnxBatchScheduler(SequenceScheduler):

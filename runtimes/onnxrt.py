@@ -131,6 +131,7 @@ class OnnxRuntime(HFTokenizerText, Runtime):
         else:
             self.constrains_output = True
         self._grammar_vocab = None
+        self._grammar_vocab_lock = threading.Lock()
 
         inputs = {i.name: i for i in self.session.get_inputs()}
         self._past_names = sorted((name for name in inputs if _PAST.fullmatch(name)),
@@ -273,8 +274,9 @@ class OnnxRuntime(HFTokenizerText, Runtime):
         from runtimes.llamacpp_amx import load_llama
         from runtimes.llamacpp_sampling import OutputGrammar
 
-        if self._grammar_vocab is None:
-            self._grammar_vocab = load_llama(self.path / GRAMMAR_VOCAB_FILE, vocab_only=True, verbose=False)
+        with self._grammar_vocab_lock:  # requests check their grammars on worker threads (check_output_grammar)
+            if self._grammar_vocab is None:
+                self._grammar_vocab = load_llama(self.path / GRAMMAR_VOCAB_FILE, vocab_only=True, verbose=False)
         return OutputGrammar(llama_cpp.llama_model_get_vocab(self._grammar_vocab.model), grammar)
 
     def memory_bytes(self) -> int:

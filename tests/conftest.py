@@ -87,6 +87,20 @@ def tiny_tools_gguf(tiny_model, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_tools_onnx(tiny_model, tmp_path_factory) -> Path:
+    """`tiny_tools_gguf`'s model as our ONNX decoder graph (float32), for tool calls on the ONNX engine."""
+    from synth_models import TOOLS_CHAT_TEMPLATE, with_chat_template
+
+    from converters.registry import ConvertOptions
+    from edgepack.convert.stage import convert
+
+    root = tmp_path_factory.mktemp("tools-onnx-model")
+    source = with_chat_template(tiny_model("llama-bpe"), root / "hf", TOOLS_CHAT_TEMPLATE)
+    convert(source, ["onnx-fp32"], root / "out", ConvertOptions(show_progress=False))
+    return root / "out" / "onnx-fp32"
+
+
+@pytest.fixture(scope="session")
 def demo_conversion(tmp_path_factory: pytest.TempPathFactory):
     """`edgepack convert --out DIR --json` with no MODEL (the demo student, three GGUF kinds), run once for the
     tests that need its variants: (the finished process, DIR). Without the importance matrix, which costs ~10 s on

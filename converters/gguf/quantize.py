@@ -15,7 +15,7 @@ from edgepack.core.errors import EdgepackError
 from edgepack.core.fileio import atomic_output_file, refuse_existing
 from edgepack.core.gguf_file import copy_with_metadata
 from edgepack.core.versions import package_version
-from runtimes.llamacpp import quiet_native_stderr
+from runtimes.native_stderr import quiet_native_stderr
 
 _FTYPE_PREFIX = "LLAMA_FTYPE_MOSTLY_"
 # ggml's Q8_0 rounds every block to its own scale and takes no importance weights (its quantize function ignores

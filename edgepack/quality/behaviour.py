@@ -26,7 +26,8 @@ from edgepack.core.fileio import atomic_output_file
 from edgepack.core.progress import progress_bar
 from edgepack.quality.metrics import ReferencePositions, reference_positions, score_positions
 from edgepack.quality.tasks import Task, is_correct, tasks_digest
-from runtimes.base import GenerationOptions, IncrementalDecoder
+from runtimes.base import GenerationOptions
+from runtimes.token_stream import IncrementalDecoder
 
 CACHE_FORMAT = 1
 DIFFERENCES_SHOWN = 3

@@ -83,26 +83,43 @@ def plan_request(model: ModelSession, request: ChatRequest | CompletionRequest,
 def _output_shape(model: ModelSession, request: ChatRequest | CompletionRequest,
                   tools: list[dict[str, Any]] | None) -> tuple[ToolFormat | None, str | None]:
     """How the model writes tool calls (None without tools), and the grammar its answer must follow (None: free):
-    the response_format's, or a required tool call's."""
-    if request.response_format is not None and request.response_format.type != "text":
+    the response_format's, or a required tool call's, bounded for the model's context (schema_bounds) and compiled
+    once here, on the planning thread, so that what llama.cpp refuses is a 400 before the request is admitted."""
+    shaped = request.response_format is not None and request.response_format.type != "text"
+    if shaped:
         _refuse_unless_constrained(model, "response_format")
-    grammar = response_format_grammar(request.response_format)
-    fmt = None
-    if tools:
-        assert isinstance(request, ChatRequest)
-        try:
-            fmt = tool_format(model.chat_template_text())
-            tool_grammar = tool_call_grammar(tools, _choice(request.tool_choice), fmt,
-                                             parallel=request.parallel_tool_calls is not False)
-        except EdgepackError as exc:
-            raise ApiError(400, str(exc), param="tools" if "tool_choice" not in str(exc) else "tool_choice") from exc
-        if tool_grammar is not None and grammar is not None:
-            raise ApiError(400, "response_format and a required tool call cannot both shape the answer; drop one",
-                           param="response_format")
-        grammar = grammar or tool_grammar
+    try:
+        grammar = response_format_grammar(request.response_format, model.context_length)
+    except EdgepackError as exc:
+        raise ApiError(400, str(exc), param="response_format") from None
+    fmt, tool_grammar = _tool_shape(model, request, tools) if tools else (None, None)
+    if tool_grammar is not None and grammar is not None:
+        raise ApiError(400, "response_format and a required tool call cannot both shape the answer; drop one",
+                       param="response_format")
+    grammar = grammar or tool_grammar
     if grammar is not None:
-        _refuse_unless_constrained(model, "response_format" if request.response_format else "tool_choice")
+        try:
+            model.runtime.check_output_grammar(grammar)
+        except EdgepackError as exc:
+            raise ApiError(400, str(exc), param="response_format" if shaped else "tools") from None
     return fmt, grammar
+
+
+def _tool_shape(model: ModelSession, request: ChatRequest | CompletionRequest,
+                tools: list[dict[str, Any]]) -> tuple[ToolFormat, str | None]:
+    """The tool-call format of the model's template, and the grammar of a call when tool_choice requires one."""
+    assert isinstance(request, ChatRequest)
+    choice = _choice(request.tool_choice)
+    try:
+        fmt = tool_format(model.chat_template_text())
+        if choice not in (None, "auto", "none"):
+            _refuse_unless_constrained(model, "tool_choice")
+        return fmt, tool_call_grammar(tools, choice, fmt, parallel=request.parallel_tool_calls is not False,
+                                      context_length=model.context_length)
+    except ApiError:
+        raise
+    except EdgepackError as exc:
+        raise ApiError(400, str(exc), param="tools" if "tool_choice" not in str(exc) else "tool_choice") from None
 
 
 def _refuse_unless_constrained(model: ModelSession, param: str) -> None:

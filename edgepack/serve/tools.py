@@ -215,34 +215,48 @@ def _held_back(text: str, marker: str) -> int:
 
 
 def tool_call_grammar(tools: Sequence[dict[str, Any]], tool_choice: Any, fmt: ToolFormat,
-                      parallel: bool = True) -> str | None:
+                      parallel: bool = True, *, context_length: int) -> str | None:
     """A llama.cpp grammar that makes the answer a call (one or more, with `parallel`) of the tools allowed, its
-    arguments valid against the function's JSON Schema; None when the model may answer freely (`auto`, `none`)."""
+    arguments valid against the function's JSON Schema (bounded for a model of `context_length` tokens, see
+    edgepack.serve.schema_bounds); None when the model may answer freely (`auto`, `none`)."""
     if tool_choice in (None, "auto", "none"):
         return None
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
-
-    from edgepack.serve.structured import narrow_json_strings
+    from edgepack.serve.structured import schema_grammar
 
     names = [tool["function"]["name"] for tool in tools]
     if tool_choice == "required":
-        chosen = list(tools)
+        chosen = list(range(len(tools)))
     else:
         wanted = tool_choice["function"]["name"]
         if wanted not in names:
             raise EdgepackError(f"tool_choice: no tool named {wanted!r} was given (tools: {', '.join(names)})")
-        chosen = [tool for tool in tools if tool["function"]["name"] == wanted]
-    arguments_key = "arguments" if fmt == "hermes" else "parameters"
-    schema = {"oneOf": [{
-        "type": "object", "properties": {
-            "name": {"const": tool["function"]["name"]},
-            arguments_key: tool["function"].get("parameters") or {"type": "object"}},
-        "required": ["name", arguments_key]} for tool in chosen]}
-    calls = re.sub(r"^root ::=", "tool-call ::=", narrow_json_strings(json_schema_to_gbnf(json.dumps(schema))),
-                   flags=re.MULTILINE)
+        chosen = [index for index, name in enumerate(names) if name == wanted]
+    schema = _calls_schema(tools, chosen, "arguments" if fmt == "hermes" else "parameters", context_length)
+    calls = re.sub(r"^root ::=", "tool-call ::=", schema_grammar(schema, "tools"), flags=re.MULTILINE)
     if fmt == "hermes":
         block = f'"{HERMES_OPEN}\\n" tool-call "\\n{HERMES_CLOSE}"'
         root = f"root ::= {block}" + (f' ("\\n" {block})*' if parallel else "")
     else:
         root = "root ::= tool-call"
     return calls + "\n" + root + "\n"
+
+
+def _calls_schema(tools: Sequence[dict[str, Any]], chosen: list[int], arguments_key: str,
+                  context_length: int) -> dict[str, Any]:
+    """One schema for a call of any chosen tool: a oneOf of the calls, each tool's parameters (bounded, with their
+    own `#/...` references moved along) under a key of their own beside it."""
+    from edgepack.serve.schema_bounds import bounded_schema, rebase_refs
+
+    schema: dict[str, Any] = {"oneOf": []}
+    for index in chosen:
+        function = tools[index]["function"]
+        key = f"tool-{index}-parameters"
+        parameters = bounded_schema(function.get("parameters") or {"type": "object"}, context_length,
+                                    f"tools[{index}].function.parameters")
+        rebase_refs(parameters, key)
+        schema[key] = parameters
+        schema["oneOf"].append({
+            "type": "object",
+            "properties": {"name": {"const": function["name"]}, arguments_key: {"$ref": f"#/{key}"}},
+            "required": ["name", arguments_key]})
+    return schema

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from runtimes.base import IncrementalDecoder, StopMatcher
 from runtimes.sampling import Sampler, log_softmax
+from runtimes.token_stream import IncrementalDecoder, StopMatcher
 
 
 def test_greedy_and_degenerate_sampling_pick_the_argmax():

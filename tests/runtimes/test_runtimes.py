@@ -11,8 +11,9 @@ import pytest
 from converters.registry import ConvertOptions
 from edgepack.convert.stage import convert
 from edgepack.core.errors import EdgepackError
-from runtimes.base import GenerationOptions, IncrementalDecoder, LoadOptions
+from runtimes.base import GenerationOptions, LoadOptions
 from runtimes.registry import open_runtime
+from runtimes.token_stream import IncrementalDecoder
 
 ENGINES = ("torch", "onnxrt", "llamacpp")
 QUIET = ConvertOptions(show_progress=False)

@@ -138,9 +138,10 @@ def test_tool_choice_none_offers_no_tools_and_auto_forces_no_call():
     assert request(tool_choice="none").tools_offered() is None
     assert request().tools_offered() == request(tool_choice="auto").tools_offered() == [WEATHER]
     for choice in (None, "auto", "none"):
-        assert tool_call_grammar([WEATHER, ADD], choice, "hermes") is None
+        assert tool_call_grammar([WEATHER, ADD], choice, "hermes", context_length=1024) is None
     with pytest.raises(EdgepackError, match="no tool named 'fly'.*get_weather, add"):
-        tool_call_grammar([WEATHER, ADD], {"type": "function", "function": {"name": "fly"}}, "hermes")
+        tool_call_grammar([WEATHER, ADD], {"type": "function", "function": {"name": "fly"}}, "hermes",
+                          context_length=1024)
 
 
 # -- the grammars, checked by llama.cpp's own grammar engine ----------------------------------------------------------
@@ -191,12 +192,12 @@ ADD_CALL = '<tool_call>\n{"name": "add", "arguments": {"a": 1.5, "b": -2}}\n</to
     ("required", True, ADD_CALL.replace('"add"', '"fly"'), False),
 ])
 def test_hermes_grammar_takes_calls_that_fit_and_refuses_the_rest(tools_llm, choice, parallel, text, taken):
-    grammar = tool_call_grammar([WEATHER, ADD], choice, "hermes", parallel=parallel)
+    grammar = tool_call_grammar([WEATHER, ADD], choice, "hermes", parallel=parallel, context_length=1024)
     assert grammar_takes(tools_llm, grammar, text) is taken
 
 
 def test_llama3_grammar_takes_one_json_call_with_parameters(tools_llm):
-    grammar = tool_call_grammar([WEATHER, ADD], "required", "llama3-json")
+    grammar = tool_call_grammar([WEATHER, ADD], "required", "llama3-json", context_length=1024)
     assert grammar_takes(tools_llm, grammar, '{"name": "add", "parameters": {"a": 1, "b": 2}}')
     assert not grammar_takes(tools_llm, grammar, '{"name": "add", "arguments": {"a": 1, "b": 2}}')
     assert not grammar_takes(tools_llm, grammar, OSLO_CALL)
@@ -207,7 +208,8 @@ def test_llama3_grammar_takes_one_json_call_with_parameters(tools_llm):
                                              ("llama3-json", "required")])
 def test_generation_under_a_tool_grammar_is_a_valid_call(tools_llm, fmt, choice):
     schemas = {tool["function"]["name"]: tool["function"]["parameters"] for tool in (WEATHER, ADD)}
-    grammar = LlamaGrammar.from_string(tool_call_grammar([WEATHER, ADD], choice, fmt), verbose=False)
+    grammar = LlamaGrammar.from_string(tool_call_grammar([WEATHER, ADD], choice, fmt, context_length=1024),
+                                       verbose=False)
     prompt = "<|im_start|>user\nWhat is the weather in Oslo?<|im_end|>\n<|im_start|>assistant\n"
     text = tools_llm.create_completion(prompt, grammar=grammar, max_tokens=300, temperature=0)["choices"][0]["text"]
     calls = parse_tool_calls(text, fmt).tool_calls
