@@ -30,20 +30,23 @@ PATTERNS = ["^a{0,1500}$", "^\\u0000\\u0000$", "^(ab|cd){2,5000}$", "^[a-z]{1000
             "^\\d{3}-\\d{4}$", "(", "^[^\\x00-\\x7f]{5}$", "a{2,1}"]
 
 
-def random_schema(rng: random.Random, depth: int = 0) -> dict[str, Any]:
-    """One schema, hostile more often than not."""
+def random_schema(rng: random.Random, budget: list[int] | None = None, depth: int = 0) -> dict[str, Any]:
+    """One schema, hostile more often than not; `budget` bounds how many sub-schemas it holds (about 400, so that
+    most bodies stay under the server's 4 MiB limit and reach the schema checks)."""
+    budget = budget if budget is not None else [400]
+    budget[0] -= 1
     pick = rng.random()
-    if depth > rng.choice([2, 4, 8, 40]) or pick < 0.25:
+    if budget[0] <= 0 or depth > rng.choice([2, 4, 8, 40]) or pick < 0.25:
         return _leaf(rng)
     if pick < 0.45:
         count = rng.choice([1, 3, 20, 200])
-        return {"type": "object", "properties": {f"p{i}": random_schema(rng, depth + 1) for i in range(count)},
+        return {"type": "object", "properties": {f"p{i}": random_schema(rng, budget, depth + 1) for i in range(count)},
                 "required": [f"p{i}" for i in range(count) if rng.random() < 0.5]}
     if pick < 0.6:
-        return {"type": "array", "items": random_schema(rng, depth + 1), "minItems": rng.choice([0, 1, *HUGE]),
+        return {"type": "array", "items": random_schema(rng, budget, depth + 1), "minItems": rng.choice([0, 1, *HUGE]),
                 "maxItems": rng.choice([None, 5, *HUGE])}
     if pick < 0.7:
-        return {rng.choice(["anyOf", "oneOf", "allOf"]): [random_schema(rng, depth + 1)
+        return {rng.choice(["anyOf", "oneOf", "allOf"]): [random_schema(rng, budget, depth + 1)
                                                           for _ in range(rng.choice([0, 1, 2, 50]))]}
     if pick < 0.8:  # a reference cycle, or a reference to nothing
         return {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": rng.choice(["#/$defs/a", "#/$defs/gone"])}},
@@ -64,11 +67,11 @@ def _leaf(rng: random.Random) -> dict[str, Any]:
             schema["pattern"] = rng.choice(PATTERNS)
         return schema
     if pick < 0.6:
-        return {"enum": [rng.choice(["a", 1, None, "x" * 1000]) for _ in range(rng.choice([0, 1, 5, 3000]))]}
+        return {"enum": [rng.choice(["a", 1, None, "x" * 20]) for _ in range(rng.choice([0, 1, 5, 3000]))]}
     if pick < 0.8:
         return {"type": rng.choice(["integer", "number"]), "minimum": rng.choice([None, -(10**9)]),
                 "maximum": rng.choice([None, 10**300])}
-    return {"const": rng.choice(["<|im_end|>", "\u0000", "x" * 100_000])}
+    return {"const": rng.choice(["<|im_end|>", "\u0000", "x" * 1_000])}
 
 
 def schema_request(rng: random.Random, schema: dict[str, Any], model_id: str) -> tuple[str, dict[str, Any]]:
@@ -109,7 +112,8 @@ def oversized_prompt(index: int, model_id: str) -> tuple[str, dict[str, Any]]:
 
 
 class HealthTimer:
-    """Times GET /health every 0.1 s from a thread of its own, and samples the server's RSS."""
+    """Times GET /health every 0.1 s from a thread of its own, and samples the server's RSS every 10 ms from another
+    (a large body's copies live for tens of milliseconds)."""
 
     def __init__(self, url: str, process: psutil.Process) -> None:
         self.url, self.process = url, process
@@ -117,9 +121,10 @@ class HealthTimer:
         self.failures = 0
         self.peak_rss = process.memory_info().rss
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.threads = [threading.Thread(target=self._time_health, daemon=True),
+                        threading.Thread(target=self._sample_rss, daemon=True)]
 
-    def _run(self) -> None:
+    def _time_health(self) -> None:
         with httpx.Client(timeout=10) as client:
             while not self.stop.wait(0.1):
                 started = time.perf_counter()
@@ -129,18 +134,23 @@ class HealthTimer:
                     ok = False
                 self.waits.append(time.perf_counter() - started)
                 self.failures += not ok
-                try:
-                    self.peak_rss = max(self.peak_rss, self.process.memory_info().rss)
-                except psutil.Error:
-                    return
+
+    def _sample_rss(self) -> None:
+        while not self.stop.wait(0.01):
+            try:
+                self.peak_rss = max(self.peak_rss, self.process.memory_info().rss)
+            except psutil.Error:
+                return
 
     def __enter__(self) -> HealthTimer:
-        self.thread.start()
+        for thread in self.threads:
+            thread.start()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop.set()
-        self.thread.join()
+        for thread in self.threads:
+            thread.join()
 
 
 def hostile_part(gguf: Path, threads: int, schemas: int = 200, prompts: int = 50, seed: int = 7) -> dict:
@@ -168,6 +178,7 @@ def hostile_part(gguf: Path, threads: int, schemas: int = 200, prompts: int = 50
                         slowest[part] = max(slowest[part], time.perf_counter() - started)
                         statuses[part][outcome] = statuses[part].get(outcome, 0) + 1
             alive = server.poll() is None
+            rss_end = process.memory_info().rss if alive else 0
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -178,7 +189,8 @@ def hostile_part(gguf: Path, threads: int, schemas: int = 200, prompts: int = 50
     growth = (timer.peak_rss - rss_start) / 2**20
     return {"model": gguf.name, "statuses": statuses, "slowest_s": slowest, "server_alive": alive,
             "failed_or_5xx": failed, "rss_start_mib": rss_start / 2**20, "rss_peak_mib": timer.peak_rss / 2**20,
-            "rss_growth_mib": growth, "health_samples": len(waits), "health_failures": timer.failures,
+            "rss_growth_mib": growth, "rss_end_mib": rss_end / 2**20, "health_samples": len(waits),
+            "health_failures": timer.failures,
             "health_p99_s": p99, "health_max_s": waits[-1] if waits else float("nan"),
             "passed": alive and failed == 0 and timer.failures == 0 and growth <= MAX_RSS_GROWTH_MIB
             and p99 <= MAX_HEALTH_P99_S}
@@ -194,7 +206,8 @@ def print_hostile(result: dict) -> None:
         print(f"| {part} | {shown} | {result['slowest_s'][part]:.2f} |")
     print(f"\n| check | measured | bound |\n|---|---|---|\n| server alive at the end | {result['server_alive']} | "
           f"True |\n| crashes, no answer or 5xx | {result['failed_or_5xx']} | 0 |\n| RSS growth (peak - start) | "
-          f"{result['rss_growth_mib']:.1f} MiB ({result['rss_start_mib']:.0f} -> {result['rss_peak_mib']:.0f}) | "
+          f"{result['rss_growth_mib']:.1f} MiB ({result['rss_start_mib']:.0f} -> {result['rss_peak_mib']:.0f}; "
+          f"{result['rss_end_mib']:.0f} at the end) | "
           f"<= {MAX_RSS_GROWTH_MIB} MiB |\n| /health p99 ({result['health_samples']} samples, "
           f"{result['health_failures']} failed) | {result['health_p99_s']:.3f} s (max {result['health_max_s']:.3f}) | "
           f"<= {MAX_HEALTH_P99_S} s |\n\nall within bounds: {result['passed']}\n")

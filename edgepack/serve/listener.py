@@ -14,6 +14,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from edgepack.core.errors import EdgepackError
 from edgepack.serve.config import ServerConfig
+from edgepack.serve.heap import bound_the_heap
 
 KEEP_ALIVE_S = 5  # an idle kept-alive connection is closed after this long (uvicorn's default)
 
@@ -61,6 +62,7 @@ def header_deadline_protocol(deadline_s: float) -> type[H11Protocol]:
 def uvicorn_server(app: FastAPI, config: ServerConfig):
     import uvicorn
 
+    bound_the_heap()
     return uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
                                          access_log=False, lifespan="on", http=header_deadline_protocol(
                                              config.header_deadline_s), limit_concurrency=config.max_connections,

@@ -156,6 +156,7 @@ class BodyLimit:
                 return
             more = message.get("more_body", False)
         body = b"".join(chunks)
+        del chunks  # not held (a second copy of the body) while the request is answered
         replayed = False
 
         async def replay():

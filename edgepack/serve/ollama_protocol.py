@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Literal
 
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgepack.core.errors import ApiError
+from edgepack.serve.json_bounds import check_json_size
+from edgepack.serve.protocol import INLINE_PARSE_BYTES
 
 
 class Lenient(BaseModel):
@@ -55,10 +58,16 @@ class OllamaShow(Lenient):
 
 
 async def parse_ollama(request: Request, kind: type[BaseModel]) -> Any:
-    """The body as `kind` (an empty one as `{}`, as Ollama takes it); a mistake is a 400 in Ollama's shape."""
+    """The body as `kind` (an empty one as `{}`, as Ollama takes it; a large one parsed on a worker thread); a mistake
+    is a 400 in Ollama's shape."""
     raw = await request.body()
-    try:
+
+    def parse() -> Any:
+        check_json_size(raw)
         return kind.model_validate_json(raw or b"{}")
+
+    try:
+        return await asyncio.to_thread(parse) if len(raw) > INLINE_PARSE_BYTES else parse()
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         where = ".".join(str(part) for part in first.get("loc", ()))

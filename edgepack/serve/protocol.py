@@ -15,6 +15,8 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from edgepack.serve.json_bounds import check_json_size
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -226,6 +228,7 @@ async def parse_body(request: Request, kind: type[Body]) -> Body:
     raw = await request.body()
 
     def parse() -> Body:
+        check_json_size(raw)
         try:
             return kind.model_validate_json(raw)
         except ValidationError as exc:

@@ -40,6 +40,25 @@ def test_more_messages_than_the_context_has_positions_are_refused_before_tokeniz
         model.close()
 
 
+@pytest.mark.parametrize(("document", "values"), [
+    ("[]", 1), ("{}", 1), ("[1, 2, 3]", 4), ('{"a": [1, {"b": "x,y[{"}]}', 5), ('"s"', 1), ("[[[]]]", 3),
+    ('{"messages": [{"role": "user", "content": "a, b"}]}', 5)])
+def test_json_values_are_counted_on_the_raw_body_with_strings_skipped(document, values):
+    from edgepack.serve.json_bounds import json_values_at_most
+
+    # values counted by hand; the count may exceed them by one (an empty array or object counts its inside)
+    assert values <= json_values_at_most(document.encode()) <= values + 1
+
+
+def test_a_body_of_too_many_json_values_is_refused_before_it_is_parsed(server):
+    messages = [{"role": "user", "content": "a"}] * 90_000  # 3 MB: under the body limit, 270,000 values
+    answer = httpx.post(f"{server.url}/v1/chat/completions", timeout=60,
+                        json={"model": MODEL_ID, "messages": messages, "max_tokens": 1})
+    assert answer.status_code == 413 and "JSON values" in answer.json()["error"]["message"]
+    ollama = httpx.post(f"{server.url}/api/chat", timeout=60, json={"model": MODEL_ID, "messages": messages})
+    assert ollama.status_code == 413 and "JSON values" in ollama.json()["error"]
+
+
 class CountingTokenizer:
     def __init__(self, tokenize):
         self.tokenize, self.calls = tokenize, 0
