@@ -72,32 +72,30 @@ def tiny_onnx(tiny_model, tmp_path_factory) -> Path:
     return out / "onnx-fp32"
 
 
-@pytest.fixture(scope="session")
-def tiny_tools_gguf(tiny_model, tmp_path_factory) -> Path:
-    """The tiny llama of `tiny_gguf` with a chat template that takes tools (synth_models.TOOLS_CHAT_TEMPLATE)."""
+def _with_tools_template(tiny_model, tmp_path_factory, kind: str) -> Path:
+    """The tiny llama of `tiny_gguf` with a chat template that takes tools (synth_models.TOOLS_CHAT_TEMPLATE),
+    converted to `kind`."""
     from synth_models import TOOLS_CHAT_TEMPLATE, with_chat_template
 
     from converters.registry import ConvertOptions
     from edgepack.convert.stage import convert
 
-    root = tmp_path_factory.mktemp("tools-model")
+    root = tmp_path_factory.mktemp(f"tools-{kind}")
     source = with_chat_template(tiny_model("llama-bpe"), root / "hf", TOOLS_CHAT_TEMPLATE)
-    convert(source, ["gguf-f32"], root / "out", ConvertOptions(show_progress=False))
-    return root / "out" / "gguf-f32.gguf"
+    convert(source, [kind], root / "out", ConvertOptions(show_progress=False))
+    return root / "out" / (f"{kind}.gguf" if kind.startswith("gguf-") else kind)
+
+
+@pytest.fixture(scope="session")
+def tiny_tools_gguf(tiny_model, tmp_path_factory) -> Path:
+    """The tiny llama of `tiny_gguf` with a chat template that takes tools, as a GGUF F32."""
+    return _with_tools_template(tiny_model, tmp_path_factory, "gguf-f32")
 
 
 @pytest.fixture(scope="session")
 def tiny_tools_onnx(tiny_model, tmp_path_factory) -> Path:
-    """`tiny_tools_gguf`'s model as our ONNX decoder graph (float32), for tool calls on the ONNX engine."""
-    from synth_models import TOOLS_CHAT_TEMPLATE, with_chat_template
-
-    from converters.registry import ConvertOptions
-    from edgepack.convert.stage import convert
-
-    root = tmp_path_factory.mktemp("tools-onnx-model")
-    source = with_chat_template(tiny_model("llama-bpe"), root / "hf", TOOLS_CHAT_TEMPLATE)
-    convert(source, ["onnx-fp32"], root / "out", ConvertOptions(show_progress=False))
-    return root / "out" / "onnx-fp32"
+    """The same as our ONNX decoder graph in float32, for tool calls on the ONNX engine."""
+    return _with_tools_template(tiny_model, tmp_path_factory, "onnx-fp32")
 
 
 @pytest.fixture(scope="session")

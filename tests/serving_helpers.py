@@ -1,12 +1,16 @@
-"""What the server and router tests share: the tiny chat model they serve, opened under a chosen name."""
+"""What the server and router tests share: the tiny chat model they serve, opened under a chosen name, and a check
+of what a llama.cpp grammar lets a model write."""
 
 from __future__ import annotations
 
+import ctypes
 import socket
 import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+
+import llama_cpp
 
 from edgepack.serve.model import LocalModel, load
 
@@ -62,3 +66,22 @@ class GatedModel(LocalModel):
             time.sleep(0.02)
             yield chunk
         self.finished.append((reason, made))
+
+
+def grammar_takes(llm: llama_cpp.Llama, grammar: str, text: str) -> bool:
+    """Whether llama.cpp's grammar sampler lets the model write `text` token by token and then end there."""
+    sampler = llama_cpp.llama_sampler_init_grammar(llama_cpp.llama_model_get_vocab(llm.model), grammar.encode(),
+                                                   b"root")
+    assert sampler, "llama.cpp did not parse the grammar"
+    try:
+        for token in llm.tokenize(text.encode(), add_bos=False, special=False) + [llm.token_eos()]:
+            one = (llama_cpp.llama_token_data * 1)(llama_cpp.llama_token_data(token, 0.0, 0.0))
+            candidates = llama_cpp.llama_token_data_array(data=one, size=1, selected=-1, sorted=False)
+            llama_cpp.llama_sampler_apply(sampler, ctypes.byref(candidates))
+            if one[0].logit == float("-inf"):
+                return False
+            if token != llm.token_eos():
+                llama_cpp.llama_sampler_accept(sampler, token)  # only after the grammar allowed it
+        return True
+    finally:
+        llama_cpp.llama_sampler_free(sampler)

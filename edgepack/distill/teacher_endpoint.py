@@ -8,7 +8,6 @@ is a clear error naming what was wrong, never a traceback.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import math
 import os
@@ -20,6 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 
 from edgepack.core.errors import EdgepackError
+from edgepack.core.net import is_loopback_host
 
 DEFAULT_KEY_ENV = "EDGEPACK_TEACHER_API_KEY"
 INSECURE_FLAG = "--allow-insecure-teacher"
@@ -41,17 +41,6 @@ def display_url(url: str) -> str:
         return "(an unparsable URL)"
     host = parts.netloc.rpartition("@")[2]
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
-
-
-def is_loopback_host(host: str) -> bool:
-    """localhost, 127.0.0.0/8 or ::1 (the rule of `edgepack serve --upstream`)."""
-    host = host.strip("[]").lower()
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_teacher_url(url: str, allow_insecure: bool) -> None:

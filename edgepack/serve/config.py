@@ -9,7 +9,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from edgepack.core.errors import EdgepackError
-from edgepack.serve.router import RouterConfig, is_loopback_host
+from edgepack.core.net import is_loopback_host
+from edgepack.serve.router import RouterConfig
 
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20
 # A connection must have sent its request line and headers within this many seconds, and its body within

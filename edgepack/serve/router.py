@@ -13,7 +13,6 @@ file, a bundle, a log line or a response.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
 import os
@@ -28,6 +27,7 @@ import regex
 from pydantic import BaseModel
 
 from edgepack.core.errors import ApiError, EdgepackError, UpstreamError, error_body
+from edgepack.core.net import is_loopback_host
 
 Policy = Literal["local", "remote", "auto"]
 POLICIES: tuple[str, ...] = get_args(Policy)
@@ -37,17 +37,6 @@ ROUTE_HEADER = "x-edgepack-route"
 # module's matcher checks the time as it goes, so a pattern such as (a+)+$ cannot hold a worker for long)
 PATTERN_TIMEOUT_S = 0.25
 log = logging.getLogger("edgepack.serve")
-
-
-def is_loopback_host(host: str) -> bool:
-    """localhost, 127.0.0.0/8 or ::1 (brackets allowed)."""
-    host = host.strip("[]").lower()
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True)

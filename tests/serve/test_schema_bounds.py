@@ -4,13 +4,13 @@ hand from the limits."""
 
 from __future__ import annotations
 
-import ctypes
 import json
 import re
 import time
 
 import llama_cpp
 import pytest
+from serving_helpers import grammar_takes
 
 from edgepack.core.errors import EdgepackError
 from edgepack.serve.schema_bounds import MAX_CHARS_PER_TOKEN, bounded_schema
@@ -44,25 +44,6 @@ def compiles(vocab, grammar: str) -> bool:
     if sampler:
         llama_cpp.llama_sampler_free(sampler)
     return bool(sampler)
-
-
-def grammar_takes(llm, grammar: str, text: str) -> bool:
-    """Whether llama.cpp's grammar sampler lets `text` be written token by token and then end there."""
-    sampler = llama_cpp.llama_sampler_init_grammar(llama_cpp.llama_model_get_vocab(llm.model), grammar.encode(),
-                                                   b"root")
-    assert sampler, "llama.cpp did not parse the grammar"
-    try:
-        for token in llm.tokenize(text.encode(), add_bos=False, special=False) + [llm.token_eos()]:
-            one = (llama_cpp.llama_token_data * 1)(llama_cpp.llama_token_data(token, 0.0, 0.0))
-            candidates = llama_cpp.llama_token_data_array(data=one, size=1, selected=-1, sorted=False)
-            llama_cpp.llama_sampler_apply(sampler, ctypes.byref(candidates))
-            if one[0].logit == float("-inf"):
-                return False
-            if token != llm.token_eos():
-                llama_cpp.llama_sampler_accept(sampler, token)  # only after the grammar allowed it
-        return True
-    finally:
-        llama_cpp.llama_sampler_free(sampler)
 
 
 # -- counts ---------------------------------------------------------------------------------------------------

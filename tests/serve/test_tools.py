@@ -4,7 +4,6 @@ server on a tiny model whose chat template takes tools."""
 
 from __future__ import annotations
 
-import ctypes
 import json
 
 import jsonschema
@@ -12,7 +11,7 @@ import llama_cpp
 import openai
 import pytest
 from llama_cpp.llama_grammar import LlamaGrammar
-from serving_helpers import MESSAGES, MODEL_ID, open_model
+from serving_helpers import MESSAGES, MODEL_ID, grammar_takes, open_model
 from synth_models import TOOLS_CHAT_TEMPLATE
 
 from edgepack.core.errors import EdgepackError
@@ -151,25 +150,6 @@ def tools_llm(tiny_tools_gguf):
     llm = llama_cpp.Llama(model_path=str(tiny_tools_gguf), n_ctx=1024, n_threads=2, verbose=False)
     yield llm
     llm.close()
-
-
-def grammar_takes(llm: llama_cpp.Llama, grammar: str, text: str) -> bool:
-    """Whether llama.cpp's grammar sampler lets the model write `text` token by token and then end there."""
-    sampler = llama_cpp.llama_sampler_init_grammar(llama_cpp.llama_model_get_vocab(llm.model), grammar.encode(),
-                                                   b"root")
-    assert sampler, "llama.cpp did not parse the grammar"
-    try:
-        for token in llm.tokenize(text.encode(), add_bos=False, special=False) + [llm.token_eos()]:
-            one = (llama_cpp.llama_token_data * 1)(llama_cpp.llama_token_data(token, 0.0, 0.0))
-            candidates = llama_cpp.llama_token_data_array(data=one, size=1, selected=-1, sorted=False)
-            llama_cpp.llama_sampler_apply(sampler, ctypes.byref(candidates))
-            if one[0].logit == float("-inf"):
-                return False
-            if token != llm.token_eos():
-                llama_cpp.llama_sampler_accept(sampler, token)  # only after the grammar allowed it
-        return True
-    finally:
-        llama_cpp.llama_sampler_free(sampler)
 
 
 NAMED_WEATHER = {"type": "function", "function": {"name": "get_weather"}}
