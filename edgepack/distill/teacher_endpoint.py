@@ -19,7 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 
 from edgepack.core.errors import EdgepackError
-from edgepack.core.net import is_loopback_host
+from edgepack.core.net import display_url, is_loopback_host
 
 DEFAULT_KEY_ENV = "EDGEPACK_TEACHER_API_KEY"
 INSECURE_FLAG = "--allow-insecure-teacher"
@@ -31,16 +31,6 @@ RETRIED_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})  # asked once 
 RETRY_PAUSE_S = 1.0
 
 TokenLogprobs = list[tuple[str, list[tuple[str, float]]]]
-
-
-def display_url(url: str) -> str:
-    """`url` without the parts that can hold a credential: user:password@, the query and the fragment."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "(an unparsable URL)"
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def check_teacher_url(url: str, allow_insecure: bool) -> None:

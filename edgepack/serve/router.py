@@ -27,7 +27,7 @@ import regex
 from pydantic import BaseModel
 
 from edgepack.core.errors import ApiError, EdgepackError, UpstreamError, error_body
-from edgepack.core.net import is_loopback_host
+from edgepack.core.net import display_url, is_loopback_host
 
 Policy = Literal["local", "remote", "auto"]
 POLICIES: tuple[str, ...] = get_args(Policy)
@@ -73,11 +73,11 @@ class RouterConfig:
         if self.upstream_url:
             url = urlsplit(self.upstream_url)
             if url.scheme not in ("http", "https") or not url.hostname:
-                raise EdgepackError(f"--upstream {self.upstream_url!r} is not an http(s) URL such as "
+                raise EdgepackError(f"--upstream {display_url(self.upstream_url)!r} is not an http(s) URL such as "
                                     "https://api.example.com/v1")
             if url.scheme == "http" and not is_loopback_host(url.hostname) and not self.allow_insecure_upstream:
-                raise EdgepackError(f"--upstream {self.upstream_url}: plain http:// would send the prompts and the "
-                                    "API key unencrypted to another machine; use https://, or pass "
+                raise EdgepackError(f"--upstream {display_url(self.upstream_url)}: plain http:// would send the "
+                                    "prompts and the API key unencrypted to another machine; use https://, or pass "
                                     "--allow-insecure-upstream for a network you trust")
 
     def to_file(self, path: Path) -> None:

@@ -16,7 +16,8 @@ import pytest
 from cli_runner import run_edgepack
 from serving_helpers import free_port
 
-from edgepack.distill.teacher_endpoint import MAX_RESPONSE_BYTES, display_url
+from edgepack.core.net import display_url
+from edgepack.distill.teacher_endpoint import MAX_RESPONSE_BYTES
 
 SECRETS = ("hunter2-userinfo", "sk-query-secret", "sk-env-secret")
 GOOD_ANSWER = {"choices": [{"index": 0, "finish_reason": "stop",

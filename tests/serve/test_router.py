@@ -313,6 +313,15 @@ def test_plain_http_upstreams_off_this_machine_need_a_flag(url, allow, refused):
             config.check_ready()
 
 
+def test_a_refused_upstream_url_is_named_without_its_credentials():
+    config = RouterConfig(policy="remote", upstream_url="http://user:pa55word@api.example.com/v1?key=s3cret",
+                          upstream_model="m")
+    with pytest.raises(EdgepackError) as info:
+        config.check_ready()
+    assert "http://api.example.com/v1" in str(info.value)
+    assert "pa55word" not in str(info.value) and "s3cret" not in str(info.value)
+
+
 def test_calibrate_keeps_the_asked_share_local_and_the_server_follows_it(tiny_gguf, cloud, tmp_path, monkeypatch):
     topics = ["the sea", "a boat", "the wind", "fish", "a lighthouse", "rain", "the harbour", "gulls", "nets",
               "the tide"]
