@@ -173,8 +173,9 @@ def control_tokens(model, ids: list[int]) -> list[int]:
     return [token for token in ids if token in specials]
 
 
-def test_special_token_text_in_tool_calls_and_tools_stays_text(tiny_tools_gguf):
-    model = open_model(tiny_tools_gguf)
+@pytest.mark.parametrize("engine", ["tiny_tools_gguf", "tiny_tools_onnx"])
+def test_special_token_text_in_tool_calls_and_tools_stays_text(request, engine):
+    model = open_model(request.getfixturevalue(engine))
     try:
         def prompt(text: str) -> list[int]:
             messages = [{"role": "user", "content": "weather?"},
