@@ -9,6 +9,7 @@ between callers and engines are in runtimes.generation_types.
 
 from __future__ import annotations
 
+import functools
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -142,7 +143,7 @@ class Runtime(ABC):
             raise
         except Exception as exc:  # the template's own raise_exception(...), or an error inside the template
             raise EdgepackError(f"the model's chat template refused these messages: {exc}") from exc
-        return tokenize_in_runs(self.tokenize, pieces, self._special_ids(), self._special_pattern(),
+        return tokenize_in_runs(self.tokenize, pieces, self._special_ids, self._special_pattern,
                                 add_special=False, limit=limit, cancel=cancel)
 
     def _render_chat(self, messages: list[dict], tools: list[dict] | None) -> str:
@@ -151,28 +152,25 @@ class Runtime(ABC):
     def prompt_ids(self, text: str, limit: int | None = None, cancel: threading.Event | None = None) -> list[int]:
         """A raw prompt's tokens (special-token text in it parsed, BOS first where the model wants it), tokenized a
         run at a time like a chat prompt."""
-        pieces = pieces_of_text(text, self._special_pattern())
-        return tokenize_in_runs(self.tokenize, pieces, self._special_ids(), None, add_special=True, limit=limit,
+        pieces = pieces_of_text(text, self._special_pattern)
+        return tokenize_in_runs(self.tokenize, pieces, self._special_ids, None, add_special=True, limit=limit,
                                 cancel=cancel)
 
+    # read once (each walks the vocabulary or its special tokens); two threads may both compute one, harmlessly
+    @functools.cached_property
     def _special_ids(self) -> dict[str, int]:
-        if getattr(self, "_special_ids_cache", None) is None:
-            self._special_ids_cache = {text: token for token, text in self.special_tokens().items()}
-        return self._special_ids_cache
+        return {text: token for token, text in self.special_tokens().items()}
 
+    @functools.cached_property
     def _special_pattern(self):
-        if not hasattr(self, "_special_pattern_cache"):
-            self._special_pattern_cache = special_pattern(list(self.special_tokens().values()))
-        return self._special_pattern_cache
+        return special_pattern(list(self.special_tokens().values()))
 
+    @functools.cached_property
     def longest_token_chars(self) -> int:
         """The most characters one token stands for (a prompt longer than this many per context position cannot
-        fit); read once from the vocabulary."""
-        if getattr(self, "_longest_token_cache", None) is None:
-            size = self.vocab_size()
-            self._longest_token_cache = max(
-                (len(self.token_bytes(token)) for token in range(size)), default=0) if size else 0
-        return self._longest_token_cache or 64
+        fit): its bytes, an upper bound; 64 where the engine cannot tell its vocabulary's size."""
+        size = self.vocab_size()
+        return max((len(self.token_bytes(token)) for token in range(size)), default=0) or 64 if size else 64
 
     def check_prompt_fits(self, prompt_ids: Sequence[int], max_tokens: int = 0) -> None:
         """Refuse an empty prompt, or one that with `max_tokens` more would not fit the context."""

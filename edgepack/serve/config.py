@@ -3,6 +3,7 @@ web pages may send it requests (Origin), and the bounds on connections and slow 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +76,11 @@ class ServerConfig:
             return False  # "null" (a sandboxed frame, a file:// page) or something that is not an origin
         if urlsplit(given).netloc == host_header.lower():
             return True
-        return given in (normal_origin(allowed) for allowed in self.allowed_origins)
+        return given in self._normal_allowed_origins
+
+    @functools.cached_property
+    def _normal_allowed_origins(self) -> frozenset[str | None]:
+        return frozenset(normal_origin(origin) for origin in self.allowed_origins)
 
     @property
     def exposed_without_key(self) -> bool:

@@ -17,6 +17,7 @@ from fastapi.responses import StreamingResponse
 
 from edgepack.core.errors import ApiError, OutputConstraintError
 from edgepack.serve.admission import Slot
+from edgepack.serve.http_errors import log
 from edgepack.serve.responses import GenerationPlan, visible
 from edgepack.serve.session import ModelSession
 from edgepack.serve.state import ServerState
@@ -182,8 +183,11 @@ class SlotStreamingResponse(StreamingResponse):
                     self.slot.release()
 
 
-def stream_failure_message(exc: Exception, request_id: str) -> tuple[str, str]:
-    """(message, code) of the error event that ends a stream whose generation failed after its 200 was sent."""
+def stream_failure(exc: Exception, request_id: str) -> tuple[str, str]:
+    """(message, code) of the error event that ends a stream whose generation failed after its 200 was sent: a
+    client's mistake (ApiError) as it is; a failure of our own logged with the request's id, which the client gets
+    instead of its text."""
     if isinstance(exc, ApiError):
         return exc.body["error"]["message"], exc.body["error"]["code"] or "generation_failed"
+    log.error("request %s: the generation failed midway", request_id, exc_info=exc)
     return f"generation failed midway (request id {request_id})", "generation_failed"

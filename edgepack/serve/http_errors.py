@@ -2,8 +2,8 @@
 `{"error": {"message", "type", "param", "code"}}` everywhere else; and the handlers that make every error the
 server meets one of those (a 404, a 405, a body that does not parse, a failure of our own).
 
-A failure of the server's own is logged with the request's id, and the client gets the id, never the exception's
-text (which can hold a client's input, or a path of this machine)."""
+A failure of the server's own is logged with the request's id by the request gate (edgepack.serve.middleware), and
+the client gets the id, never the exception's text (which can hold a client's input, or a path of this machine)."""
 
 from __future__ import annotations
 
@@ -42,8 +42,9 @@ def request_id(request: Request) -> str:
     return str(request.scope.get(REQUEST_ID_KEY, "unknown"))
 
 
-def failure_message(request: Request) -> str:
-    return f"the server failed to answer (request id {request_id(request)}; its log has the details)"
+def failure_message(ident: str) -> str:
+    """What a client is told of a failure of the server's own: the id to find it in the log, not its text."""
+    return f"the server failed to answer (request id {ident}; its log has the details)"
 
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large", 415: "unsupported_media_type"}
@@ -75,8 +76,3 @@ def add_error_handlers(app: FastAPI) -> None:
         else:
             message = f"{where or 'body'}: {first.get('msg')}"
         return error_response(request.url.path, 400, message, param=where or None)
-
-    @app.exception_handler(Exception)
-    async def failed(request: Request, exc: Exception) -> JSONResponse:
-        # logged by the request gate, which sees the exception once this answer is sent
-        return error_response(request.url.path, 500, failure_message(request), "internal_error")

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from starlette.datastructures import Headers
 
 from edgepack.serve.config import ServerConfig
-from edgepack.serve.http_errors import REQUEST_ID_HEADER, REQUEST_ID_KEY, error_response, log
+from edgepack.serve.http_errors import REQUEST_ID_HEADER, REQUEST_ID_KEY, error_response, failure_message, log
 from edgepack.serve.metrics import Metrics
 
 CLIENT_CLOSED = 499  # nginx's status for a request whose client went away before the answer
@@ -71,8 +71,8 @@ class RequestGate:
             status = 500
             log.exception("request %s (%s %s) failed", ident, scope["method"], route)
             if not started:  # an answer even where no handler made one
-                await error_response(route, 500, f"the server failed to answer (request id {ident})",
-                                     "internal_error", headers={REQUEST_ID_HEADER: ident})(scope, receive, send)
+                await error_response(route, 500, failure_message(ident), "internal_error",
+                                     headers={REQUEST_ID_HEADER: ident})(scope, receive, send)
         finally:
             self.metrics.count_request(label, status)
 

@@ -26,8 +26,8 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from edgepack.core.errors import ApiError
-from edgepack.serve.engine_stream import SlotStreamingResponse, stream_failure_message, until_disconnect
-from edgepack.serve.http_errors import log, request_id
+from edgepack.serve.engine_stream import SlotStreamingResponse, stream_failure, until_disconnect
+from edgepack.serve.http_errors import request_id
 from edgepack.serve.ollama_protocol import (
     OllamaChat,
     OllamaGenerate,
@@ -194,9 +194,7 @@ async def _ndjson(model, shape: _Shape, chunks: AsyncIterator[GenerationChunk], 
                 yield _line(shape.piece(chunk.text))
         yield _line({**shape.piece(""), **shape.final(finish, made, shape.first_at or time.perf_counter_ns())})
     except Exception as exc:  # the status line is sent: the stream ends with an error object, as Ollama's does
-        if not isinstance(exc, ApiError):
-            log.error("request %s: the generation failed midway", request_ident, exc_info=exc)
-        yield _line({"error": stream_failure_message(exc, request_ident)[0]})
+        yield _line({"error": stream_failure(exc, request_ident)[0]})
     finally:
         await chunks.aclose()
 

@@ -19,10 +19,10 @@ from edgepack.serve.engine_stream import (
     generate_all,
     generation_chunks,
     merge_choices,
-    stream_failure_message,
+    stream_failure,
     until_disconnect,
 )
-from edgepack.serve.http_errors import log, request_id
+from edgepack.serve.http_errors import request_id
 from edgepack.serve.planning import plan_for
 from edgepack.serve.protocol import ChatRequest, CompletionRequest, parse_body
 from edgepack.serve.responses import GenerationPlan, StreamEvents, sse, visible, whole_response
@@ -188,9 +188,7 @@ async def _stream_events(model: ModelSession, plan: GenerationPlan, ident: str,
             yield events[0].usage(made)
         yield events[0].done()
     except Exception as exc:  # the headers (200) are sent: the stream ends with an error event instead
-        if not isinstance(exc, ApiError):
-            log.error("request %s: the generation failed midway", request_ident, exc_info=exc)
-        message, code = stream_failure_message(exc, request_ident)
+        message, code = stream_failure(exc, request_ident)
         yield sse(error_body(message, "invalid_request_error" if isinstance(exc, ApiError) else "server_error",
                              code=code))
         yield events[0].done()

@@ -25,7 +25,7 @@ def prompt_ids_for(model: ModelSession, request: ChatRequest | CompletionRequest
     if chat and len(request.messages) > context:
         raise _too_long(context, f"{len(request.messages)} messages (each takes at least one token)", param)
     characters = _client_characters(request, tools)
-    longest = model.runtime.longest_token_chars()
+    longest = model.runtime.longest_token_chars
     if characters > context * longest:
         raise _too_long(context, f"{characters} characters (a token of this model spells at most {longest})",
                         param)
